@@ -1,0 +1,90 @@
+"""Building blocks shared by the model families.
+
+Numerics that depend on where a family's weights came from (BatchNorm epsilon, whether
+BatchNorm has a scale, padding) are *not* decided here: each family file records them in
+one `NUMERICS` object at its top and passes them in.
+
+Padding: `lax.conv_general_dilated(padding='SAME')` pads exactly as TensorFlow does,
+`pad = max((ceil(n / s) - 1) * s + k - n, 0)`, with `pad // 2` before and the rest after
+(asymmetric for stride 2 on even sizes). Keras's `ZeroPadding2D(correct_pad(...))` followed
+by a 'valid' convolution (EfficientNet) is the same padding, and so is the static same
+padding of the lukemelas torch EfficientNets. Where Keras pads explicitly and symmetrically
+(ResNet's `conv1_pad`, `pool1_pad`, the v2 `_2_pad`), the model does the same explicitly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax.numpy as jnp
+from flax import linen as nn
+
+Dtype = Any
+
+
+@dataclasses.dataclass(frozen=True)
+class Numerics:
+    """What a family's weights assume, in one place.
+
+    Attributes:
+      bn_epsilon: BatchNorm epsilon of the framework the weights were trained in.
+      bn_momentum: running-statistics momentum, in the Keras/Flax convention
+        (`new = momentum * old + (1 - momentum) * batch`).
+      bn_scale: whether BatchNorm has a learned scale (Keras InceptionV3 has none).
+      preprocessing: the name of the input transformation in `tljax.models.preprocessing`.
+      padding: a note on how padding follows the original framework.
+    """
+
+    bn_epsilon: float
+    bn_momentum: float
+    bn_scale: bool
+    preprocessing: str
+    padding: str = "TensorFlow 'SAME' (asymmetric for stride 2), see tljax/models/layers.py"
+
+
+def batch_norm(numerics: Numerics, train: bool, dtype: Dtype, param_dtype: Dtype, name: str):
+    """A BatchNorm layer configured from a family's numerics (statistics kept in float32)."""
+    return nn.BatchNorm(
+        use_running_average=not train,
+        momentum=numerics.bn_momentum,
+        epsilon=numerics.bn_epsilon,
+        use_scale=numerics.bn_scale,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        name=name,
+    )
+
+
+def global_pool(x: jnp.ndarray, pooling: str | None) -> jnp.ndarray:
+    """Keras's `pooling` option: None keeps the feature map, 'avg' and 'max' pool over space."""
+    if pooling is None:
+        return x
+    if pooling == "avg":
+        return jnp.mean(x, axis=(1, 2))
+    if pooling == "max":
+        return jnp.max(x, axis=(1, 2))
+    raise ValueError(f"pooling must be None, 'avg' or 'max', got {pooling!r}")
+
+
+def check_input(x: jnp.ndarray, model: str, min_size: int) -> None:
+    """Refuse inputs that are not NHWC RGB images or are smaller than the family's minimum."""
+    if x.ndim != 4 or x.shape[-1] != 3:
+        raise ValueError(
+            f"{model}: expected a batch of RGB images shaped (batch, height, width, 3), "
+            f"got shape {tuple(x.shape)}"
+        )
+    height, width = x.shape[1], x.shape[2]
+    if height < min_size or width < min_size:
+        raise ValueError(
+            f"{model}: input {height}x{width} is smaller than the minimum {min_size}x{min_size} "
+            f"this architecture accepts; resize the images first"
+        )
+
+
+def check_options(model: str, pooling: str | None, include_top: bool, num_classes: int) -> None:
+    """Validate the Keras-style options shared by every family."""
+    if pooling not in (None, "avg", "max"):
+        raise ValueError(f"{model}: pooling must be None, 'avg' or 'max', got {pooling!r}")
+    if include_top and num_classes < 1:
+        raise ValueError(f"{model}: num_classes must be positive with include_top, got {num_classes}")
