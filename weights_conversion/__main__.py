@@ -37,13 +37,18 @@ def main(argv=None) -> int:
         help="EfficientNet B: apply the extra 1/sqrt(stddev) input rescaling that Keras adds "
              "for its official ImageNet files (auto: when the file carries their signature)",
     )
+    top = parser.add_mutually_exclusive_group()
+    top.add_argument("--include-top", dest="include_top", action="store_true", default=None,
+                     help="require the file to have the classifier (default: follow the file)")
+    top.add_argument("--no-include-top", dest="include_top", action="store_false",
+                     help="require a notop file")
     parser.add_argument("-v", "--verbose", action="store_true", help="log each step")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     try:
         record = convert(args.model, args.input, args.output, args.format,
-                         args.imagenet_rescaling)
+                         args.imagenet_rescaling, include_top=args.include_top)
     except (ValueError, UnreadableFileError, WeightMismatchError, WeightsError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -67,8 +67,14 @@ def imagenet_normalization_fix(mode: str):
 
 
 def convert(model: str, input_path: str, output_dir: str, fmt: str = "auto",
-            imagenet_fix: str = "auto") -> dict:
-    """Convert `input_path` for registered `model`; write `output_dir`; return the record."""
+            imagenet_fix: str = "auto", include_top: bool | None = None,
+            source_info: dict | None = None) -> dict:
+    """Convert `input_path` for registered `model`; write `output_dir`; return the record.
+
+    `include_top` None follows the file (a notop file gives an include_top=False checkpoint);
+    True or False demands it and refuses a file that does not fit. `source_info` is added to
+    the record's `source` entry (e.g. the verified MD5 of a download).
+    """
     spec = models.spec(model)
     fmt = readers.detect_format(input_path) if fmt == "auto" else fmt
     log.info("reading %s (%s)", input_path, fmt)
@@ -91,10 +97,10 @@ def convert(model: str, input_path: str, output_dir: str, fmt: str = "auto",
         )
 
     if sources is None:
-        include_top = _weights_h5_has_top(input_path)
-        sources = readers.read_keras_weights_h5(
-            input_path, _keras_model(spec, include_top, spec.default_size))
-    include_top = _head_present(sources, fmt)
+        sources = readers.read_keras_weights_h5(input_path, _keras_model(
+            spec, _weights_h5_has_top(input_path), spec.default_size))
+    if include_top is None:
+        include_top = _head_present(sources, fmt)
     num_classes = _head_classes(sources, fmt) if include_top else 1000
     size = spec.default_size
     if spec.family == "vgg" and include_top:
@@ -113,13 +119,15 @@ def convert(model: str, input_path: str, output_dir: str, fmt: str = "auto",
     variables = layer_map.assign(pairs, model, normalization_fix=fix)
     record = {
         "model": model,
-        "options": {"include_top": include_top, "num_classes": num_classes},
+        "options": ({"include_top": True, "num_classes": num_classes} if include_top
+                    else {"include_top": False}),
         "input_size": size,
         "source": {
             "file": os.path.basename(input_path),
             "format": fmt,
             "sha256": weights.sha256(input_path),
             "layers": len(pairs),
+            **(source_info or {}),
         },
         "keras_imagenet_rescaling": bool(fix.applied),
         "tool": TOOL,

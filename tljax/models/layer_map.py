@@ -234,6 +234,8 @@ def _canonical(t: TargetLayer, s: SourceLayer, model: str) -> dict[str, np.ndarr
                 f"file, the model expects {len(order)} ({', '.join(order)})"
             )
         return dict(zip(order, values, strict=True))
+    if t.kind == "dwconv" and "kernel" in weights:  # Keras 3 names it 'kernel', Keras 2 not
+        weights["depthwise_kernel"] = weights.pop("kernel")
     return weights
 
 
