@@ -6,11 +6,11 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import keras_reference as kr
 import numpy as np
 import pytest
 import torch
 
-import keras_reference as kr
 from tljax import weights
 from tljax.predict import main as predict_main
 from weights_conversion.__main__ import main as convert_cli

@@ -86,7 +86,7 @@ def test_unknown_option_lists_the_valid_ones():
                                        ("efficientnet_b0", 16), ("vgg19", 31)])
 def test_input_smaller_than_minimum_is_refused(name, size):
     module = models.create(name)
-    with pytest.raises(ValueError, match=rf"smaller than the minimum"):
+    with pytest.raises(ValueError, match=r"smaller than the minimum"):
         module.init(jax.random.key(0), jnp.zeros((1, size, size, 3)))
 
 

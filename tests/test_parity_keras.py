@@ -13,10 +13,10 @@ from __future__ import annotations
 import os
 
 import jax
+import keras_reference as kr
 import numpy as np
 import pytest
 
-import keras_reference as kr
 from tljax import models, weights
 from weights_conversion.__main__ import main as convert_cli
 

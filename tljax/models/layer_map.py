@@ -155,7 +155,9 @@ def match(
                 f"(include_top=False) file; create the model with include_top=False, or convert "
                 f"a file with the top"
             )
-        shown = ", ".join(f"'{n}' ({t.path_str})" for n, t in zip(names[:5], missing[:5]))
+        shown = ", ".join(
+            f"'{n}' ({t.path_str})" for n, t in zip(names[:5], missing[:5], strict=True)
+        )
         raise WeightMismatchError(
             f"{model}: {len(missing)} layer(s) of the model are missing from the file: "
             f"{shown}{' ...' if len(missing) > 5 else ''}"

@@ -87,4 +87,6 @@ def check_options(model: str, pooling: str | None, include_top: bool, num_classe
     if pooling not in (None, "avg", "max"):
         raise ValueError(f"{model}: pooling must be None, 'avg' or 'max', got {pooling!r}")
     if include_top and num_classes < 1:
-        raise ValueError(f"{model}: num_classes must be positive with include_top, got {num_classes}")
+        raise ValueError(
+            f"{model}: num_classes must be positive with include_top, got {num_classes}"
+        )
