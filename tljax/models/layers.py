@@ -43,13 +43,54 @@ class Numerics:
     padding: str = "TensorFlow 'SAME' (asymmetric for stride 2), see tljax/models/layers.py"
 
 
-def batch_norm(numerics: Numerics, train: bool, dtype: Dtype, param_dtype: Dtype, name: str):
-    """A BatchNorm layer configured from a family's numerics (statistics kept in float32)."""
-    return nn.BatchNorm(
-        use_running_average=not train,
+@dataclasses.dataclass(frozen=True)
+class TrainMode:
+    """The `train` argument of a model, when training needs more than `train=True`.
+
+    It is truthy (dropout and stochastic depth are active), and it says:
+      frozen_bn: module paths (`stage1/block2/bn1`) of BatchNorm layers that belong to the
+        frozen part of the network: they normalise with their moving statistics, as in
+        inference, and leave them unchanged (the Keras convention for `trainable=False`).
+      axis_name: when set, the BatchNorm layers that train compute their batch statistics
+        across this named device axis (synchronised BatchNorm).
+    Hashable, so that a jitted step can take it as a static argument.
+    """
+
+    frozen_bn: frozenset[str] = frozenset()
+    axis_name: str | None = None
+
+    def __bool__(self) -> bool:
+        return True
+
+
+class BatchNorm(nn.BatchNorm):
+    """Flax BatchNorm that runs in inference mode when its path is listed as frozen."""
+
+    training: bool = False
+    frozen_bn: frozenset[str] = frozenset()
+
+    def __call__(self, x, use_running_average=None, *, mask=None):
+        frozen = "/".join(self.path) in self.frozen_bn
+        return super().__call__(x, use_running_average=(not self.training) or frozen, mask=mask)
+
+
+def batch_norm(numerics: Numerics, train, dtype: Dtype, param_dtype: Dtype, name: str):
+    """A BatchNorm layer configured from a family's numerics (statistics kept in float32).
+
+    `train` is a bool or a `TrainMode`.
+    """
+    mode = train if isinstance(train, TrainMode) else TrainMode()
+    return BatchNorm(
+        use_running_average=None,
+        training=bool(train),
+        frozen_bn=mode.frozen_bn,
+        axis_name=mode.axis_name,
         momentum=numerics.bn_momentum,
         epsilon=numerics.bn_epsilon,
         use_scale=numerics.bn_scale,
+        # Two-pass variance, mean((x - mean)^2), as TensorFlow computes it: E[x^2] - E[x]^2
+        # cancels catastrophically and makes results depend on how the batch is split.
+        use_fast_variance=False,
         dtype=dtype,
         param_dtype=param_dtype,
         name=name,

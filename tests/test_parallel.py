@@ -1,0 +1,194 @@
+"""The data-parallel step: one device against eight (pmap and shard_map, with and without
+synchronised BatchNorm), gradient scaling, and freezing that leaves frozen weights and
+statistics bit-identical."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import traverse_util
+
+from tljax import freeze, parallel
+from tljax import train_step as steps
+from tljax.models import resnet
+from tljax.models.layers import TrainMode
+
+GLOBAL_BATCH = 16
+SIZE = 64
+
+
+def tiny_model():
+    """A ResNet with one bottleneck block per stage: real BatchNorm layers, small to compile."""
+    return resnet.ResNet(stage_sizes=(1, 1, 1, 1), num_classes=5, model_name="resnet_tiny")
+
+
+@functools.cache
+def setup(preset: str = "up_to:stage2"):
+    model = tiny_model()
+    rng = np.random.default_rng(0)
+    images = rng.normal(size=(3, GLOBAL_BATCH, SIZE, SIZE, 3)).astype(np.float32)
+    labels = rng.integers(0, 5, size=(3, GLOBAL_BATCH)).astype(np.int32)
+    variables = jax.jit(model.init)(jax.random.key(0), images[0, :1])
+    # Random moving statistics, so that frozen BatchNorm layers are really exercised.
+    stats = traverse_util.flatten_dict(variables["batch_stats"])
+    for i, key in enumerate(sorted(stats)):
+        r = np.random.default_rng(i)
+        stats[key] = (r.uniform(0.5, 2.0, stats[key].shape) if key[-1] == "var"
+                      else r.normal(0, 0.3, stats[key].shape)).astype(np.float32)
+    # Host copies: the compiled steps donate their input buffers.
+    variables = {"params": jax.tree.map(np.asarray, variables["params"]),
+                 "batch_stats": traverse_util.unflatten_dict(stats)}
+    labels_tree = freeze.resolve(variables["params"], preset)
+    tx = steps.optimizer(labels_tree, lambda lr: optax.sgd(lr, momentum=0.9), 0.01,
+                         {"head": 2.0})
+    return model, variables, labels_tree, tx, [{"image": i, "label": lb}
+                                                for i, lb in zip(images, labels, strict=True)]
+
+
+def config(sync_bn: bool, preset="up_to:stage2"):
+    model, variables, labels, tx, _ = setup(preset)
+    return steps.StepConfig(model=model, tx=tx, trainable=freeze.trainable(labels),
+                            frozen_bn=freeze.frozen_batchnorm(labels, variables["batch_stats"]),
+                            sync_bn=sync_bn)
+
+
+def run_pmap(devices, sync_bn, n_steps=3, preset="up_to:stage2"):
+    _, variables, _, tx, batches = setup(preset)
+    cfg = config(sync_bn, preset)
+    step = parallel.pmap_train_step(cfg)
+    state = parallel.replicate(steps.create_state(variables, tx), devices)
+    for b in batches[:n_steps]:
+        state, _ = step(state, parallel.shard(b, len(devices)), jax.random.key(1))
+    return parallel.unreplicate(state)
+
+
+def run_shard_map(devices, sync_bn, n_steps=3, check_vma=False):
+    _, variables, _, tx, batches = setup()
+    cfg = config(sync_bn)
+    mesh = parallel.mesh(devices)
+    if check_vma:  # the wrong wrapper: JAX psums replicated-parameter gradients by itself
+        fn = functools.partial(steps.train_step, config=cfg)
+        from jax.sharding import PartitionSpec as P
+
+        step = jax.jit(jax.shard_map(fn, mesh=mesh, in_specs=(P(), P("batch"), P()),
+                                     out_specs=(P(), P()), check_vma=True))
+    else:
+        step = parallel.shard_map_train_step(cfg, mesh)
+    state = parallel.put_replicated(steps.create_state(variables, tx), mesh)
+    for b in batches[:n_steps]:
+        state, _ = step(state, parallel.put_batch(b, mesh), jax.random.key(1))
+    return jax.tree.map(np.asarray, state)
+
+
+def run_virtual_shards(n, sync_bn, n_steps=3):
+    """n per-device shards on ONE device (vmap with the axis name): the reference for
+    non-synchronised BatchNorm, whose statistics are per shard by definition."""
+    _, variables, _, tx, batches = setup()
+    cfg = config(sync_bn)
+    fn = functools.partial(steps.train_step, config=cfg)
+    step = jax.jit(jax.vmap(fn, axis_name="batch", in_axes=(0, 0, None)))
+    state = jax.tree.map(lambda x: jnp.broadcast_to(x, (n,) + jnp.shape(x)),
+                         steps.create_state(variables, tx))
+    for b in batches[:n_steps]:
+        state, _ = step(state, parallel.shard(b, n), jax.random.key(1))
+    return jax.tree.map(lambda x: np.asarray(x[0]), state)
+
+
+def assert_close(a, b, rtol=1e-5):
+    fa, fb = traverse_util.flatten_dict(a, sep="/"), traverse_util.flatten_dict(b, sep="/")
+    assert fa.keys() == fb.keys()
+    for k in fa:
+        x, y = np.asarray(fa[k], np.float64), np.asarray(fb[k], np.float64)
+        scale = max(np.abs(y).max(), 1e-3)
+        assert np.abs(x - y).max() <= rtol * scale, f"{k}: {np.abs(x - y).max()} vs {scale}"
+
+
+@pytest.fixture(scope="module")
+def devices():
+    devs = jax.devices()
+    if len(devs) < 8:
+        pytest.fail("tests need 8 CPU devices: XLA_FLAGS=--xla_force_host_platform_device_count=8"
+                    " (set by tests/conftest.py before JAX starts)")
+    return devs[:8]
+
+
+def test_sync_bn_one_device_equals_eight(devices):
+    one = run_pmap(devices[:1], sync_bn=True)
+    eight = run_pmap(devices, sync_bn=True)
+    assert_close(eight.params, one.params)
+    assert_close(eight.batch_stats, one.batch_stats)
+    sm = run_shard_map(devices, sync_bn=True)
+    assert_close(sm.params, one.params)
+    assert_close(sm.batch_stats, one.batch_stats)
+
+
+def test_unsynced_bn_one_device_equals_eight(devices):
+    reference = run_virtual_shards(8, sync_bn=False)
+    eight = run_pmap(devices, sync_bn=False)
+    assert_close(eight.params, reference.params)
+    assert_close(eight.batch_stats, reference.batch_stats)
+    sm = run_shard_map(devices, sync_bn=False)
+    assert_close(sm.params, reference.params)
+
+
+def test_gradient_scaling_is_caught(devices):
+    """A wrapper that multiplies gradients by the device count must fail the comparison."""
+    one = run_pmap(devices[:1], sync_bn=True, n_steps=1)
+    wrong = run_shard_map(devices, sync_bn=True, n_steps=1, check_vma=True)
+    _, variables, _, _, _ = setup()
+    start = variables["params"]["head"]["kernel"]
+    step_one = np.asarray(one.params["head"]["kernel"]) - np.asarray(start)
+    step_wrong = np.asarray(wrong.params["head"]["kernel"]) - np.asarray(start)
+    ratio = np.abs(step_wrong).sum() / np.abs(step_one).sum()
+    assert ratio == pytest.approx(8.0, rel=1e-3)  # what the wrong wrapper does
+    with pytest.raises(AssertionError):
+        assert_close(wrong.params, one.params)
+    right = run_shard_map(devices, sync_bn=True, n_steps=1)
+    assert_close(right.params, one.params)
+
+
+def test_frozen_parameters_and_statistics_are_bit_identical(devices):
+    _, variables, labels, _, _ = setup()
+    end = run_pmap(devices[:2], sync_bn=False)
+    trained = freeze.trainable(labels)
+    start_p = traverse_util.flatten_dict(variables["params"], sep="/")
+    end_p = traverse_util.flatten_dict(end.params, sep="/")
+    for k, v in start_p.items():
+        if k in trained:
+            assert not np.array_equal(np.asarray(v), end_p[k]), f"{k} did not learn"
+        else:
+            assert np.array_equal(np.asarray(v), end_p[k]), f"{k} changed while frozen"
+    frozen_bn = freeze.frozen_batchnorm(labels, variables["batch_stats"])
+    assert frozen_bn
+    start_s = traverse_util.flatten_dict(variables["batch_stats"], sep="/")
+    end_s = traverse_util.flatten_dict(end.batch_stats, sep="/")
+    for k, v in start_s.items():
+        same = np.array_equal(np.asarray(v), end_s[k])
+        assert same == (k.rsplit("/", 1)[0] in frozen_bn), k
+
+
+def test_frozen_batchnorm_in_training_mode_equals_inference(devices):
+    model, variables, labels, _, batches = setup()
+    frozen = freeze.frozen_batchnorm(freeze.resolve(variables["params"], "backbone"),
+                                     variables["batch_stats"])
+    x = batches[0]["image"]
+    infer = jax.jit(model.apply)(variables, x)
+    train, updated = jax.jit(lambda v, x: model.apply(
+        v, x, train=TrainMode(frozen_bn=frozen), mutable=["batch_stats"]))(variables, x)
+    np.testing.assert_array_equal(np.asarray(train), np.asarray(infer))
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
+                 updated["batch_stats"], variables["batch_stats"])
+    # Without the freeze, training-mode BatchNorm uses batch statistics: different outputs.
+    trained = jax.jit(lambda v, x: model.apply(v, x, train=True, mutable=["batch_stats"])[0])
+    assert not np.allclose(np.asarray(trained(variables, x)), np.asarray(infer))
+
+
+def test_global_batch_not_divisible_by_devices():
+    with pytest.raises(parallel.BatchSizeError, match="does not divide over 8 devices; use a "
+                                                       r"multiple of 8 \(e.g. 8 or 16\)"):
+        parallel.shard({"image": np.zeros((12, 4)), "label": np.zeros(12)}, 8)

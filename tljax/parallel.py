@@ -1,0 +1,115 @@
+"""Compiling the per-device steps across devices and hosts: the one place that knows about them.
+
+Two forms of the same pure functions (`tljax.train_step`):
+- `pmap`: `jax.pmap(step, axis_name)`, arrays with a leading local-device axis;
+- `shard_map`: `jax.jit(jax.shard_map(step, mesh, ...))` over a one-dimensional mesh of all
+  devices, the state replicated (`P()`) and the batch split on its first axis (`P(axis)`).
+
+Gradient scaling under shard_map: with `check_vma=True` (JAX's default), differentiating
+inside the body with respect to a replicated (device-invariant) parameter makes JAX insert a
+`psum` over the axis into the gradient, so the per-device `pmean` that the step applies (and
+`pmap` needs) would return the *sum* over devices, i.e. the device count times the gradient.
+The step is written in the pmap convention (local gradients, explicit `pmean`), so shard_map
+is built with `check_vma=False`, under which gradients stay local. `tests/test_parallel.py`
+compares one device with eight and fails if either form scales gradients by the device count.
+
+Many hosts: every process calls `jax.distributed.initialize` first, then builds the same step;
+`pmap` runs over each process's local devices with collectives across all of them, each
+process passing its own shard of the global batch.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from tljax import train_step as steps
+
+AXIS = "batch"
+
+
+class BatchSizeError(ValueError):
+    """The global batch does not divide evenly over the devices."""
+
+
+def check_batch(global_batch: int, devices: int) -> int:
+    """The per-device batch; an error that says what to change when it does not divide."""
+    if global_batch % devices:
+        lower = global_batch - global_batch % devices
+        raise BatchSizeError(
+            f"the global batch size {global_batch} does not divide over {devices} devices; use "
+            f"a multiple of {devices} (e.g. {lower or devices} or {lower + devices})"
+        )
+    return global_batch // devices
+
+
+def shard(batch: dict, devices: int) -> dict:
+    """Reshape a (process-local) batch to (devices, batch / devices, ...) for pmap."""
+    def split(x):
+        x = np.asarray(x)
+        per = check_batch(x.shape[0], devices)
+        return x.reshape((devices, per) + x.shape[1:])
+
+    return jax.tree.map(split, batch)
+
+
+def replicate(tree, devices: list | None = None):
+    """Put `tree` on each local device, with the leading device axis that pmap expects."""
+    devices = devices or jax.local_devices()
+    # One slice per device along the leading axis (pmap's layout; PmapSharding is gone).
+    sharding = NamedSharding(Mesh(np.asarray(devices), ("devices",)), P("devices"))
+    return jax.tree.map(
+        lambda x: jax.device_put(np.broadcast_to(np.asarray(x), (len(devices),) + np.shape(x)),
+                                 sharding), tree)
+
+
+def unreplicate(tree):
+    """The first replica of a pmapped tree, as host numpy arrays."""
+    return jax.tree.map(lambda x: np.asarray(x[0]), tree)
+
+
+def pmap_train_step(config: steps.StepConfig) -> Callable:
+    """`step(state, batch, rng)` compiled with pmap; the state buffers are donated."""
+    fn = functools.partial(steps.train_step, config=config)
+    return jax.pmap(fn, axis_name=config.axis_name, donate_argnums=(0,), in_axes=(0, 0, None))
+
+
+def pmap_eval_step(config: steps.StepConfig) -> Callable:
+    return jax.pmap(functools.partial(steps.eval_step, config=config),
+                    axis_name=config.axis_name)
+
+
+def mesh(devices: list | None = None, axis: str = AXIS) -> Mesh:
+    devices = devices if devices is not None else jax.devices()
+    return Mesh(np.asarray(devices), (axis,))
+
+
+def shard_map_train_step(config: steps.StepConfig, mesh_: Mesh) -> Callable:
+    """`step(state, batch, rng)` as jit(shard_map) over `mesh_`; the state is donated.
+
+    The state is replicated, the batch split over the mesh axis (global arrays)."""
+    fn = functools.partial(steps.train_step, config=config)
+    body = jax.shard_map(fn, mesh=mesh_, in_specs=(P(), P(config.axis_name), P()),
+                         out_specs=(P(), P()), check_vma=False)
+    return jax.jit(body, donate_argnums=(0,))
+
+
+def shard_map_eval_step(config: steps.StepConfig, mesh_: Mesh) -> Callable:
+    fn = functools.partial(steps.eval_step, config=config)
+    return jax.jit(jax.shard_map(fn, mesh=mesh_, in_specs=(P(), P(config.axis_name)),
+                                 out_specs=P(), check_vma=False))
+
+
+def put_replicated(tree, mesh_: Mesh):
+    return jax.device_put(tree, NamedSharding(mesh_, P()))
+
+
+def put_batch(batch: dict, mesh_: Mesh, axis: str = AXIS):
+    """A global batch laid out over the mesh (single process: the whole batch is local)."""
+    check_batch(len(next(iter(batch.values()))), mesh_.size)
+    return jax.device_put(batch, NamedSharding(mesh_, P(axis)))

@@ -1,0 +1,194 @@
+"""Pure per-device training and evaluation steps.
+
+`train_step(state, batch, ...)` and `eval_step(state, batch, ...)` see one device's shard of the
+global batch and average across the named device axis with `lax.pmean`; `tljax.parallel`
+compiles them with `jax.pmap` or `jax.jit(jax.shard_map(...))`. Nothing here knows how many
+devices or hosts there are.
+
+Gradients are taken with respect to the trainable parameters only: the frozen ones enter the
+loss as constants, so no gradient is computed for them (with the whole backbone frozen, and its
+BatchNorm in inference mode, the step costs little more than a forward pass). Frozen
+parameters and the statistics of frozen BatchNorm layers are carried over untouched, bit for
+bit.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Mapping
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import optax
+from flax import linen as nn
+from flax import traverse_util
+
+from tljax import freeze
+from tljax.models.layers import TrainMode
+
+
+@flax.struct.dataclass
+class TrainState:
+    """Everything a step changes: step counter, parameters, BatchNorm statistics, optimizer."""
+
+    step: jax.Array
+    params: Any
+    batch_stats: Any
+    opt_state: Any
+
+
+@dataclasses.dataclass(frozen=True)
+class StepConfig:
+    """What a step needs besides its arrays (static: part of the compiled function).
+
+    Attributes:
+      model: the Flax module.
+      tx: the optimizer (`freeze.optimizer` builds one from labels).
+      trainable: paths of the parameters that learn (`freeze.trainable(labels)`).
+      frozen_bn: BatchNorm module paths kept in inference mode (`freeze.frozen_batchnorm`);
+        empty when frozen BatchNorm layers should keep updating their statistics.
+      sync_bn: synchronise the batch statistics of training BatchNorm layers across devices.
+      axis_name: the device axis to average over.
+    """
+
+    model: nn.Module
+    tx: optax.GradientTransformation
+    trainable: frozenset[str]
+    frozen_bn: frozenset[str] = frozenset()
+    sync_bn: bool = False
+    axis_name: str = "batch"
+
+    @property
+    def mode(self) -> TrainMode:
+        return TrainMode(self.frozen_bn, self.axis_name if self.sync_bn else None)
+
+
+def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
+    """Per-example softmax cross-entropy, computed in float32 whatever the model's dtype."""
+    return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels)
+
+
+def _split(tree: Mapping, keep: frozenset[str]) -> tuple[dict, dict]:
+    flat = traverse_util.flatten_dict(tree, sep="/")
+    return ({k: v for k, v in flat.items() if k in keep},
+            {k: v for k, v in flat.items() if k not in keep})
+
+
+def _join(*parts: dict) -> dict:
+    merged = {}
+    for p in parts:
+        merged.update(p)
+    return traverse_util.unflatten_dict(merged, sep="/")
+
+
+def train_step(state: TrainState, batch: Mapping[str, jax.Array], rng: jax.Array,
+               config: StepConfig) -> tuple[TrainState, dict]:
+    """One optimizer step on this device's shard of the batch (`image`, `label`)."""
+    axis = config.axis_name
+    trained, frozen = _split(state.params, config.trainable)
+    rng = jax.random.fold_in(jax.random.fold_in(rng, state.step), jax.lax.axis_index(axis))
+
+    def loss_fn(trained):
+        variables = {"params": _join(trained, frozen), "batch_stats": state.batch_stats}
+        logits, updates = config.model.apply(
+            variables, batch["image"], train=config.mode, mutable=["batch_stats"],
+            rngs={"dropout": rng},
+        )
+        loss = cross_entropy(logits, batch["label"]).mean()
+        return loss, (logits, updates["batch_stats"])
+
+    (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(trained)
+    # Each device holds the gradient of its own shard's mean loss: average them.
+    grads = jax.lax.pmean(grads, axis)
+    full_grads = _join(grads, jax.tree.map(jnp.zeros_like, frozen))
+    updates, opt_state = config.tx.update(full_grads, state.opt_state, state.params)
+    updates, _ = _split(updates, config.trainable)
+    new_trained = optax.apply_updates(trained, updates)
+    # Frozen parameters are carried over as they are (not "+ 0", which can flip -0.0).
+    params = _join(new_trained, frozen)
+
+    # Statistics of training BatchNorm layers: averaged across devices when not synchronised
+    # (synchronised ones are equal already); frozen layers' statistics are left untouched.
+    stats_new, _ = _split(batch_stats, _stats_paths(batch_stats, config.frozen_bn, train=True))
+    stats_old, _ = _split(state.batch_stats,
+                          _stats_paths(state.batch_stats, config.frozen_bn, train=False))
+    if not config.sync_bn:
+        stats_new = jax.lax.pmean(stats_new, axis)
+    metrics = {
+        "loss": loss,
+        "accuracy": jnp.mean(jnp.argmax(logits, -1) == batch["label"]),
+    }
+    new_state = state.replace(step=state.step + 1, params=params,
+                              batch_stats=_join(stats_old, stats_new), opt_state=opt_state)
+    return new_state, jax.lax.pmean(metrics, axis)
+
+
+@functools.cache
+def _stats_paths_cached(keys: tuple[str, ...], frozen_bn: frozenset[str], train: bool):
+    def module(k: str) -> str:
+        return k.rsplit("/", 1)[0]
+
+    # Statistics of modules that never train (EfficientNet's input Normalization: mean, std)
+    # count as frozen: they are read, never updated.
+    frozen = {k for k in keys if module(k) in frozen_bn or k.endswith("/std")
+              or (k.endswith("/mean") and module(k) + "/std" in keys)}
+    return frozenset(k for k in keys if (k not in frozen) == train)
+
+
+def _stats_paths(batch_stats, frozen_bn, train: bool) -> frozenset[str]:
+    keys = tuple(sorted(traverse_util.flatten_dict(batch_stats, sep="/")))
+    return _stats_paths_cached(keys, frozen_bn, train)
+
+
+def eval_step(state: TrainState, batch: Mapping[str, jax.Array], config: StepConfig) -> dict:
+    """Summed loss, top-1 and top-5 hits and example count over all devices' shards."""
+    logits = config.model.apply(
+        {"params": state.params, "batch_stats": state.batch_stats}, batch["image"], train=False
+    )
+    labels = batch["label"]
+    mask = batch.get("mask", jnp.ones(labels.shape, jnp.float32))
+    top5 = jnp.any(jax.lax.top_k(logits, min(5, logits.shape[-1]))[1] == labels[:, None], -1)
+    sums = {
+        "loss": jnp.sum(cross_entropy(logits, labels) * mask),
+        "top1": jnp.sum((jnp.argmax(logits, -1) == labels) * mask),
+        "top5": jnp.sum(top5 * mask),
+        "count": jnp.sum(mask),
+    }
+    return jax.lax.psum(sums, config.axis_name)
+
+
+def create_state(variables: Mapping, tx: optax.GradientTransformation) -> TrainState:
+    """A fresh training state (step 0, new optimizer state) from model variables."""
+    params = variables["params"]
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                      batch_stats=variables.get("batch_stats", {}),
+                      opt_state=tx.init(params))
+
+
+def optimizer(labels: Mapping, make: Any, learning_rate: Any,
+              multipliers: Mapping[str, float] | None = None) -> optax.GradientTransformation:
+    """`optax.multi_transform` over freeze labels: `frozen` gets `optax.set_to_zero()` (no
+    state); each trained group gets `make(learning_rate * multiplier)`, where `learning_rate`
+    is a float or an optax schedule and `make` e.g. `lambda lr: optax.sgd(lr, momentum=0.9)`.
+    """
+    multipliers = dict(multipliers or {})
+    groups = {v for v in traverse_util.flatten_dict(labels).values()}
+    unknown = set(multipliers) - groups
+    if unknown:
+        raise freeze.FreezeError(
+            f"learning-rate multipliers for groups {sorted(unknown)} that the freeze "
+            f"specification does not define; its groups are {sorted(groups)}"
+        )
+    txs = {}
+    for g in groups:
+        if g == freeze.FROZEN:
+            txs[g] = optax.set_to_zero()
+            continue
+        m = multipliers.get(g, 1.0)
+        lr = (lambda step, m=m: m * learning_rate(step)) if callable(learning_rate) \
+            else learning_rate * m
+        txs[g] = make(lr)
+    return optax.multi_transform(txs, labels)
