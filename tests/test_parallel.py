@@ -9,52 +9,13 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 from flax import traverse_util
+from tiny_training import GLOBAL_BATCH, SIZE, config, setup, tiny_model  # noqa: F401
 
 from tljax import freeze, parallel
 from tljax import train_step as steps
-from tljax.models import resnet
 from tljax.models.layers import TrainMode
-
-GLOBAL_BATCH = 16
-SIZE = 64
-
-
-def tiny_model():
-    """A ResNet with one bottleneck block per stage: real BatchNorm layers, small to compile."""
-    return resnet.ResNet(stage_sizes=(1, 1, 1, 1), num_classes=5, model_name="resnet_tiny")
-
-
-@functools.cache
-def setup(preset: str = "up_to:stage2"):
-    model = tiny_model()
-    rng = np.random.default_rng(0)
-    images = rng.normal(size=(3, GLOBAL_BATCH, SIZE, SIZE, 3)).astype(np.float32)
-    labels = rng.integers(0, 5, size=(3, GLOBAL_BATCH)).astype(np.int32)
-    variables = jax.jit(model.init)(jax.random.key(0), images[0, :1])
-    # Random moving statistics, so that frozen BatchNorm layers are really exercised.
-    stats = traverse_util.flatten_dict(variables["batch_stats"])
-    for i, key in enumerate(sorted(stats)):
-        r = np.random.default_rng(i)
-        stats[key] = (r.uniform(0.5, 2.0, stats[key].shape) if key[-1] == "var"
-                      else r.normal(0, 0.3, stats[key].shape)).astype(np.float32)
-    # Host copies: the compiled steps donate their input buffers.
-    variables = {"params": jax.tree.map(np.asarray, variables["params"]),
-                 "batch_stats": traverse_util.unflatten_dict(stats)}
-    labels_tree = freeze.resolve(variables["params"], preset)
-    tx = steps.optimizer(labels_tree, lambda lr: optax.sgd(lr, momentum=0.9), 0.01,
-                         {"head": 2.0})
-    return model, variables, labels_tree, tx, [{"image": i, "label": lb}
-                                                for i, lb in zip(images, labels, strict=True)]
-
-
-def config(sync_bn: bool, preset="up_to:stage2"):
-    model, variables, labels, tx, _ = setup(preset)
-    return steps.StepConfig(model=model, tx=tx, trainable=freeze.trainable(labels),
-                            frozen_bn=freeze.frozen_batchnorm(labels, variables["batch_stats"]),
-                            sync_bn=sync_bn)
 
 
 def run_pmap(devices, sync_bn, n_steps=3, preset="up_to:stage2"):
@@ -192,3 +153,40 @@ def test_global_batch_not_divisible_by_devices():
     with pytest.raises(parallel.BatchSizeError, match="does not divide over 8 devices; use a "
                                                        r"multiple of 8 \(e.g. 8 or 16\)"):
         parallel.shard({"image": np.zeros((12, 4)), "label": np.zeros(12)}, 8)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_of_four_devices_equal_one_process_of_eight(devices, tmp_path):
+    """Two processes x 4 CPU devices (jax.distributed on 127.0.0.1, gloo collectives), each
+    feeding its own half of every global batch, end with the parameters of 1 process x 8."""
+    import os
+    import subprocess
+    import sys
+
+    worker = os.path.join(os.path.dirname(__file__), "multiprocess_worker.py")
+    port, out = str(_free_port()), str(tmp_path / "params.npz")
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    procs = [subprocess.Popen([sys.executable, worker, str(i), "2", port, out], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for i in range(2)]
+    try:
+        logs = [p.communicate(timeout=400)[0] for p in procs]
+    finally:
+        for p in procs:  # never leave a worker behind
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    for p, log in zip(procs, logs, strict=True):
+        assert p.returncode == 0, log[-3000:]
+    got = dict(np.load(out))
+    expected = traverse_util.flatten_dict(run_pmap(devices, sync_bn=True).params, sep="/")
+    assert got.keys() == expected.keys()
+    assert_close(traverse_util.unflatten_dict(got, sep="/"),
+                 traverse_util.unflatten_dict(expected, sep="/"))
