@@ -28,14 +28,20 @@ from tljax import train_step as steps  # noqa: E402
 
 assert jax.process_count() == nproc and jax.device_count() == 4 * nproc
 _, variables, _, tx, batches = tt.setup()
-step = parallel.pmap_train_step(tt.config(sync_bn=True))
-local = jax.local_device_count()
-state = parallel.replicate(steps.create_state(variables, tx), jax.local_devices())
 per_process = tt.GLOBAL_BATCH // nproc
-for batch in batches:
-    mine = {k: v[pid * per_process:(pid + 1) * per_process] for k, v in batch.items()}
-    state, metrics = step(state, parallel.shard(mine, local), jax.random.key(1))
-if pid == 0:
-    params = traverse_util.flatten_dict(parallel.unreplicate(state.params), sep="/")
-    np.savez(out, **params)
+for form in ("pmap", "shard_map"):
+    step, put_state, put_batch = parallel.compile_train_step(
+        tt.config(sync_bn=True), form, jax.local_devices() if form == "pmap" else jax.devices())
+    state = put_state(steps.create_state(variables, tx))
+    for batch in batches:
+        mine = {k: v[pid * per_process:(pid + 1) * per_process] for k, v in batch.items()}
+        state, metrics = step(state, put_batch(mine), jax.random.key(1))
+    params = state.params
+    if form == "pmap":
+        params = jax.tree.map(lambda x: x.addressable_shards[0].data[0], params)
+    else:
+        params = jax.tree.map(lambda x: x.addressable_shards[0].data, params)
+    if pid == 0:
+        flat = traverse_util.flatten_dict(jax.tree.map(np.asarray, params), sep="/")
+        np.savez(out.replace(".npz", f"_{form}.npz"), **flat)
 jax.distributed.shutdown()

@@ -1,6 +1,7 @@
 """Three optimizer steps with each preset: frozen parameters and frozen BatchNorm statistics
-stay bit-identical, everything that trains changes. One model of each family and variant in
-the default suite, every registered model with every preset in the slow target."""
+stay bit-identical, everything that trains changes. In the default suite, one model of each
+family and variant with `backbone` and `top:1`; every registered model with every preset
+(`none`, `backbone`, `up_to:<first stage>`, `top:1`) in the slow target."""
 
 from __future__ import annotations
 
@@ -32,7 +33,9 @@ def cases():
     out = []
     for name in models.names():
         for preset in ("none", "backbone", "up_to", "top:1"):
-            fast = name in REPRESENTATIVES
+            # Default suite: the representatives with the two presets that mix frozen and
+            # training layers cheaply; full fine-tuning and up_to of every model are slow.
+            fast = name in REPRESENTATIVES and preset in ("backbone", "top:1")
             out.append(pytest.param(name, preset, id=f"{name}-{preset}",
                                     marks=[] if fast else [pytest.mark.slow]))
     return out
@@ -55,14 +58,15 @@ def test_three_steps_change_exactly_what_trains(name, preset):
     if preset == "up_to":
         preset = f"up_to:{freeze.units(params)[1]}"
     labels = freeze.resolve(params, preset)
-    tx = steps.optimizer(labels, lambda lr: optax.sgd(lr, momentum=0.9), 0.01)
+    # A small rate: random VGG weights without BatchNorm diverge at 1e-2 within three steps.
+    tx = steps.optimizer(labels, lambda lr: optax.sgd(lr, momentum=0.9), 1e-4)
     config = steps.StepConfig(model=module, tx=tx, trainable=freeze.trainable(labels),
                               frozen_bn=freeze.frozen_batchnorm(labels, variables["batch_stats"]))
     step = jax.jit(jax.vmap(lambda s, b, k: steps.train_step(s, b, k, config),
                             axis_name="batch", in_axes=(0, 0, None)))
     state = jax.tree.map(lambda x: np.asarray(x)[None], steps.create_state(variables, tx))
     for i in range(3):
-        batch = {"image": rng.normal(0, 50, (1, 4, size, size, 3)).astype(np.float32),
+        batch = {"image": rng.normal(0, 1, (1, 4, size, size, 3)).astype(np.float32),
                  "label": rng.integers(0, 3, (1, 4)).astype(np.int32)}
         state, metrics = step(state, batch, jax.random.key(i))
     assert np.isfinite(float(metrics["loss"][0]))

@@ -61,3 +61,22 @@ def test_carrying_optimizer_state_needs_the_same_groups():
     same = [phases.Phase(5, "top:1", 0.1), phases.Phase(5, "top:1", 0.01,
                                                          optimizer_state="carry")]
     assert len(phases.resolve(same, variables["params"])) == 2
+
+
+def test_bfloat16_step_keeps_float32_parameters_statistics_and_loss():
+    import jax.numpy as jnp
+    from tiny_training import tiny_model
+
+    model = tiny_model().clone(dtype=jnp.bfloat16)
+    _, variables, labels, tx, batches = setup()
+    config = steps.StepConfig(model=model, tx=tx, trainable=freeze.trainable(labels),
+                              frozen_bn=freeze.frozen_batchnorm(labels, variables["batch_stats"]))
+    step = jax.jit(jax.vmap(lambda s, b, k: steps.train_step(s, b, k, config),
+                            axis_name="batch", in_axes=(0, 0, None)))
+    state = jax.tree.map(lambda x: np.asarray(x)[None], steps.create_state(variables, tx))
+    state, metrics = step(state, parallel.shard(batches[0], 1), jax.random.key(0))
+    assert metrics["loss"].dtype == jnp.float32 and np.isfinite(float(metrics["loss"][0]))
+    leaves = jax.tree_util.tree_leaves((state.params, state.batch_stats))
+    assert all(x.dtype == jnp.float32 for x in leaves)
+    head = np.asarray(state.params["head"]["kernel"][0])
+    assert not np.array_equal(head, variables["params"]["head"]["kernel"])

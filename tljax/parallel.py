@@ -14,8 +14,16 @@ is built with `check_vma=False`, under which gradients stay local. `tests/test_p
 compares one device with eight and fails if either form scales gradients by the device count.
 
 Many hosts: every process calls `jax.distributed.initialize` first, then builds the same step;
-`pmap` runs over each process's local devices with collectives across all of them, each
-process passing its own shard of the global batch.
+each process passes its own shard of the global batch (`shard` for pmap, `put_batch` for
+shard_map, which assembles the global array from the process-local pieces).
+
+Default form (`compile_train_step`): shard_map. Measured on this project's 2-core CPU machine
+with 8 virtual devices, a one-block-per-stage ResNet at 64x64, global batch 32, SGD (median of
+6 steps after compilation; `form` comparison script in the commit that set this default):
+    pmap       unsynced BN: 1880 ms/step (max 7464), compile 8.0 s; synced: 1960 ms, 7.9 s
+    shard_map  unsynced BN: 1750 ms/step (max 1795), compile 7.1 s; synced: 1807 ms, 7.7 s
+shard_map is ~7% faster, compiles no slower and has no outlier steps; it is also the form
+current JAX recommends and into which pmap itself now lowers.
 """
 
 from __future__ import annotations
@@ -106,10 +114,32 @@ def shard_map_eval_step(config: steps.StepConfig, mesh_: Mesh) -> Callable:
 
 
 def put_replicated(tree, mesh_: Mesh):
+    """`tree` (host arrays, equal on every process) replicated over the mesh."""
     return jax.device_put(tree, NamedSharding(mesh_, P()))
 
 
 def put_batch(batch: dict, mesh_: Mesh, axis: str = AXIS):
-    """A global batch laid out over the mesh (single process: the whole batch is local)."""
-    check_batch(len(next(iter(batch.values()))), mesh_.size)
-    return jax.device_put(batch, NamedSharding(mesh_, P(axis)))
+    """The global batch laid out over the mesh from this process's part of it (in a single
+    process, the whole batch)."""
+    local = len(next(iter(batch.values())))
+    check_batch(local * jax.process_count(), mesh_.size)
+    sharding = NamedSharding(mesh_, P(axis))
+    if jax.process_count() == 1:
+        return jax.device_put(batch, sharding)
+    return jax.tree.map(
+        lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), batch)
+
+
+def compile_train_step(config: steps.StepConfig, form: str = "shard_map",
+                       devices: list | None = None) -> tuple[Callable, Callable, Callable]:
+    """The compiled train step in `form` ('shard_map', the measured default, or 'pmap'), with
+    the functions that lay out the state and a batch for it: `(step, put_state, put_batch)`."""
+    if form == "pmap":
+        local = devices or jax.local_devices()
+        return (pmap_train_step(config), lambda s: replicate(s, local),
+                lambda b: shard(b, len(local)))
+    if form == "shard_map":
+        m = mesh(devices, config.axis_name)
+        return (shard_map_train_step(config, m), lambda s: put_replicated(s, m),
+                lambda b: put_batch(b, m, config.axis_name))
+    raise ValueError(f"form must be 'shard_map' or 'pmap', got {form!r}")
