@@ -89,6 +89,7 @@ def begin(phase: Phase, labels: Mapping, state: steps.TrainState, model,
           axis_name: str = "batch") -> tuple[steps.TrainState, steps.StepConfig]:
     """The state and step configuration for `phase`, continuing from `state` (parameters and
     BatchNorm statistics kept; optimizer state reset or carried as the phase says)."""
+    freeze.log_table(labels, state.params)
     tx = steps.optimizer(labels, phase.optimizer, phase.learning_rate, phase.multipliers)
     if phase.optimizer_state == "carry":
         fresh = jax.eval_shape(tx.init, state.params)
