@@ -18,31 +18,11 @@ import statistics
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 
 from tljax import freeze, models, parallel
 from tljax import train_step as steps
-
-
-def random_variables(module, size: int, seed: int = 0):
-    """Variables with the model's shapes filled from numpy (compiling `init` is slow and the
-    values do not change the speed)."""
-    shapes = jax.eval_shape(module.init, jax.random.key(0),
-                            jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32))
-    rng = np.random.default_rng(seed)
-
-    def fill(path, s):
-        name = path[-1].key
-        if name == "var" or name == "std" or name == "scale":
-            return np.ones(s.shape, np.float32)
-        if name in ("mean", "bias"):
-            return np.zeros(s.shape, np.float32)
-        fan_in = int(np.prod(s.shape[:-1])) or 1
-        return (rng.standard_normal(s.shape) * np.sqrt(2.0 / fan_in)).astype(np.float32)
-
-    return jax.tree_util.tree_map_with_path(fill, shapes)
 
 
 def timed(fn, *args, steps: int):
@@ -75,7 +55,7 @@ def bench_model(name: str, batch: int, size: int | None, steps_n: int, classes: 
     spec = models.spec(name)
     size = size or spec.default_size
     module = models.create(name, num_classes=classes)
-    variables = random_variables(module, size)
+    variables = models.random_variables(module, size)
     rng = np.random.default_rng(0)
     images = models.preprocess(name, rng.integers(0, 256, (batch, size, size, 3), np.uint8))
     labels = rng.integers(0, classes, batch).astype(np.int32)

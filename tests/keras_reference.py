@@ -19,13 +19,6 @@ from keras.src.legacy.saving import legacy_h5_format  # noqa: E402
 
 from tljax import models  # noqa: E402
 
-PREPROCESS_MODULE = {
-    "vgg": {"vgg16": "vgg16", "vgg19": "vgg19"},
-    "resnet": None,
-    "inception": {"inception_v3": "inception_v3"},
-    "efficientnet": None,
-}
-
 
 def preprocess_input(name: str):
     """Keras's `preprocess_input` for registered model `name`."""

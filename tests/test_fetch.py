@@ -50,6 +50,18 @@ def resnet50_notop_file(tmp_path_factory):
     return kr.save_legacy_h5(kr.build("resnet50", False, 32), path)
 
 
+def _official_notop(server, path, monkeypatch):
+    """Point the base address at the local server and the registry's ResNet50 notop MD5 at
+    the file made here; returns (server root, WeightFile, file bytes)."""
+    root, url = server
+    monkeypatch.setenv("TLJAX_WEIGHTS_URL", url)
+    spec = registry.spec("resnet50")
+    data = open(path, "rb").read()
+    wf = registry.WeightFile(spec.weights["notop"].path, hashlib.md5(data).hexdigest())
+    monkeypatch.setitem(spec.weights, "notop", wf)
+    return root, wf, data
+
+
 def _serve(root, wf, data: bytes):
     dest = root / wf.path
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -58,12 +70,7 @@ def _serve(root, wf, data: bytes):
 
 def test_fetch_downloads_verifies_converts_and_caches(server, resnet50_notop_file, monkeypatch,
                                                       capsys):
-    root, url = server
-    monkeypatch.setenv("TLJAX_WEIGHTS_URL", url)
-    spec = registry.spec("resnet50")
-    data = open(resnet50_notop_file, "rb").read()
-    wf = registry.WeightFile(spec.weights["notop"].path, hashlib.md5(data).hexdigest())
-    monkeypatch.setitem(spec.weights, "notop", wf)
+    root, wf, data = _official_notop(server, resnet50_notop_file, monkeypatch)
     _serve(root, wf, data)
 
     assert weights_cli(["fetch", "resnet50", "--notop", "-q"]) == 0
@@ -80,12 +87,7 @@ def test_fetch_downloads_verifies_converts_and_caches(server, resnet50_notop_fil
 
 
 def test_corrupted_download_is_refused_and_removed(server, resnet50_notop_file, monkeypatch):
-    root, url = server
-    monkeypatch.setenv("TLJAX_WEIGHTS_URL", url)
-    spec = registry.spec("resnet50")
-    data = open(resnet50_notop_file, "rb").read()
-    wf = registry.WeightFile(spec.weights["notop"].path, hashlib.md5(data).hexdigest())
-    monkeypatch.setitem(spec.weights, "notop", wf)
+    root, wf, data = _official_notop(server, resnet50_notop_file, monkeypatch)
     corrupted = bytearray(data)
     corrupted[len(data) // 2] ^= 0xFF
     _serve(root, wf, bytes(corrupted))

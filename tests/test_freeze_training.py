@@ -5,9 +5,6 @@ family and variant with `backbone` and `top:1`; every registered model with ever
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import jax
 import numpy as np
 import optax
@@ -16,9 +13,6 @@ from flax import traverse_util
 
 from tljax import freeze, models
 from tljax import train_step as steps
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
-from benchmark import random_variables  # noqa: E402
 
 SIZE = {"vgg": 32, "resnet": 32, "inception": 75, "efficientnet": 32}
 REPRESENTATIVES = ["vgg16", "resnet50", "resnet50_v2", "inception_v3", "efficientnet_b0",
@@ -45,7 +39,7 @@ def cases():
 def test_three_steps_change_exactly_what_trains(name, preset):
     size = SIZE[models.spec(name).family]
     module = models.create(name, num_classes=3)
-    variables = random_variables(module, size, seed=1)
+    variables = models.random_variables(module, size, seed=1)
     stats = traverse_util.flatten_dict(variables.get("batch_stats", {}), sep="/")
     rng = np.random.default_rng(2)
     for k in stats:  # random moving statistics, so that a changed one is seen

@@ -181,10 +181,26 @@ def create(name: str, **options: Any) -> nn.Module:
     return s.build(**options)
 
 
-def init(module: nn.Module, size: int, seed: int = 0) -> dict:
-    """Random variables of `module` for `size`x`size` inputs (a convenience for tests/tools)."""
-    x = jnp.zeros((1, size, size, 3), jnp.float32)
-    return jax.jit(module.init)(jax.random.key(seed), x)
+def random_variables(module, size: int, seed: int = 0):
+    """Variables of `module` for `size`x`size` inputs, filled on the host: He-normal kernels,
+    zero biases and means, unit scales and variances. For benchmarks and tests, where
+    compiling `module.init` (tens of seconds on CPU) would cost more than the work itself."""
+    import numpy as np
+
+    shapes = jax.eval_shape(module.init, jax.random.key(0),
+                            jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32))
+    rng = np.random.default_rng(seed)
+
+    def fill(path, s):
+        name = path[-1].key
+        if name == "var" or name == "std" or name == "scale":
+            return np.ones(s.shape, np.float32)
+        if name in ("mean", "bias"):
+            return np.zeros(s.shape, np.float32)
+        fan_in = int(np.prod(s.shape[:-1])) or 1
+        return (rng.standard_normal(s.shape) * np.sqrt(2.0 / fan_in)).astype(np.float32)
+
+    return jax.tree_util.tree_map_with_path(fill, shapes)
 
 
 @functools.cache
