@@ -69,13 +69,16 @@ class TargetLayer:
 def target_layers(module: nn.Module, size: int) -> list[TargetLayer]:
     """The modules of `module` that own variables, in the order they are created."""
     from tljax.models.efficientnet import Normalization
+    from tljax.models.layers import DepthwiseConv
 
     order: list[tuple[tuple[str, ...], str]] = []
 
     def record(next_fun, args, kwargs, context):
         mod = context.module
         if context.method_name == "__call__":
-            if isinstance(mod, nn.Conv):
+            if isinstance(mod, DepthwiseConv):
+                kind = "dwconv"
+            elif isinstance(mod, nn.Conv):
                 kind = "dwconv" if mod.feature_group_count > 1 else "conv"
             elif isinstance(mod, nn.Dense):
                 kind = "dense"

@@ -131,3 +131,57 @@ def check_options(model: str, pooling: str | None, include_top: bool, num_classe
         raise ValueError(
             f"{model}: num_classes must be positive with include_top, got {num_classes}"
         )
+
+
+def depthwise_as_conv() -> bool:
+    """Whether depthwise convolutions use XLA's grouped convolution (accelerators) rather
+    than shifted multiply-adds (CPU, where grouped convolutions are slow)."""
+    import jax
+
+    return jax.default_backend() != "cpu"
+
+
+def _same_padding(n: int, k: int, s: int) -> tuple[int, int]:
+    pad = max((-(-n // s) - 1) * s + k - n, 0)
+    return pad // 2, pad - pad // 2
+
+
+class DepthwiseConv(nn.Module):
+    """A depthwise convolution ('SAME' padding as TensorFlow, no bias) written as the k*k
+    shifted multiply-adds it is.
+
+    Same parameter as `nn.Conv(C, (k, k), feature_group_count=C)`: `kernel` of shape
+    (k, k, 1, C). XLA:CPU runs `feature_group_count` convolutions, and above all their
+    gradients, far slower than these elementwise loops, which it fuses (measured in
+    docs/benchmarks.md); on accelerators `nn.Conv` is used (`use_conv=True`).
+    """
+
+    kernel_size: int
+    strides: int = 1
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+    use_conv: bool = False
+
+    @nn.compact
+    def __call__(self, x):
+        k, s, c = self.kernel_size, self.strides, x.shape[-1]
+        kernel = self.param("kernel", nn.initializers.lecun_normal(), (k, k, 1, c),
+                            self.param_dtype)
+        x = jnp.asarray(x, self.dtype)
+        kernel = jnp.asarray(kernel, self.dtype)
+        if self.use_conv:
+            import jax
+
+            return jax.lax.conv_general_dilated(
+                x, kernel, (s, s), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                feature_group_count=c)
+        h, w = x.shape[1], x.shape[2]
+        (pt, pb), (pl, pr) = _same_padding(h, k, s), _same_padding(w, k, s)
+        x = jnp.pad(x, ((0, 0), (pt, pb), (pl, pr), (0, 0)))
+        oh, ow = -(-h // s), -(-w // s)
+        out = None
+        for i in range(k):
+            for j in range(k):
+                tap = x[:, i:i + s * (oh - 1) + 1:s, j:j + s * (ow - 1) + 1:s, :] * kernel[i, j, 0]
+                out = tap if out is None else out + tap
+        return out
