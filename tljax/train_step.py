@@ -52,6 +52,11 @@ class StepConfig:
         empty when frozen BatchNorm layers should keep updating their statistics.
       sync_bn: synchronise the batch statistics of training BatchNorm layers across devices.
       axis_name: the device axis to average over.
+      preprocess: applied to `batch['image']` on the device before the model (the model's
+        `tljax.models.preprocess`), so that the input pipeline can send uint8 images.
+      on_features: linear probing on cached features: `model` is the head alone
+        (`tljax.feature_cache.Head`), fed `batch['features']`; only `params['head']` is used
+        and the BatchNorm statistics are carried over.
     """
 
     model: nn.Module
@@ -60,6 +65,25 @@ class StepConfig:
     frozen_bn: frozenset[str] = frozenset()
     sync_bn: bool = False
     axis_name: str = "batch"
+    preprocess: Any = None
+    on_features: bool = False
+
+    def forward(self, params, batch_stats, batch, train, rng=None):
+        """`(logits, new batch_stats)` of the model on `batch`."""
+        rngs = {"dropout": rng} if rng is not None else {}
+        if self.on_features:
+            logits = self.model.apply({"params": {"head": params["head"]}}, batch["features"],
+                                      train=bool(train), rngs=rngs)
+            return logits, batch_stats
+        variables = {"params": params, "batch_stats": batch_stats}
+        if not train:
+            return self.model.apply(variables, self.inputs(batch), train=False), batch_stats
+        logits, updates = self.model.apply(variables, self.inputs(batch), train=self.mode,
+                                           mutable=["batch_stats"], rngs=rngs)
+        return logits, updates["batch_stats"]
+
+    def inputs(self, batch: Mapping[str, jax.Array]) -> jax.Array:
+        return batch["image"] if self.preprocess is None else self.preprocess(batch["image"])
 
     @property
     def mode(self) -> TrainMode:
@@ -92,13 +116,10 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array], rng: jax.Array
     rng = jax.random.fold_in(jax.random.fold_in(rng, state.step), jax.lax.axis_index(axis))
 
     def loss_fn(trained):
-        variables = {"params": _join(trained, frozen), "batch_stats": state.batch_stats}
-        logits, updates = config.model.apply(
-            variables, batch["image"], train=config.mode, mutable=["batch_stats"],
-            rngs={"dropout": rng},
-        )
+        logits, batch_stats = config.forward(_join(trained, frozen), state.batch_stats, batch,
+                                             train=True, rng=rng)
         loss = cross_entropy(logits, batch["label"]).mean()
-        return loss, (logits, updates["batch_stats"])
+        return loss, (logits, batch_stats)
 
     (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(trained)
     # Each device holds the gradient of its own shard's mean loss: average them.
@@ -145,9 +166,7 @@ def _stats_paths(batch_stats, frozen_bn, train: bool) -> frozenset[str]:
 
 def eval_step(state: TrainState, batch: Mapping[str, jax.Array], config: StepConfig) -> dict:
     """Summed loss, top-1 and top-5 hits and example count over all devices' shards."""
-    logits = config.model.apply(
-        {"params": state.params, "batch_stats": state.batch_stats}, batch["image"], train=False
-    )
+    logits, _ = config.forward(state.params, state.batch_stats, batch, train=False)
     labels = batch["label"]
     mask = batch.get("mask", jnp.ones(labels.shape, jnp.float32))
     top5 = jnp.any(jax.lax.top_k(logits, min(5, logits.shape[-1]))[1] == labels[:, None], -1)

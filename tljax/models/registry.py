@@ -113,6 +113,8 @@ def _registry() -> dict[str, ModelSpec]:
                 name, "resnet", build, 224, resnet.MIN_SIZE, numerics, keras, resnet.keras_name,
                 _keras_files(f"{_KA}/resnet/{stem}", *_RESNET_MD5[stem]),
             ))
+    specs.append(ModelSpec("test_resnet", "resnet", resnet.TestResNet, 224, resnet.MIN_SIZE,
+                           resnet.NUMERICS_V1, None, None, {}))
     for name, variant in efficientnet.VARIANTS.items():
         lite = "lite" in name
         b = name.rsplit("_", 1)[-1]

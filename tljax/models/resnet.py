@@ -188,6 +188,9 @@ ResNet152 = functools.partial(ResNet, stage_sizes=(3, 8, 36, 3), model_name="res
 ResNet50V2 = functools.partial(ResNet50, preact=True, model_name="resnet50_v2")
 ResNet101V2 = functools.partial(ResNet101, preact=True, model_name="resnet101_v2")
 ResNet152V2 = functools.partial(ResNet152, preact=True, model_name="resnet152_v2")
+# One block per stage, no weights: real BatchNorm and the same paths, quick to compile. For
+# tests and smoke runs of the training program (as timm's `test_*` models).
+TestResNet = functools.partial(ResNet, stage_sizes=(1, 1, 1, 1), model_name="test_resnet")
 
 _BLOCK_LAYER = {
     "conv1": "1_conv", "bn1": "1_bn", "conv2": "2_conv", "bn2": "2_bn", "conv3": "3_conv",

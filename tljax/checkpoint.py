@@ -1,0 +1,151 @@
+"""Training checkpoints (Orbax): the last K and the best by an evaluation metric.
+
+`WORKDIR/checkpoints/<step>/` holds the whole `TrainState` (step, params, BatchNorm statistics,
+optimizer state). Saving is asynchronous (training goes on while the files are written) and
+atomic (a checkpoint is written to a temporary directory and renamed when complete), so a run
+killed at any moment leaves only whole checkpoints; leftovers are cleaned up on the next start.
+
+The state is replicated over the devices, so a checkpoint is independent of the device count:
+`restore` lays it out over whatever mesh the restarted run has.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+import jax
+import numpy as np
+
+log = logging.getLogger("tljax.checkpoint")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that does not fit the run restoring it."""
+
+
+class Checkpoints:
+    """Save and restore `TrainState`s under `directory`.
+
+    Keeps the `keep` most recent checkpoints plus the one with the highest `best_metric`
+    among those saved with evaluation metrics.
+    """
+
+    def __init__(self, directory: str, keep: int = 3, best_metric: str = "top1",
+                 asynchronous: bool = True):
+        import orbax.checkpoint as ocp
+        from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
+
+        self.directory = os.path.abspath(directory)
+        self.best_metric = best_metric
+        policy = pp.AnyPreservationPolicy([
+            pp.LatestN(n=keep),
+            pp.BestN(get_metric_fn=lambda m: m[best_metric], n=1,
+                     keep_checkpoints_without_metrics=False),
+        ])
+        self.manager = ocp.CheckpointManager(
+            self.directory,
+            options=ocp.CheckpointManagerOptions(
+                preservation_policy=policy, cleanup_tmp_directories=True,
+                # best_fn makes the manager write each checkpoint's metrics (best_step).
+                best_fn=lambda m: m[best_metric], best_mode="max",
+                enable_async_checkpointing=asynchronous,
+            ),
+        )
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def best_step(self) -> int | None:
+        """The kept step with the highest `best_metric` (None when none has metrics)."""
+        best, best_value = None, -np.inf
+        for step in self.manager.all_steps():
+            metrics = self.manager.metrics(step)
+            if metrics and self.best_metric in metrics and metrics[self.best_metric] > best_value:
+                best, best_value = step, metrics[self.best_metric]
+        return best
+
+    def steps(self) -> list[int]:
+        return list(self.manager.all_steps())
+
+    def save(self, step: int, state: Any, metrics: dict | None = None) -> None:
+        import orbax.checkpoint as ocp
+
+        if step in self.manager.all_steps():
+            return
+        metrics = {k: float(v) for k, v in metrics.items()} if metrics else None
+        self.manager.save(step, args=ocp.args.StandardSave(state), metrics=metrics, force=True)
+
+    def restore(self, step: int, target: Any) -> Any:
+        """The checkpoint at `step`, shaped and placed like `target` (a pytree of arrays or
+        `jax.ShapeDtypeStruct`s with shardings). Shapes must match; a mismatch is a
+        CheckpointError naming the first differing entry."""
+        import orbax.checkpoint as ocp
+
+        abstract = jax.tree.map(_abstract, target)
+        self._check_shapes(step, abstract)
+        return self.manager.restore(step, args=ocp.args.StandardRestore(abstract))
+
+    def _check_shapes(self, step: int, abstract: Any) -> None:
+        import orbax.checkpoint as ocp
+
+        meta = ocp.StandardCheckpointer().metadata(
+            os.path.join(self.directory, str(step), "default")).item_metadata
+        saved, wanted = {}, {}
+        for part in ("params", "batch_stats"):
+            saved.update(_shapes(_get(meta, part), part))
+            wanted.update(_shapes(_get(abstract, part), part))
+        for path in sorted(set(saved) | set(wanted)):
+            if saved.get(path) != wanted.get(path):
+                raise CheckpointError(
+                    f"checkpoint {self.directory}/{step} does not fit this run: {path} is "
+                    f"{_fmt(saved.get(path))} in the checkpoint, {_fmt(wanted.get(path))} in "
+                    f"the model. Resume with the configuration it was written with, or start a "
+                    f"new workdir"
+                )
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()
+
+
+def restore_numpy(step_dir: str) -> dict:
+    """The tree in a checkpoint step directory (`.../checkpoints/<step>`) as host numpy arrays,
+    whatever devices it was saved from."""
+    import orbax.checkpoint as ocp
+
+    path = os.path.join(step_dir, "default")
+    checkpointer = ocp.StandardCheckpointer()
+    meta = checkpointer.metadata(path).item_metadata
+    tree = meta.tree if hasattr(meta, "tree") else meta
+    target = jax.tree.map(lambda a: np.empty(a.shape, a.dtype), tree,
+                          is_leaf=lambda a: hasattr(a, "shape") and hasattr(a, "dtype"))
+    return checkpointer.restore(path, target)
+
+
+def _abstract(x):
+    if isinstance(x, jax.ShapeDtypeStruct):
+        return x
+    return jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=getattr(x, "sharding", None))
+
+
+def _get(tree, name):
+    try:
+        return tree[name]
+    except (KeyError, TypeError):
+        return getattr(tree, name)
+
+
+def _shapes(tree, prefix: str) -> dict[str, tuple]:
+    leaves = jax.tree_util.tree_flatten_with_path(
+        tree, is_leaf=lambda x: hasattr(x, "shape") and not isinstance(x, dict))[0]
+    return {prefix + "/" + jax.tree_util.keystr(k, simple=True, separator="/"): tuple(v.shape)
+            for k, v in leaves if hasattr(v, "shape")}
+
+
+def _fmt(shape) -> str:
+    return "absent" if shape is None else str(shape)

@@ -1,0 +1,122 @@
+"""Evaluate a training checkpoint on a split: `python -m tljax.evaluate --workdir DIR`.
+
+  python -m tljax.evaluate --workdir runs/digits_lite0                 # best checkpoint, eval split
+  python -m tljax.evaluate --workdir runs/digits_lite0 --checkpoint latest --split train
+
+The model, dataset and preprocessing are those of the run (`WORKDIR/config.json`). The
+checkpoint is laid out over this machine's devices, whatever number the run had.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+
+log = logging.getLogger("tljax.evaluate")
+
+
+def evaluate(workdir: str, checkpoint: str = "best", split: str = "",
+             batch_size: int = 0) -> dict:
+    """Top-1, top-5 and loss of `workdir`'s checkpoint (`best`, `latest` or a step) on `split`
+    (default: the run's evaluation split)."""
+    import jax
+    import ml_collections
+
+    from tljax import checkpoint as ckpt_lib
+    from tljax import datasets, freeze, parallel, train
+    from tljax import train_step as steps
+    from tljax.models import preprocessing, registry
+
+    path = os.path.join(workdir, "config.json")
+    if not os.path.exists(path):
+        raise train.RunError(f"{workdir} is not a training workdir: config.json is missing")
+    with open(path) as f:
+        record = json.load(f)
+    config = ml_collections.ConfigDict(record)
+    ckpts = ckpt_lib.Checkpoints(os.path.join(workdir, "checkpoints"), asynchronous=False)
+    if checkpoint == "best":
+        step = ckpts.best_step() or ckpts.latest_step()
+    elif checkpoint == "latest":
+        step = ckpts.latest_step()
+    else:
+        step = int(checkpoint)
+        if step not in ckpts.steps():
+            raise train.RunError(f"{workdir} has no checkpoint at step {step}; it has "
+                                 f"{ckpts.steps()}")
+    if step is None:
+        raise train.RunError(f"{workdir} has no checkpoint yet")
+
+    src = datasets.source(config.dataset, config.data_dir or None, config.download,
+                          config.holdout)
+    split = split or config.eval_split
+    r = train.Resolved(config, src, config.num_classes, config.image_size, config.train_split,
+                       split, cached=False)
+    model = train.build_model(r)
+    shapes = jax.eval_shape(model.init, jax.random.key(0),
+                            jax.ShapeDtypeStruct((1, r.image_size, r.image_size, 3), "float32"))
+    labels = freeze.resolve(shapes["params"], config.freeze if isinstance(config.freeze, str)
+                            else [tuple(x) for x in config.freeze])
+    tx, _ = train._optimizer(config, labels)
+    mesh = parallel.mesh()
+    abstract = jax.eval_shape(
+        lambda v: steps.create_state(v, tx),
+        {"params": shapes["params"], "batch_stats": shapes.get("batch_stats", {})})
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    abstract = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), abstract)
+    state = ckpts.restore(step, abstract)
+    prep = preprocessing.FUNCTIONS[registry.spec(config.model).numerics.preprocessing]
+    step_config = steps.StepConfig(model=model, tx=tx, trainable=frozenset(), preprocess=prep)
+    eval_fn = parallel.shard_map_eval_step(step_config, mesh)
+    global_batch = batch_size or config.eval_batch_size or config.batch_size
+    local = parallel.check_batch(global_batch, jax.device_count()) * jax.local_device_count()
+    batches, _ = datasets.eval_batches(src, split, local, r.image_size, config.eval_crop,
+                                       jax.process_index(), jax.process_count())
+    sums = None
+    for b in batches:
+        out = eval_fn(state, parallel.put_batch(b, mesh))
+        sums = out if sums is None else jax.tree.map(lambda a, b: a + b, sums, out)
+    sums = jax.tree.map(float, sums)
+    n = max(sums["count"], 1.0)
+    ckpts.close()
+    return {"step": int(step), "split": split, "examples": int(n), "top1": sums["top1"] / n,
+            "top5": sums["top5"] / n, "loss": sums["loss"] / n}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m tljax.evaluate", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--workdir", required=True, help="a training workdir")
+    parser.add_argument("--checkpoint", default="best",
+                        help="'best' (by eval top-1; the default), 'latest', or a step number")
+    parser.add_argument("--split", default="", help="split to evaluate (default: the run's "
+                        "evaluation split); TFDS slices such as 'train[:10%%]' work")
+    parser.add_argument("--batch_size", type=int, default=0, help="global batch (default: "
+                        "the run's)")
+    parser.add_argument("--json", action="store_true", help="print the result as JSON")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S")
+    for noisy in ("absl", "orbax", "jax._src", "tensorflow"):  # their warnings are not ours
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+    from tljax import checkpoint, datasets, train
+
+    try:
+        result = evaluate(args.workdir, args.checkpoint, args.split, args.batch_size)
+    except (train.RunError, datasets.DataError, checkpoint.CheckpointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(f"{args.workdir} step {result['step']} on {result['split']} "
+              f"({result['examples']} images): top-1 {result['top1']:.4f}, top-5 "
+              f"{result['top5']:.4f}, loss {result['loss']:.4f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

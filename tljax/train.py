@@ -1,0 +1,542 @@
+r"""Fine-tune a model: `python -m tljax.train --config CONFIG[:ARGS] --workdir DIR`.
+
+  python -m tljax.train --config configs/finetune.py --workdir runs/digits_lite0
+  python -m tljax.train --config configs/finetune.py:model=resnet50,dataset=tf_flowers,\
+freeze=backbone --workdir runs/flowers --config.optimizer.learning_rate=0.05
+
+The config file documents every field (configs/finetune.py); `--config.FIELD=VALUE` overrides
+one. What the run writes in the workdir:
+  config.json      the resolved config;  run.json: versions, git commit, devices, processes
+  checkpoints/     Orbax checkpoints: the last `keep_checkpoints` and the best by eval top-1
+  metrics.jsonl    one JSON record per log/eval step;  tensorboard/: the same as event files
+  curves.png       training and evaluation curves, drawn at the end
+Started again with the same workdir, a run resumes from its latest checkpoint and ends with
+exactly the parameters of an uninterrupted run. SIGTERM (preemption) saves a checkpoint and
+exits with status 143; rerun the same command to continue.
+
+Several hosts (a TPU pod slice, GPU machines): start the same command once per host, each
+process with all its local devices; pass `--distributed` so that every process calls
+`jax.distributed.initialize()` first (on Cloud TPU and under SLURM it finds its peers by itself;
+elsewhere add --coordinator_address=HOST:PORT --num_processes=N --process_id=I). The global batch
+is split over all devices of all hosts, each host reads its own part of the data, and the step
+is the data-parallel step of `tljax.parallel` (tested on one process against two).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from typing import Any
+
+import numpy as np
+
+log = logging.getLogger("tljax.train")
+
+PREEMPTED_EXIT = 143  # 128 + SIGTERM
+# Fields that fix the shapes of a run's state: resuming with other values is refused.
+SHAPE_FIELDS = ("model", "num_classes", "image_size", "dtype")
+
+
+class RunError(ValueError):
+    """A run that cannot start as configured; the message says what to change."""
+
+
+@dataclasses.dataclass
+class Resolved:
+    """What a config resolves to for this run (dataset, sizes, splits)."""
+
+    config: Any
+    source: Any
+    num_classes: int
+    image_size: int
+    train_split: str
+    eval_split: str
+    cached: bool
+
+
+# --------------------------------------------------------------------------- config
+
+
+def resolve(config) -> Resolved:
+    """Check `config` and fill in what it leaves to the model and the dataset."""
+    from tljax import datasets, freeze
+    from tljax.models import registry
+
+    spec = registry.spec(config.model)  # an unknown model names the closest ones
+    if config.init not in ("imagenet", "scratch") and not os.path.exists(
+            os.path.expanduser(config.init)):
+        raise RunError(f"config.init={config.init!r}: not 'imagenet', 'scratch' or an "
+                       f"existing path")
+    if config.dtype not in ("float32", "bfloat16"):
+        raise RunError(f"config.dtype={config.dtype!r}: use 'float32' or 'bfloat16'")
+    if config.cache_features not in ("auto", "on", "off"):
+        raise RunError(f"config.cache_features={config.cache_features!r}: 'auto', 'on' or "
+                       f"'off'")
+    if config.optimizer.name not in ("sgd", "adam", "adamw"):
+        raise RunError(f"config.optimizer.name={config.optimizer.name!r}: 'sgd', 'adam' or "
+                       f"'adamw'")
+    if config.optimizer.schedule not in ("cosine", "constant"):
+        raise RunError(f"config.optimizer.schedule={config.optimizer.schedule!r}: 'cosine' or "
+                       f"'constant'")
+    if isinstance(config.freeze, str):
+        # Preset names are checked against the model's parameter tree when it exists; here
+        # only the form, so that a typo fails before any data is read.
+        if not (config.freeze in ("none", "backbone") or config.freeze.startswith(
+                ("up_to:", "top:"))):
+            raise freeze.FreezeError(
+                f"config.freeze={config.freeze!r}: presets are 'none', 'backbone', "
+                f"'up_to:UNIT' and 'top:N', or give a list of (regex, label) rules")
+    size = config.image_size or spec.default_size
+    if size < spec.min_size:
+        raise RunError(f"config.image_size={size}: {config.model} needs at least "
+                       f"{spec.min_size}")
+    src = datasets.source(config.dataset, config.data_dir or None, config.download,
+                          config.holdout)
+    train_split, eval_split = src.default_splits()
+    train_split = config.train_split or train_split
+    eval_split = config.eval_split or eval_split
+    datasets.pipeline.check_split(src, train_split)
+    datasets.pipeline.check_split(src, eval_split)
+    num_classes = config.num_classes or src.num_classes
+    if num_classes < src.num_classes:
+        raise RunError(f"config.num_classes={num_classes}, but {src.name} has "
+                       f"{src.num_classes} classes")
+    no_augment = not tuple(config.augment.crop_area) and not config.augment.flip
+    probe = config.freeze == "backbone"
+    if config.cache_features == "on" and not (probe and no_augment):
+        raise RunError("config.cache_features='on' needs freeze='backbone' and augmentation "
+                       "off (config.augment.crop_area=() and config.augment.flip=False)")
+    cached = config.cache_features == "on" or (
+        config.cache_features == "auto" and probe and no_augment)
+    return Resolved(config, src, num_classes, size, train_split, eval_split, cached)
+
+
+def _config_record(r: Resolved) -> dict:
+    c = r.config.to_dict()
+    c.update(num_classes=r.num_classes, image_size=r.image_size, train_split=r.train_split,
+             eval_split=r.eval_split)
+    return json.loads(json.dumps(c, default=list))
+
+
+def check_workdir(workdir: str, record: dict) -> None:
+    """Refuse to resume a workdir whose run has other shapes (model, classes, size, dtype)."""
+    path = os.path.join(workdir, "config.json")
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        old = json.load(f)
+    diff = [k for k in SHAPE_FIELDS if old.get(k) != record.get(k)]
+    if diff:
+        changes = ", ".join(f"{k}: {old.get(k)!r} -> {record.get(k)!r}" for k in diff)
+        raise RunError(
+            f"{workdir} holds a run with other shapes ({changes}); its checkpoints cannot be "
+            f"resumed by this config. Use a new --workdir, or start from its weights with "
+            f"config.init={workdir}"
+        )
+    changed = [k for k in record if k not in ("steps",) and old.get(k) != record.get(k)]
+    if changed:
+        log.warning("resuming %s with changed config fields: %s", workdir, ", ".join(changed))
+
+
+def _git_commit() -> str | None:
+    try:
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        out = subprocess.run(["git", "-C", root, "rev-parse", "HEAD"], capture_output=True,
+                             text=True, timeout=10)
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def _run_record() -> dict:
+    import importlib.metadata as md
+
+    import jax
+
+    versions = {}
+    for p in ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "tensorflow-cpu",
+              "tensorflow", "tensorflow-datasets", "numpy", "tljax"):
+        try:
+            versions[p] = md.version(p)
+        except md.PackageNotFoundError:
+            pass
+    return {
+        "git_commit": _git_commit(),
+        "versions": versions,
+        "python": sys.version.split()[0],
+        "backend": jax.default_backend(),
+        "devices": jax.device_count(),
+        "local_devices": jax.local_device_count(),
+        "processes": jax.process_count(),
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "argv": sys.argv,
+    }
+
+
+# --------------------------------------------------------------------------- model and state
+
+
+def _optimizer(config, labels):
+    import optax
+
+    from tljax import train_step as steps
+
+    o = config.optimizer
+    warmup = o.warmup_steps if o.warmup_steps >= 0 else int(0.05 * config.steps)
+    warmup = min(warmup, config.steps)
+    if o.schedule == "cosine":
+        lr = optax.warmup_cosine_decay_schedule(0.0, o.learning_rate, max(warmup, 0),
+                                                max(config.steps, warmup + 1))
+    else:
+        lr = optax.join_schedules(
+            [optax.linear_schedule(0.0, o.learning_rate, max(warmup, 1)),
+             optax.constant_schedule(o.learning_rate)], [warmup])
+
+    def make(rate):
+        if o.name == "sgd":
+            tx = optax.sgd(rate, momentum=o.momentum or None)
+            if o.weight_decay:
+                tx = optax.chain(optax.add_decayed_weights(o.weight_decay), tx)
+            return tx
+        if o.name == "adam":
+            return optax.adam(rate)
+        return optax.adamw(rate, weight_decay=o.weight_decay)
+
+    multipliers = {}
+    groups = {v for v in _flat_values(labels)}
+    if "head" in groups and o.head_multiplier != 1.0:
+        multipliers["head"] = o.head_multiplier
+    return steps.optimizer(labels, make, lr, multipliers), lr
+
+
+def _flat_values(tree):
+    from flax import traverse_util
+
+    return traverse_util.flatten_dict(tree).values()
+
+
+def build_model(r: Resolved):
+    import jax.numpy as jnp
+
+    from tljax.models import registry
+
+    c = r.config
+    options = dict(num_classes=r.num_classes, dtype=jnp.bfloat16 if c.dtype == "bfloat16"
+                   else jnp.float32)
+    if c.dropout_rate >= 0:
+        options["dropout_rate"] = c.dropout_rate
+    return registry.create(c.model, **options)
+
+
+def initial_variables(r: Resolved, model) -> dict:
+    """The run's starting variables: random (`scratch`) or pretrained with a new head."""
+    import jax
+    import jax.numpy as jnp
+
+    from tljax import pretrained
+
+    c = r.config
+    x = jnp.zeros((1, r.image_size, r.image_size, 3), jnp.float32)
+    fresh = jax.jit(model.init)(jax.random.key(c.seed), x)
+    fresh = jax.tree.map(np.asarray, {k: fresh[k] for k in ("params", "batch_stats")
+                                      if k in fresh})
+    if c.init == "scratch":
+        log.info("init: random weights (scratch)")
+        return fresh
+    loaded, where = pretrained.read(c.init, c.model, r.num_classes)
+    log.info("init: %s", where)
+    return pretrained.merge(fresh, loaded, where)
+
+
+# --------------------------------------------------------------------------- the run
+
+
+class _Stop:
+    """SIGTERM -> a flag the loop checks after each step."""
+
+    def __init__(self):
+        self.requested = False
+        self._old = signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame):
+        log.warning("SIGTERM: saving a checkpoint after this step, then exiting")
+        self.requested = True
+
+    def now(self) -> bool:
+        import jax
+
+        if jax.process_count() == 1:
+            return self.requested
+        from jax.experimental import multihost_utils
+
+        flags = multihost_utils.process_allgather(np.asarray(self.requested, np.int32))
+        return bool(np.any(flags))
+
+    def restore(self):
+        signal.signal(signal.SIGTERM, self._old)
+
+
+def train_and_evaluate(config, workdir: str) -> dict:
+    """Train as `config` says, writing to `workdir`; returns the final summary (also written to
+    `WORKDIR/summary.json`). Resumes from the workdir's latest checkpoint if there is one."""
+    t_start = time.time()
+    stop = _Stop()  # from the start: a SIGTERM while setting up stops after the first step
+    try:
+        return _train_and_evaluate(config, workdir, stop, t_start)
+    finally:
+        stop.restore()
+
+
+def _train_and_evaluate(config, workdir: str, stop: _Stop, t_start: float) -> dict:
+    import jax
+    from tqdm import tqdm
+
+    from tljax import checkpoint, datasets, feature_cache, freeze, metrics, parallel
+    from tljax import train_step as steps
+    from tljax.models import preprocessing
+
+    workdir = os.path.abspath(workdir)
+    primary = jax.process_index() == 0
+    if config.compilation_cache:
+        from tljax.weights.fetch import cache_dir
+
+        jax.config.update("jax_compilation_cache_dir", os.path.join(cache_dir(), "xla"))
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+
+    r = resolve(config)
+    c = r.config
+    record = _config_record(r)
+    os.makedirs(workdir, exist_ok=True)
+    check_workdir(workdir, record)
+    if primary:
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            json.dump(record, f, indent=2, sort_keys=True)
+        with open(os.path.join(workdir, "run.json"), "w") as f:
+            json.dump(_run_record(), f, indent=2)
+
+    devices = jax.device_count()
+    local_batch = parallel.check_batch(c.batch_size, devices) * jax.local_device_count()
+    eval_global = c.eval_batch_size or c.batch_size
+    local_eval = parallel.check_batch(eval_global, devices) * jax.local_device_count()
+    log.info("%s on %s: %d classes, %dx%d, train %s (%d), eval %s (%d); %d device(s) in %d "
+             "process(es), global batch %d", c.model, r.source.name, r.num_classes,
+             r.image_size, r.image_size, r.train_split, r.source.num_examples(r.train_split),
+             r.eval_split, r.source.num_examples(r.eval_split), devices, jax.process_count(),
+             c.batch_size)
+
+    model = build_model(r)
+    variables = initial_variables(r, model)
+    labels = freeze.resolve(variables["params"],
+                            c.freeze if isinstance(c.freeze, str) else list(c.freeze))
+    freeze.log_table(labels, variables["params"])
+    tx, schedule = _optimizer(c, labels)
+    prep = preprocessing.FUNCTIONS[_spec(c.model).numerics.preprocessing]
+    step_config = steps.StepConfig(
+        model=feature_cache.head_of(model) if r.cached else model, tx=tx,
+        trainable=freeze.trainable(labels),
+        frozen_bn=freeze.frozen_batchnorm(labels, variables.get("batch_stats", {})),
+        sync_bn=c.sync_bn, preprocess=None if r.cached else prep, on_features=r.cached)
+    mesh = parallel.mesh()
+    train_fn = parallel.shard_map_train_step(step_config, mesh)
+    eval_fn = parallel.shard_map_eval_step(step_config, mesh)
+
+    state = steps.create_state(variables, tx)
+    state = parallel.put_replicated(state, mesh)
+    ckpts = checkpoint.Checkpoints(os.path.join(workdir, "checkpoints"), c.keep_checkpoints)
+    start = ckpts.latest_step() or 0
+    if start:
+        log.info("resuming from %s/%d", ckpts.directory, start)
+        state = ckpts.restore(start, state)
+    writer = metrics.Writer(workdir, enabled=primary, resume_step=start)
+    pi, pc = jax.process_index(), jax.process_count()
+
+    if r.cached:
+        feats_of = feature_cache.jit_features(model, variables, prep)
+        log.info("linear probing on cached features: computing them once (frozen backbone)")
+        with _timer("features"):
+            train_src = datasets.eval_batches(r.source, r.train_split, local_eval, r.image_size,
+                                              c.eval_crop, pi, pc)[0]
+            train_x, train_y = feature_cache.compute(feats_of, train_src)
+            eval_src, eval_count = datasets.eval_batches(r.source, r.eval_split, local_eval,
+                                                         r.image_size, c.eval_crop, pi, pc)
+            eval_x, eval_y = feature_cache.compute(feats_of, eval_src)
+        batches = feature_cache.train_batches(train_x, train_y, local_batch, c.seed, start)
+
+        def eval_stream():
+            return feature_cache.eval_batches(eval_x, eval_y, local_eval, eval_count)
+    else:
+        augment = datasets.Augment(tuple(c.augment.crop_area) or None, flip=c.augment.flip)
+        batches = datasets.train_batches(r.source, r.train_split, local_batch, r.image_size,
+                                         c.seed, augment, start, pi, pc)
+
+        def eval_stream():
+            return datasets.eval_batches(r.source, r.eval_split, local_eval, r.image_size,
+                                         c.eval_crop, pi, pc)[0]
+
+    def evaluate() -> dict:
+        sums = None
+        for b in eval_stream():
+            out = eval_fn(state, parallel.put_batch(b, mesh))
+            sums = out if sums is None else jax.tree.map(lambda a, b: a + b, sums, out)
+        sums = jax.tree.map(float, sums)
+        n = max(sums["count"], 1.0)
+        return {"eval/loss": sums["loss"] / n, "eval/top1": sums["top1"] / n,
+                "eval/top5": sums["top5"] / n}
+
+    rng = jax.random.key(c.seed)
+    bar = tqdm(total=c.steps, initial=start, desc="train", unit="step", disable=not primary,
+               dynamic_ncols=True)
+    last_eval: dict = {}
+    pending, t_log, images = [], time.time(), 0
+    step = start
+    preempted = False
+    try:
+        while step < c.steps:
+            batch = parallel.put_batch(next(batches), mesh)
+            state, m = train_fn(state, batch, rng)
+            step += 1
+            pending.append(m)
+            images += c.batch_size
+            bar.update(1)
+            if step % c.log_every == 0 or step == c.steps:
+                ms = jax.tree.map(lambda *xs: float(np.mean([float(x) for x in xs])), *pending)
+                elapsed = time.time() - t_log
+                scalars = {"train/loss": ms["loss"], "train/accuracy": ms["accuracy"],
+                           "learning_rate": float(schedule(step - 1)),
+                           "images_per_second": images / max(elapsed, 1e-9)}
+                writer.write(step, scalars)
+                bar.set_postfix(loss=f"{ms['loss']:.3f}", acc=f"{ms['accuracy']:.3f}")
+                pending, t_log, images = [], time.time(), 0
+            evaluated = step % c.eval_every == 0 or step == c.steps
+            if evaluated:
+                t_eval = time.time()
+                last_eval = evaluate()
+                t_log += time.time() - t_eval  # images/s counts training time only
+                writer.write(step, last_eval)
+                bar.write(f"step {step}: eval top-1 {last_eval['eval/top1']:.4f}, top-5 "
+                          f"{last_eval['eval/top5']:.4f}, loss {last_eval['eval/loss']:.4f}")
+            if step % c.checkpoint_every == 0 or step == c.steps or evaluated:
+                ckpts.save(step, state, _best(last_eval) if evaluated else None)
+            if stop.now():
+                ckpts.save(step, state)
+                preempted = True
+                break
+    finally:
+        bar.close()
+        ckpts.close()
+        writer.close()
+    if preempted:
+        log.warning("stopped at step %d of %d by SIGTERM; checkpoint saved. Run the same "
+                    "command to resume.", step, c.steps)
+        return {"preempted": True, "step": step}
+
+    if not last_eval:  # resumed a finished run: evaluate what it ended with
+        last_eval = evaluate()
+    summary = {
+        "model": c.model, "dataset": r.source.name, "init": c.init, "freeze": c.freeze
+        if isinstance(c.freeze, str) else "custom", "steps": c.steps,
+        "top1": last_eval["eval/top1"], "top5": last_eval["eval/top5"],
+        "eval_split": r.eval_split, "best_step": ckpts.best_step(),
+        "wall_seconds": round(time.time() - t_start, 1), "workdir": workdir,
+    }
+    if primary:
+        summary["plot"] = metrics.plot(
+            workdir, f"{c.model} on {r.source.name} ({c.init}, freeze={summary['freeze']})")
+        with open(os.path.join(workdir, "summary.json"), "w") as f:
+            json.dump(summary, f, indent=2)
+    return summary
+
+
+def _best(ev: dict) -> dict:
+    return {"top1": ev["eval/top1"], "top5": ev["eval/top5"], "loss": ev["eval/loss"]}
+
+
+def _spec(name):
+    from tljax.models import registry
+
+    return registry.spec(name)
+
+
+class _timer:
+    def __init__(self, what: str):
+        self.what = what
+
+    def __enter__(self):
+        self.t = time.time()
+
+    def __exit__(self, *exc):
+        if exc[0] is None:
+            log.info("%s: %.1f s", self.what, time.time() - self.t)
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def main(argv=None) -> int:
+    from absl import app, flags
+    from ml_collections import config_flags
+
+    flags_ = flags.FLAGS
+    config_flags.DEFINE_config_file(
+        "config", None, "config file and its argument: configs/finetune.py:model=resnet50,"
+        "dataset=tf_flowers (see the file for every field); override a field with "
+        "--config.FIELD=VALUE", lock_config=True)
+    flags.DEFINE_string("workdir", None, "directory for checkpoints, metrics and plots; an "
+                        "existing one is resumed")
+    flags.DEFINE_bool("distributed", False, "call jax.distributed.initialize() first (one "
+                      "process per host: TPU pods, several GPU machines)")
+    flags.DEFINE_string("coordinator_address", None, "with --distributed: HOST:PORT of "
+                        "process 0 (not needed on Cloud TPU or under SLURM)")
+    flags.DEFINE_integer("num_processes", None, "with --distributed: number of processes")
+    flags.DEFINE_integer("process_id", None, "with --distributed: this process's index")
+    flags.mark_flags_as_required(["config", "workdir"])
+
+    def run(_):
+        import jax
+
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s",
+                            datefmt="%H:%M:%S", force=True)
+        for noisy in ("absl", "orbax", "jax._src", "tensorflow"):  # their warnings are not ours
+            logging.getLogger(noisy).setLevel(logging.ERROR)
+        if flags_.distributed:
+            jax.distributed.initialize(flags_.coordinator_address, flags_.num_processes,
+                                       flags_.process_id)
+        try:
+            summary = train_and_evaluate(flags_.config, flags_.workdir)
+        except Exception as e:  # our own errors are the user's to fix: no traceback
+            from tljax import checkpoint, config_args, datasets, freeze, pretrained
+
+            known = (RunError, datasets.DataError, freeze.FreezeError, pretrained.InitError,
+                     checkpoint.CheckpointError, config_args.ConfigError)
+            if isinstance(e, known) or (isinstance(e, ValueError)
+                                        and str(e).startswith("unknown model")):
+                print(f"error: {e}", file=sys.stderr)
+                return 2
+            raise
+        if summary.get("preempted"):
+            return PREEMPTED_EXIT
+        if jax.process_index() == 0:
+            print(f"{summary['model']} on {summary['dataset']} ({summary['init']}, freeze="
+                  f"{summary['freeze']}): {summary['eval_split']} top-1 {summary['top1']:.4f}, "
+                  f"top-5 {summary['top5']:.4f} after {summary['steps']} steps in "
+                  f"{summary['wall_seconds'] / 60:.1f} min; curves: {summary['plot']}")
+        return 0
+
+    try:
+        app.run(lambda a: sys.exit(run(a)), argv=argv)
+    except SystemExit as e:
+        if e.code == 1 and any(a in ("--help", "-h", "--helpfull") for a in argv or []):
+            return 0  # absl exits with 1 after printing the help
+        return e.code if isinstance(e.code, int) else 0
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))
+
