@@ -36,10 +36,11 @@ DATASETS = {
     # that keep most of the digit, and the whole image at evaluation.
     "digits": dict(image_size=64, crop_area=(0.6, 1.0), flip=False, eval_crop=1.0,
                    freeze="none", steps=360, batch_size=32, learning_rate=0.02,
-                   eval_every=90),
+                   eval_every=90, bn_momentum=0.9),
 }
 GENERIC = dict(image_size=0, crop_area=(0.08, 1.0), flip=True, eval_crop=0.875,
-               freeze="top:2", steps=1000, batch_size=64, learning_rate=0.01, eval_every=250)
+               freeze="top:2", steps=1000, batch_size=64, learning_rate=0.01, eval_every=250,
+               bn_momentum=0.0)
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -80,6 +81,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.optimizer.schedule = "cosine"  # 'cosine' (to 0) or 'constant' after warmup
     c.optimizer.head_multiplier = 1.0  # the head learns this many times faster
     c.sync_bn = False  # synchronise BatchNorm statistics across devices
+    c.bn_momentum = d["bn_momentum"]  # moving-average momentum of training BatchNorm layers;
+    #                                    0 = the model's (Keras 0.99)
     c.seed = 0  # initialisation, data order, augmentation and dropout
 
     c.log_every = 10  # steps between training-metric records

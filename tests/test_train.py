@@ -294,3 +294,62 @@ def test_check_workdir_refuses_other_shapes(tmp_path, field):
         train.check_workdir(str(tmp_path), changed)
     train.check_workdir(str(tmp_path), dict(record, steps=5))
 
+
+
+@pytest.mark.slow
+def test_two_processes_train_together(data_dir, tmp_path):
+    """`--distributed`: two processes of four CPU devices (127.0.0.1, gloo) run the program as
+    one job: both finish, process 0 writes the metrics, the checkpoint holds the last step."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    workdir = str(tmp_path / "two")
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+    procs = [subprocess.Popen(
+        [sys.executable, "-m", "tljax.train", *tiny_args(data_dir, steps=6),
+         f"--workdir={workdir}", "--distributed", f"--coordinator_address=127.0.0.1:{port}",
+         "--num_processes=2", f"--process_id={i}"], cwd=ROOT, env=env,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
+    try:
+        logs = [p.communicate(timeout=600)[0] for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    for p, log in zip(procs, logs, strict=True):
+        assert p.returncode == 0, log[-3000:]
+    assert "8 device(s) in 2 process(es)" in logs[0]
+    assert "test top-1" in logs[0] and "test top-1" not in logs[1]
+    assert checkpoints(workdir)[-1] == 6
+    assert logged_steps(workdir) == [2, 4, 6]
+
+
+def test_bn_momentum_override_sets_the_moving_average_rate():
+    import jax.numpy as jnp
+
+    from tljax.models import layers
+
+    numerics = layers.Numerics(1e-3, 0.99, True, "raw")
+
+    class Net(layers.nn.Module):
+        @layers.nn.compact
+        def __call__(self, x, train):
+            return layers.batch_norm(numerics, train, jnp.float32, jnp.float32, "bn")(x)
+
+    x = jnp.arange(12.0).reshape(4, 3)
+    v = Net().init(jax_key(), x, False)
+    for momentum, expected in ((None, 0.99), (0.9, 0.9)):
+        _, upd = Net().apply(v, x, layers.TrainMode(bn_momentum=momentum),
+                             mutable=["batch_stats"])
+        mean = np.asarray(upd["batch_stats"]["bn"]["mean"])
+        np.testing.assert_allclose(mean, (1 - expected) * np.asarray(x.mean(0)), rtol=1e-6)
+
+
+def jax_key():
+    import jax
+
+    return jax.random.key(0)

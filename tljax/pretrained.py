@@ -124,6 +124,6 @@ def merge(fresh: Mapping, loaded: Mapping, source: str) -> dict:
         )
     if head_note:
         old, new = head_note
-        log.info("new head: %d classes (the weights' head %s is dropped)", new,
-                 f"has {old}" if old else "is absent")
+        log.info("new head: %d classes (%s)", new,
+                 f"the weights' {old}-class head is dropped" if old else "the weights have none")
     return out

@@ -14,8 +14,8 @@ Started again with the same workdir, a run resumes from its latest checkpoint an
 exactly the parameters of an uninterrupted run. SIGTERM (preemption) saves a checkpoint and
 exits with status 143; rerun the same command to continue.
 
-Several hosts (a TPU pod slice, GPU machines): start the same command once per host, each
-process with all its local devices; pass `--distributed` so that every process calls
+Several hosts (a TPU pod slice, GPU machines): one process per host, each started with the same
+command and using all its local devices; pass `--distributed` so that every process calls
 `jax.distributed.initialize()` first (on Cloud TPU and under SLURM it finds its peers by itself;
 elsewhere add --coordinator_address=HOST:PORT --num_processes=N --process_id=I). The global batch
 is split over all devices of all hosts, each host reads its own part of the data, and the step
@@ -96,8 +96,7 @@ def resolve(config) -> Resolved:
     if size < spec.min_size:
         raise RunError(f"config.image_size={size}: {config.model} needs at least "
                        f"{spec.min_size}")
-    src = datasets.source(config.dataset, config.data_dir or None, config.download,
-                          config.holdout)
+    src = _source(config)
     train_split, eval_split = src.default_splits()
     train_split = config.train_split or train_split
     eval_split = config.eval_split or eval_split
@@ -115,6 +114,26 @@ def resolve(config) -> Resolved:
     cached = config.cache_features == "on" or (
         config.cache_features == "auto" and probe and no_augment)
     return Resolved(config, src, num_classes, size, train_split, eval_split, cached)
+
+
+def _source(config):
+    """The dataset; with several processes, process 0 prepares it first and the others wait."""
+    import jax
+
+    from tljax import datasets
+
+    def get():
+        return datasets.source(config.dataset, config.data_dir or None, config.download,
+                               config.holdout)
+
+    if jax.process_count() == 1:
+        return get()
+    from jax.experimental import multihost_utils
+
+    if jax.process_index() == 0:
+        get()
+    multihost_utils.sync_global_devices("tljax: dataset prepared")
+    return get()
 
 
 def _config_record(r: Resolved) -> dict:
@@ -341,7 +360,8 @@ def _train_and_evaluate(config, workdir: str, stop: _Stop, t_start: float) -> di
         model=feature_cache.head_of(model) if r.cached else model, tx=tx,
         trainable=freeze.trainable(labels),
         frozen_bn=freeze.frozen_batchnorm(labels, variables.get("batch_stats", {})),
-        sync_bn=c.sync_bn, preprocess=None if r.cached else prep, on_features=r.cached)
+        sync_bn=c.sync_bn, preprocess=None if r.cached else prep, on_features=r.cached,
+        bn_momentum=c.bn_momentum or None)
     mesh = parallel.mesh()
     train_fn = parallel.shard_map_train_step(step_config, mesh)
     eval_fn = parallel.shard_map_eval_step(step_config, mesh)
@@ -505,6 +525,8 @@ def main(argv=None) -> int:
         for noisy in ("absl", "orbax", "jax._src", "tensorflow"):  # their warnings are not ours
             logging.getLogger(noisy).setLevel(logging.ERROR)
         if flags_.distributed:
+            # Cross-process collectives for CPU devices (ignored by GPU and TPU clients).
+            jax.config.update("jax_cpu_collectives_implementation", "gloo")
             jax.distributed.initialize(flags_.coordinator_address, flags_.num_processes,
                                        flags_.process_id)
         try:

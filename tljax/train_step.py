@@ -57,6 +57,8 @@ class StepConfig:
       on_features: linear probing on cached features: `model` is the head alone
         (`tljax.feature_cache.Head`), fed `batch['features']`; only `params['head']` is used
         and the BatchNorm statistics are carried over.
+      bn_momentum: moving-average momentum of the BatchNorm layers that train (None: the
+        model family's own).
     """
 
     model: nn.Module
@@ -67,6 +69,7 @@ class StepConfig:
     axis_name: str = "batch"
     preprocess: Any = None
     on_features: bool = False
+    bn_momentum: float | None = None
 
     def forward(self, params, batch_stats, batch, train, rng=None):
         """`(logits, new batch_stats)` of the model on `batch`."""
@@ -87,7 +90,8 @@ class StepConfig:
 
     @property
     def mode(self) -> TrainMode:
-        return TrainMode(self.frozen_bn, self.axis_name if self.sync_bn else None)
+        return TrainMode(self.frozen_bn, self.axis_name if self.sync_bn else None,
+                         self.bn_momentum)
 
 
 def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
