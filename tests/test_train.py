@@ -16,6 +16,8 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(ROOT, "configs", "finetune.py")
 STEPS = 12
+# One xdist worker runs this module, so that the reference run and the prepared data are shared.
+pytestmark = pytest.mark.xdist_group("train_program")
 
 
 def tiny_args(data_dir: str, steps: int = STEPS, extra: str = "") -> list[str]:
