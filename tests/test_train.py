@@ -355,3 +355,30 @@ def jax_key():
     import jax
 
     return jax.random.key(0)
+
+
+def test_pretrained_merge_replaces_only_a_head_of_another_size(caplog):
+    import logging
+
+    from tljax import pretrained
+
+    fresh = {"params": {"stem": {"kernel": np.zeros((3, 3, 3, 8))},
+                        "head": {"kernel": np.zeros((8, 10)), "bias": np.zeros(10)}},
+             "batch_stats": {"stem": {"mean": np.zeros(8)}}}
+    loaded = {"params": {"stem": {"kernel": np.ones((3, 3, 3, 8))},
+                         "head": {"kernel": np.ones((8, 1000)), "bias": np.ones(1000)}},
+              "batch_stats": {"stem": {"mean": np.ones(8)}}}
+    with caplog.at_level(logging.INFO, logger="tljax.pretrained"):
+        merged = pretrained.merge(fresh, loaded, "w")
+    assert merged["params"]["stem"]["kernel"].min() == 1.0
+    assert merged["params"]["head"]["kernel"].shape == (8, 10)
+    assert merged["params"]["head"]["kernel"].max() == 0.0
+    assert "1000-class head is dropped" in caplog.text
+    other = {"params": {**loaded["params"], "stem": {"kernel": np.ones((5, 5, 3, 8))}},
+             "batch_stats": loaded["batch_stats"]}
+    with pytest.raises(pretrained.InitError, match=r"params/stem/kernel: shape \(5, 5, 3, 8\)"):
+        pretrained.merge(fresh, other, "w")
+    extra = {"params": {**loaded["params"], "fc1": {"kernel": np.ones((2, 2))}},
+             "batch_stats": loaded["batch_stats"]}
+    with pytest.raises(pretrained.InitError, match=r"fc1/kernel: in the weights, not in the model"):
+        pretrained.merge(fresh, extra, "w")
