@@ -4,7 +4,8 @@ Images leave the pipeline as uint8 RGB at the model's input size; the model's ow
 (`tljax.models.preprocess`) runs on the device inside the step (`StepConfig.preprocess`), so
 four times fewer bytes cross to the device.
 
-Order and resumption. Training examples are shuffled with a seed and repeated
+Order and resumption. TensorFlow's global seed is set to the config's seed (tf.data combines it
+with each op's seed). Training examples are shuffled with a seed and repeated
 (`shuffle(seed, reshuffle_each_iteration=True).repeat()`), then numbered; the augmentation of
 example number i draws from stateless random ops seeded with `(seed, process, i)`. The stream is
 therefore a function of the seed alone, and a run restored at step s starts it with
@@ -124,6 +125,10 @@ def train_batches(src: Source, split: str, local_batch: int, size: int, seed: in
     import tensorflow as tf
     import tensorflow_datasets as tfds
 
+    # tf.data combines an op's seed with TensorFlow's global seed, which other code in the
+    # process (Keras's set_random_seed, ...) may have set: fix it, so that the order depends on
+    # `seed` alone and a resumed process sees the batches of the process it replaces.
+    tf.random.set_seed(seed)
     n = src.process_examples(split, process_count)[process_index]
     if n < local_batch:
         raise DataError(f"{src.name} [{split}] has {n} examples for this process, fewer than "
