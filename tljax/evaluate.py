@@ -75,15 +75,10 @@ def evaluate(workdir: str, checkpoint: str = "best", split: str = "",
     local = parallel.check_batch(global_batch, jax.device_count()) * jax.local_device_count()
     batches, _ = datasets.eval_batches(src, split, local, r.image_size, config.eval_crop,
                                        jax.process_index(), jax.process_count())
-    sums = None
-    for b in batches:
-        out = eval_fn(state, parallel.put_batch(b, mesh))
-        sums = out if sums is None else jax.tree.map(lambda a, b: a + b, sums, out)
-    sums = jax.tree.map(float, sums)
-    n = max(sums["count"], 1.0)
+    m = train.run_eval(eval_fn, state, batches, mesh)
     ckpts.close()
-    return {"step": int(step), "split": split, "examples": int(n), "top1": sums["top1"] / n,
-            "top5": sums["top5"] / n, "loss": sums["loss"] / n}
+    return {"step": int(step), "split": split, "examples": int(m["count"]), "top1": m["top1"],
+            "top5": m["top5"], "loss": m["loss"]}
 
 
 def main(argv=None) -> int:

@@ -84,14 +84,11 @@ def train_batches(features: np.ndarray, labels: np.ndarray, local_batch: int, se
 
 def eval_batches(features: np.ndarray, labels: np.ndarray, local_batch: int, count: int):
     """`count` batches of cached features with `mask`, padded like the image pipeline's."""
+    from tljax.datasets.pipeline import pad
+
     for k in range(count):
-        f = features[k * local_batch:(k + 1) * local_batch]
-        lb = labels[k * local_batch:(k + 1) * local_batch]
-        n = len(lb)
-        pad = local_batch - n
-        yield {"features": np.concatenate([f, np.zeros((pad,) + features.shape[1:], f.dtype)]),
-               "label": np.concatenate([lb, np.zeros((pad,), lb.dtype)]),
-               "mask": np.concatenate([np.ones((n,), np.float32), np.zeros((pad,), np.float32)])}
+        part = slice(k * local_batch, (k + 1) * local_batch)
+        yield pad({"features": features[part], "label": labels[part]}, local_batch)
 
 
 def jit_features(model: nn.Module, variables: Any, preprocess: Callable | None = None):

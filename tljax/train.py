@@ -318,7 +318,7 @@ def _train_and_evaluate(config, workdir: str, stop: _Stop, t_start: float) -> di
 
     from tljax import checkpoint, datasets, feature_cache, freeze, metrics, parallel
     from tljax import train_step as steps
-    from tljax.models import preprocessing
+    from tljax.models import preprocessing, registry
 
     workdir = os.path.abspath(workdir)
     primary = jax.process_index() == 0
@@ -355,7 +355,7 @@ def _train_and_evaluate(config, workdir: str, stop: _Stop, t_start: float) -> di
                             c.freeze if isinstance(c.freeze, str) else list(c.freeze))
     freeze.log_table(labels, variables["params"])
     tx, schedule = _optimizer(c, labels)
-    prep = preprocessing.FUNCTIONS[_spec(c.model).numerics.preprocessing]
+    prep = preprocessing.FUNCTIONS[registry.spec(c.model).numerics.preprocessing]
     step_config = steps.StepConfig(
         model=feature_cache.head_of(model) if r.cached else model, tx=tx,
         trainable=freeze.trainable(labels),
@@ -400,14 +400,8 @@ def _train_and_evaluate(config, workdir: str, stop: _Stop, t_start: float) -> di
                                          c.eval_crop, pi, pc)[0]
 
     def evaluate() -> dict:
-        sums = None
-        for b in eval_stream():
-            out = eval_fn(state, parallel.put_batch(b, mesh))
-            sums = out if sums is None else jax.tree.map(lambda a, b: a + b, sums, out)
-        sums = jax.tree.map(float, sums)
-        n = max(sums["count"], 1.0)
-        return {"eval/loss": sums["loss"] / n, "eval/top1": sums["top1"] / n,
-                "eval/top5": sums["top5"] / n}
+        m = run_eval(eval_fn, state, eval_stream(), mesh)
+        return {"eval/loss": m["loss"], "eval/top1": m["top1"], "eval/top5": m["top5"]}
 
     rng = jax.random.key(c.seed)
     bar = tqdm(total=c.steps, initial=start, desc="train", unit="step", disable=not primary,
@@ -477,10 +471,20 @@ def _best(ev: dict) -> dict:
     return {"top1": ev["eval/top1"], "top5": ev["eval/top5"], "loss": ev["eval/loss"]}
 
 
-def _spec(name):
-    from tljax.models import registry
+def run_eval(eval_fn, state, batches, mesh) -> dict:
+    """Mean loss, top-1 and top-5 (and the example count) of `eval_fn` over `batches`."""
+    import jax
 
-    return registry.spec(name)
+    from tljax import parallel
+
+    sums = None
+    for b in batches:
+        out = eval_fn(state, parallel.put_batch(b, mesh))
+        sums = out if sums is None else jax.tree.map(lambda a, b: a + b, sums, out)
+    sums = jax.tree.map(float, sums)
+    n = max(sums["count"], 1.0)
+    return {"loss": sums["loss"] / n, "top1": sums["top1"] / n, "top5": sums["top5"] / n,
+            "count": sums["count"]}
 
 
 class _timer:

@@ -174,7 +174,7 @@ def eval_batches(src: Source, split: str, local_batch: int, size: int,
     def batches():
         done = 0
         for b in _checked(tfds.as_numpy(ds), src, split):
-            yield _pad(b, local_batch)
+            yield pad(b, local_batch)
             done += 1
         empty = {"image": np.zeros((local_batch, size, size, 3), np.uint8),
                  "label": np.zeros((local_batch,), np.int32),
@@ -185,7 +185,8 @@ def eval_batches(src: Source, split: str, local_batch: int, size: int,
     return batches(), count
 
 
-def _pad(batch: dict, size: int) -> dict:
+def pad(batch: dict, size: int) -> dict:
+    """`batch` zero-padded to `size` examples, with `mask` 1 for the real ones."""
     n = len(batch["label"])
     mask = np.zeros((size,), np.float32)
     mask[:n] = 1.0
