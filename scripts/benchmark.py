@@ -73,7 +73,7 @@ def bench_model(name: str, batch: int, size: int | None, steps_n: int, classes: 
             model=module, tx=tx, trainable=freeze.trainable(labels_tree),
             frozen_bn=freeze.frozen_batchnorm(labels_tree, variables["batch_stats"]))
         step = parallel.pmap_train_step(config)
-        state = parallel.replicate(steps.create_state(variables, tx), device)
+        state = parallel.replicate(steps.create_state(variables, tx), device, config.axis_name)
         batch_d = parallel.shard({"image": np.asarray(images), "label": labels}, 1)
 
         c, t = timed(_stepper(step, state, batch_d, jax.random.key(0)), steps=steps_n)

@@ -118,3 +118,26 @@ def test_layerwise_decay_multipliers():
     assert mult["head"] == 10 and mult["block016"] == 1 and mult["block015"] == 0.5
     assert mult["stem"] == 0.5 ** 16
     assert set(jax.tree_util.tree_leaves(labels)) == set(mult)
+
+
+def test_frozen_efficientnet_blocks_drop_no_stochastic_depth():
+    """A frozen EfficientNet backbone in training mode computes its inference features: its
+    BatchNorm uses the moving statistics and its blocks skip stochastic depth."""
+    from tljax.models.layers import TrainMode
+
+    module = models.create("efficientnet_b0", num_classes=10, dropout_rate=0.0)
+    v = models.random_variables(module, 32)
+    x = jax.random.uniform(jax.random.key(1), (4, 32, 32, 3), maxval=255.0)
+    infer = module.apply(v, x)
+
+    def train(preset, seed):
+        labels = freeze.resolve(v["params"], preset)
+        mode = TrainMode(frozen_bn=freeze.frozen_batchnorm(labels, v["batch_stats"]))
+        out, _ = module.apply(v, x, train=mode, mutable=["batch_stats"],
+                              rngs={"dropout": jax.random.key(seed)})
+        return out
+
+    assert jnp.array_equal(train("backbone", 0), infer)
+    assert jnp.array_equal(train("backbone", 1), infer)
+    # Where blocks train, stochastic depth is active: two dropout keys give two outputs.
+    assert not jnp.allclose(train("top:3", 0), train("top:3", 1))

@@ -149,6 +149,30 @@ def test_frozen_batchnorm_in_training_mode_equals_inference(devices):
     assert not np.allclose(np.asarray(trained(variables, x)), np.asarray(infer))
 
 
+@pytest.mark.parametrize("form", ["pmap", "shard_map"])
+def test_second_step_compiles_nothing(devices, form):
+    """The state a step returns is laid out like the state it was given, so feeding it back
+    reuses the compiled step (a replicated state under another mesh axis name than pmap's
+    made the second call trace and compile the whole step again)."""
+    _, variables, _, tx, batches = setup()
+    step, put_state, put_batch = parallel.compile_train_step(config(False), form, devices[:2])
+    state = put_state(steps.create_state(variables, tx))
+    state, _ = step(state, put_batch(batches[0]), jax.random.key(1))
+    compiles = []
+
+    def listen(event, duration, **kwargs):
+        if event == "/jax/core/compile/backend_compile_duration":
+            compiles.append(duration)
+
+    jax.monitoring.register_event_duration_secs_listener(listen)
+    try:
+        state, metrics = step(state, put_batch(batches[1]), jax.random.key(1))
+        jax.block_until_ready(metrics)
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listen)
+    assert compiles == [], f"the second step compiled {len(compiles)} program(s)"
+
+
 def test_global_batch_not_divisible_by_devices():
     with pytest.raises(parallel.BatchSizeError, match="does not divide over 8 devices; use a "
                                                        r"multiple of 8 \(e.g. 8 or 16\)"):

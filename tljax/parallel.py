@@ -22,7 +22,8 @@ with 8 virtual devices, a one-block-per-stage ResNet at 64x64, global batch 32, 
 6 steps after compilation; `form` comparison script in the commit that set this default):
     pmap       unsynced BN: 1880 ms/step (max 7464), compile 8.0 s; synced: 1960 ms, 7.9 s
     shard_map  unsynced BN: 1750 ms/step (max 1795), compile 7.1 s; synced: 1807 ms, 7.7 s
-shard_map is ~7% faster, compiles no slower and has no outlier steps; it is also the form
+shard_map is ~7% faster and compiles no slower (pmap's 7.5 s outlier was a second compilation
+of the step, since removed: see `replicate`); it is also the form
 current JAX recommends and into which pmap itself now lowers.
 """
 
@@ -66,11 +67,15 @@ def shard(batch: dict, devices: int) -> dict:
     return jax.tree.map(split, batch)
 
 
-def replicate(tree, devices: list | None = None):
-    """Put `tree` on each local device, with the leading device axis that pmap expects."""
+def replicate(tree, devices: list | None = None, axis: str = AXIS):
+    """Put `tree` on each local device, with the leading device axis that pmap expects.
+
+    `axis` must be the pmap's `axis_name`: pmap returns its outputs sharded over a mesh axis of
+    that name, and an input laid out under another name is a different sharding, so the second
+    call (fed the first call's output) would trace and compile the step a second time."""
     devices = devices or jax.local_devices()
     # One slice per device along the leading axis (pmap's layout; PmapSharding is gone).
-    sharding = NamedSharding(Mesh(np.asarray(devices), ("devices",)), P("devices"))
+    sharding = NamedSharding(Mesh(np.asarray(devices), (axis,)), P(axis))
     return jax.tree.map(
         lambda x: jax.device_put(np.broadcast_to(np.asarray(x), (len(devices),) + np.shape(x)),
                                  sharding), tree)
@@ -136,7 +141,7 @@ def compile_train_step(config: steps.StepConfig, form: str = "shard_map",
     the functions that lay out the state and a batch for it: `(step, put_state, put_batch)`."""
     if form == "pmap":
         local = devices or jax.local_devices()
-        return (pmap_train_step(config), lambda s: replicate(s, local),
+        return (pmap_train_step(config), lambda s: replicate(s, local, config.axis_name),
                 lambda b: shard(b, len(local)))
     if form == "shard_map":
         m = mesh(devices, config.axis_name)

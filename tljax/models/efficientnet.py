@@ -139,6 +139,13 @@ class MBConv(nn.Module):
     param_dtype: Any = jnp.float32
     numerics: layers.Numerics = NUMERICS
 
+    def _frozen(self, train) -> bool:
+        """Whether every BatchNorm layer of this block is in the frozen part of the network."""
+        if not isinstance(train, layers.TrainMode):
+            return False
+        names = ("bn", "project_bn") + (("expand_bn",) if self.expand_ratio != 1 else ())
+        return all("/".join(self.path + (n,)) in train.frozen_bn for n in names)
+
     @nn.compact
     def __call__(self, inputs, train: bool = False):
         conv = functools.partial(
@@ -169,8 +176,10 @@ class MBConv(nn.Module):
             if self.drop_rate > 0:
                 # Stochastic depth as Keras applies it: Dropout(noise_shape=(None, 1, 1, 1)),
                 # i.e. drop whole samples and scale the kept ones by 1 / (1 - rate).
+                # A frozen block computes what it computes at inference (Keras's
+                # `base_model(x, training=False)`): no stochastic depth there.
                 x = nn.Dropout(self.drop_rate, broadcast_dims=(1, 2, 3), name="drop")(
-                    x, deterministic=not train
+                    x, deterministic=not train or self._frozen(train)
                 )
             x = x + inputs
         return x

@@ -51,6 +51,9 @@ class TrainMode:
       frozen_bn: module paths (`stage1/block2/bn1`) of BatchNorm layers that belong to the
         frozen part of the network: they normalise with their moving statistics, as in
         inference, and leave them unchanged (the Keras convention for `trainable=False`).
+        A block whose BatchNorm layers are all frozen also drops its stochastic depth, so a
+        frozen backbone computes exactly its inference features (Keras's
+        `base_model(x, training=False)`; the cached-feature linear probe relies on it).
       axis_name: when set, the BatchNorm layers that train compute their batch statistics
         across this named device axis (synchronised BatchNorm).
       bn_momentum: when set, replaces the family's moving-average momentum (Keras 0.99) for
