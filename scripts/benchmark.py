@@ -1,126 +1,272 @@
-"""Throughput of tljax's forward pass and fine-tuning steps (a benchmark, not a test).
+"""tljax beside its peers, same machine, same run: images/s of inference, a full fine-tune step
+and a frozen-backbone step (head only), compile time, peak memory, and MFU.
 
-For each model at its size and batch: images/s of the forward pass (inference), of a full
-fine-tune step (everything trains) and of a frozen-backbone step (only the head trains, frozen
-BatchNorm in inference mode), each the median of timed steps after compilation (min and max
-shown), the compile times, and the ratio frozen-step time / forward time (target <= 1.25).
+    python scripts/benchmark.py --quick          # ResNet50 + EfficientNet-B0, small, ~3 min
+    python scripts/benchmark.py                  # four models at their native sizes
+    python scripts/benchmark.py --models resnet50 --frameworks tljax torch --json r50.json
 
-    python scripts/benchmark.py       # ResNet50 and EfficientNet-B0, 224x224, batch 16
-    python scripts/benchmark.py --models resnet50 --steps 3 --json bench.json
+Each framework runs each model in its own process (scripts/bench/run_*.py), one after the other:
+  tljax             the library's forward pass and train step (`tljax.train_step`, jit/shard_map)
+  keras-jax         Keras 3 Applications on the JAX backend (XLA)
+  keras-tensorflow  Keras 3 on TensorFlow, `tf.function` without XLA (oneDNN kernels)
+  keras-torch       Keras 3 on PyTorch (eager)
+  torch             plain PyTorch eager, channels-last, the same architectures
+                    (scripts/bench/torch_models.py)
+  torch-compile     the same with `torch.compile` (slow to compile; not in --quick)
+Peers that are not installed are skipped and listed. Every figure is the median of --steps timed
+calls after --warmup untimed ones (the first call, compilation included, is the "first call"
+column), with min and max in the JSON. Frozen steps freeze everything but the new head, with
+frozen BatchNorm in inference mode (Keras's `trainable=False`). fp32 on CPU, bf16 on GPU/TPU
+(tljax and torch; Keras peers run on CPU only).
+
+MFU: the tljax program's FLOPs (XLA cost analysis) over the step time, divided by the matmul
+peak measured in the same run (tljax worker); the peers do the same arithmetic, so their MFU is
+tljax's FLOPs over their time. Results: the printed table, `--json PATH`, and a bar chart
+(`--plot PATH`, default benchmark.png).
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
+import os
 import platform
-import statistics
+import re
+import subprocess
+import sys
 import time
 
-import jax
-import numpy as np
-import optax
-
-from tljax import freeze, models, parallel
-from tljax import train_step as steps
-
-
-def timed(fn, *args, steps: int):
-    """Compile time, then per-step times of `steps` calls after one warm-up call."""
-    t = time.perf_counter()
-    out = fn(*args)
-    jax.block_until_ready(out)
-    compile_s = time.perf_counter() - t
-    times = []
-    for _ in range(steps):
-        t = time.perf_counter()
-        out = fn(*args)
-        jax.block_until_ready(out)
-        times.append(time.perf_counter() - t)
-    return compile_s, times
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+KINDS = ("inference", "full_step", "frozen_step")
+MODELS = {"resnet50": 224, "efficientnet_b0": 224, "inception_v3": 299, "vgg19": 224}
+FRAMEWORKS = ("tljax", "keras-jax", "keras-tensorflow", "keras-torch", "torch", "torch-compile")
+QUICK = dict(models=["resnet50", "efficientnet_b0"], frameworks=["tljax", "keras-jax", "torch"],
+             size=112, steps=2, warmup=1)
 
 
-def _stepper(step, state, batch, key):
-    """A no-argument call that advances `state` by one step (the state is donated)."""
-    holder = [state]
-
-    def once():
-        holder[0], metrics = step(holder[0], batch, key)
-        return metrics
-
-    return once
+def installed(framework: str) -> str | None:
+    """None when `framework` can run here, else why not."""
+    need = {"tljax": ["jax"], "keras-jax": ["keras", "jax"],
+            "keras-tensorflow": ["keras", "tensorflow"], "keras-torch": ["keras", "torch"],
+            "torch": ["torch"], "torch-compile": ["torch"]}[framework]
+    missing = [m for m in need if importlib.util.find_spec(m) is None]
+    return f"not installed: {', '.join(missing)}" if missing else None
 
 
-def bench_model(name: str, batch: int, size: int | None, steps_n: int, classes: int):
-    spec = models.spec(name)
-    size = size or spec.default_size
-    module = models.create(name, num_classes=classes)
-    variables = models.random_variables(module, size)
-    rng = np.random.default_rng(0)
-    images = models.preprocess(name, rng.integers(0, 256, (batch, size, size, 3), np.uint8))
-    labels = rng.integers(0, classes, batch).astype(np.int32)
-    result = {"model": name, "batch": batch, "size": size}
+def command(framework: str, model: str, args, size: int) -> list[str]:
+    common = ["--model", model, "--batch", str(args.batch), "--size", str(size),
+              "--steps", str(args.steps), "--warmup", str(args.warmup),
+              "--classes", str(args.classes), "--kinds", ",".join(args.kinds)]
+    if framework == "tljax":
+        return [sys.executable, os.path.join(HERE, "bench", "run_tljax.py")] + common
+    if framework.startswith("keras-"):
+        return [sys.executable, os.path.join(HERE, "bench", "run_keras.py"),
+                "--backend", framework.split("-", 1)[1]] + common
+    extra = ["--compile"] if framework == "torch-compile" else []
+    return [sys.executable, os.path.join(HERE, "bench", "run_torch.py")] + common + extra
 
-    forward = jax.jit(lambda v, x: module.apply(v, x, train=False))
-    c, t = timed(forward, variables, images, steps=steps_n)
-    result["forward"] = {"compile_s": c, "times": t}
 
-    device = jax.devices()[:1]
-    for kind, preset in (("full_step", "none"), ("frozen_step", "backbone")):
-        labels_tree = freeze.resolve(variables["params"], preset)
-        tx = steps.optimizer(labels_tree, lambda lr: optax.sgd(lr, momentum=0.9), 0.01)
-        config = steps.StepConfig(
-            model=module, tx=tx, trainable=freeze.trainable(labels_tree),
-            frozen_bn=freeze.frozen_batchnorm(labels_tree, variables["batch_stats"]))
-        step = parallel.pmap_train_step(config)
-        state = parallel.replicate(steps.create_state(variables, tx), device, config.axis_name)
-        batch_d = parallel.shard({"image": np.asarray(images), "label": labels}, 1)
+def worker_env() -> dict:
+    env = dict(os.environ)
+    # One device per process: an inherited request for 8 virtual CPU devices (the tests') would
+    # split the cores' thread pool and is not what a user's run sees.
+    flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "", env.get("XLA_FLAGS", ""))
+    env["XLA_FLAGS"] = flags.strip()
+    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    return env
 
-        c, t = timed(_stepper(step, state, batch_d, jax.random.key(0)), steps=steps_n)
-        result[kind] = {"compile_s": c, "times": t}
-    for kind in ("forward", "full_step", "frozen_step"):
-        t = result[kind]["times"]
-        result[kind].update(median_s=statistics.median(t), min_s=min(t), max_s=max(t),
-                            images_per_s=batch / statistics.median(t))
-    result["frozen_over_forward"] = (result["frozen_step"]["median_s"]
-                                     / result["forward"]["median_s"])
+
+def run_worker(framework: str, model: str, args, size: int) -> dict:
+    t = time.time()
+    try:
+        out = subprocess.run(command(framework, model, args, size), capture_output=True,
+                             text=True, env=worker_env(), timeout=args.timeout)
+    except subprocess.TimeoutExpired:
+        return {"framework": framework, "model": model,
+                "skipped": f"no result within --timeout {args.timeout} s"}
+    lines = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")]
+    if out.returncode != 0 or not lines:
+        tail = (out.stderr or out.stdout).strip().splitlines()[-3:]
+        return {"framework": framework, "model": model,
+                "skipped": f"failed (status {out.returncode}): " + " | ".join(tail)}
+    result = json.loads(lines[-1][len("RESULT "):])
+    result["process_s"] = round(time.time() - t, 1)
     return result
 
 
-def print_table(results):
-    print(f"\n{'model':<16} {'what':<12} {'img/s':>8} {'median s':>9} {'min s':>7} "
-          f"{'max s':>7} {'compile s':>9}")
+def img_s(r: dict, kind: str) -> float | None:
+    k = r.get(kind)
+    return r["batch"] / k["median_s"] if k else None
+
+
+def add_derived(results: list[dict]) -> None:
+    """images/s, and MFU from the tljax worker's FLOPs and matmul peak for the same model."""
     for r in results:
-        for kind in ("forward", "full_step", "frozen_step"):
-            k = r[kind]
-            print(f"{r['model']:<16} {kind:<12} {k['images_per_s']:>8.1f} {k['median_s']:>9.3f} "
-                  f"{k['min_s']:>7.3f} {k['max_s']:>7.3f} {k['compile_s']:>9.1f}")
-        ok = "meets" if r["frozen_over_forward"] <= 1.25 else "MISSES"
-        print(f"{r['model']:<16} frozen-step time / forward time = "
-              f"{r['frozen_over_forward']:.2f} ({ok} the 1.25 target)")
+        if "skipped" in r:
+            continue
+        ref = next((t for t in results if t["framework"] == "tljax"
+                    and t["model"] == r["model"] and "skipped" not in t), None)
+        for kind in KINDS:
+            if kind not in r:
+                continue
+            r[kind]["images_per_s"] = img_s(r, kind)
+            if ref and kind in ref and ref[kind].get("flops") and ref.get("peak_flops"):
+                r[kind]["mfu"] = ref[kind]["flops"] / r[kind]["median_s"] / ref["peak_flops"]
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", nargs="+", default=["resnet50", "efficientnet_b0"])
-    parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--size", type=int, default=None, help="default: the model's own")
-    parser.add_argument("--steps", type=int, default=5, help="timed steps per figure")
-    parser.add_argument("--classes", type=int, default=10, help="classes of the new head")
-    parser.add_argument("--json", help="also write the results to this JSON file")
-    args = parser.parse_args(argv)
-    print(f"jax {jax.__version__} on {jax.devices()[0].platform} "
-          f"({platform.processor() or platform.machine()}, {jax.device_count()} device(s))")
+def print_table(results: list[dict], frameworks: list[str]) -> None:
+    ran = [f for f in frameworks if any(r["framework"] == f and "skipped" not in r
+                                        for r in results)]
+    peers = [f for f in ran if f != "tljax"]
+    targets = [p for p in ("torch", "keras-jax") if p in peers]
+    w = {f: max(8, len(f) + 2) for f in ran}
+    models = list(dict.fromkeys(r["model"] for r in results))
+    table = {(r["model"], r["framework"]): r for r in results if "skipped" not in r}
+
+    def cell(model, f, kind, fmt):
+        k = table.get((model, f), {}).get(kind)
+        return (fmt(k, table[(model, f)]) if k else "-").rjust(w[f])
+
+    print("\nimages/s (median of timed calls); ratios: tljax / peer")
+    print(f"{'model':<16}{'kind':<12}" + "".join(f.rjust(w[f]) for f in ran)
+          + ("  " + "fastest peer".ljust(17) + "tljax/fastest" if peers else "")
+          + "".join(f"  tljax/{p}" for p in targets))
+    for model in models:
+        for kind in KINDS:
+            line = f"{model:<16}{kind:<12}" + "".join(
+                cell(model, f, kind, lambda k, r: f"{k['images_per_s']:.2f}") for f in ran)
+            ips = {f: table[(model, f)][kind]["images_per_s"] for f in ran
+                   if kind in table.get((model, f), {})}
+            t = ips.get("tljax")
+            if t and peers:
+                best = max((p for p in peers if p in ips), key=ips.get, default=None)
+                line += ("  " + (best or "-").ljust(17)
+                         + (f"{t / ips[best]:.2f}x" if best else "-").rjust(13))
+                for p in targets:
+                    line += (f"{t / ips[p]:.2f}x" if p in ips else "-").rjust(len(p) + 8)
+            print(line)
+    print("\nfirst call s (compilation included)")
+    print(f"{'model':<16}{'kind':<12}" + "".join(f.rjust(w[f]) for f in ran))
+    for model in models:
+        for kind in KINDS:
+            print(f"{model:<16}{kind:<12}" + "".join(
+                cell(model, f, kind, lambda k, r: f"{k['first_call_s']:.1f}") for f in ran))
+    print("\npeak memory MB (CPU: the worker process's peak RSS over all its measurements; "
+          "accelerators: device peak)")
+    for model in models:
+        print(f"{model:<28}" + "".join(
+            cell(model, f, KINDS[-1], lambda k, r: f"{k['peak_memory_mb']:.0f}") for f in ran))
+    print("\ntljax details")
+    for model in models:
+        r = table.get((model, "tljax"))
+        if not r:
+            continue
+        parts = [f"{kind} {r[kind]['flops'] / 1e9:.1f} GFLOP, MFU {100 * r[kind]['mfu']:.1f}%, "
+                 f"XLA memory {r[kind]['xla_memory_mb']:.0f} MB"
+                 for kind in KINDS if "mfu" in r.get(kind, {})]
+        print(f"{model:<16}matmul peak {r['peak_flops'] / 1e9:.0f} GFLOP/s")
+        for part in parts:
+            print(f"{'':<16}{part}")
+        if "inference" in r and "frozen_step" in r:
+            ratio = r["frozen_step"]["median_s"] / r["inference"]["median_s"]
+            print(f"{'':<16}frozen-step time / inference time = {ratio:.2f} "
+                  f"({'meets' if ratio <= 1.25 else 'MISSES'} the 1.25 target)")
+        if model == "resnet50" and "full_step" in r:
+            c = r["full_step"]["compile_s"]
+            print(f"{'':<16}full-step compile (trace + XLA) {c:.1f} s "
+                  f"({'meets' if c <= 10 else 'MISSES'} the 10 s target)")
+    for r in results:
+        if "skipped" in r:
+            print(f"skipped {r['framework']} {r['model']}: {r['skipped']}")
+
+
+def plot(results: list[dict], frameworks: list[str], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = list(dict.fromkeys(r["model"] for r in results))
+    ran = [f for f in frameworks if any(r["framework"] == f and "skipped" not in r
+                                        for r in results)]
+    fig, axes = plt.subplots(1, len(models), figsize=(5 * len(models), 4), squeeze=False)
+    for ax, model in zip(axes[0], models):
+        rows = {r["framework"]: r for r in results if r["model"] == model and "skipped" not in r}
+        w = 0.8 / max(1, len(ran))
+        for i, f in enumerate(ran):
+            ys = [rows[f][k]["images_per_s"] if f in rows and k in rows[f] else 0 for k in KINDS]
+            ax.bar([j + i * w for j in range(len(KINDS))], ys, w, label=f)
+        ax.set_xticks([j + w * (len(ran) - 1) / 2 for j in range(len(KINDS))], KINDS)
+        ax.set_yscale("log")
+        ax.set_title(model)
+        ax.set_ylabel("images/s (log)")
+    axes[0][0].legend(fontsize=8)
+    fig.suptitle(f"{platform.node() or 'this machine'}: {os.cpu_count()} CPU cores")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true",
+                   help=f"{', '.join(QUICK['models'])} at {QUICK['size']}x{QUICK['size']} with "
+                   f"{', '.join(QUICK['frameworks'])}, {QUICK['steps']} timed steps (the "
+                   "targets' peers; about 3 minutes on 2 CPU cores)")
+    p.add_argument("--models", nargs="+", choices=sorted(MODELS))
+    p.add_argument("--frameworks", nargs="+", choices=FRAMEWORKS)
+    p.add_argument("--kinds", nargs="+", choices=KINDS, default=list(KINDS))
+    p.add_argument("--batch", type=int, default=0, help="0: 16 on CPU, 256 on an accelerator")
+    p.add_argument("--size", type=int, default=0, help="0: each model's native size")
+    p.add_argument("--steps", type=int, default=0, help="timed calls per figure (0: 5)")
+    p.add_argument("--warmup", type=int, default=0, help="untimed calls first (0: 2)")
+    p.add_argument("--classes", type=int, default=10, help="classes of the new head")
+    p.add_argument("--timeout", type=int, default=1800, help="seconds per worker process")
+    p.add_argument("--json", help="write every figure to this JSON file")
+    p.add_argument("--plot", default="benchmark.png", help="bar chart PNG ('' for none)")
+    args = p.parse_args(argv)
+    q = QUICK if args.quick else {}
+    args.models = args.models or q.get("models") or list(MODELS)
+    frameworks = args.frameworks or q.get("frameworks") or list(FRAMEWORKS)
+    args.steps = args.steps or q.get("steps", 5)
+    args.warmup = args.warmup or q.get("warmup", 2)
+    accel = subprocess.run([sys.executable, "-c", "import jax; print(jax.default_backend())"],
+                           capture_output=True, text=True, env=worker_env()).stdout.strip()
+    args.batch = args.batch or (16 if accel in ("cpu", "") else 256)
+    print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, "
+          f"JAX backend {accel or '?'}; batch {args.batch}, {args.steps} timed calls after "
+          f"{args.warmup} untimed", flush=True)
     results = []
-    for name in args.models:
-        print(f"benchmarking {name} ...", flush=True)
-        results.append(bench_model(name, args.batch, args.size, args.steps, args.classes))
-    print_table(results)
+    t0 = time.time()
+    for model in args.models:
+        size = args.size or q.get("size") or MODELS[model]
+        for f in frameworks:
+            why = installed(f)
+            if why is None and accel not in ("cpu", "") and f.startswith("keras"):
+                why = "Keras peers are run on CPU machines only"
+            if why:
+                results.append({"framework": f, "model": model, "skipped": why})
+                continue
+            print(f"  {model} {size}x{size} on {f} ...", end=" ", flush=True)
+            r = run_worker(f, model, args, size)
+            print(r.get("skipped") or f"{r['process_s']} s", flush=True)
+            results.append(r)
+    add_derived(results)
+    print_table(results, frameworks)
+    print(f"\nwhole benchmark: {(time.time() - t0) / 60:.1f} min")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"jax": jax.__version__, "results": results}, f, indent=2)
+            json.dump({"batch": args.batch, "cpu_cores": os.cpu_count(), "backend": accel,
+                       "command": " ".join(sys.argv), "results": results}, f, indent=2)
+    if args.plot:
+        plot(results, frameworks, args.plot)
+        print(f"plot: {os.path.abspath(args.plot)}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -57,7 +57,8 @@ def main(argv=None) -> int:
     cores = os.cpu_count()
     rows = []
     for name, config in (("pretrained (ImageNet)", args.config),
-                         ("scratch", args.config + ":init=scratch")):
+                         ("scratch", args.config + (",init=scratch" if ":" in args.config
+                                                    else ":init=scratch"))):
         print(f"running {name}: python -m tljax.train --config={config} ...", flush=True)
         s = run(config, os.path.join(args.out, "scratch" if "scratch" in config
                                      else "pretrained"), args.warm)

@@ -1,0 +1,110 @@
+"""Benchmark worker: tljax, the way the training program runs it: the forward pass under
+`jax.jit`, the train step of `tljax.train_step` compiled by `parallel.compile_train_step` (the
+default shard_map form, state donated) on one device, freezing from `tljax.freeze` presets
+(`none`: full fine-tune, `backbone`: head only). bfloat16 computation on accelerators.
+
+Also reported: FLOPs of each compiled program (XLA's cost analysis), its memory (arguments +
+outputs + temporaries - donated, from XLA's memory analysis), and the device's measured matmul
+peak (a large matmul timed in the same process), from which the driver computes MFU."""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import common  # noqa: E402
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
+
+from tljax import freeze, models, parallel  # noqa: E402
+from tljax import train_step as steps  # noqa: E402
+
+
+def matmul_peak(dtype) -> float:
+    """FLOP/s of the best of a few square matmuls on the default device."""
+    n = 2048 if jax.default_backend() == "cpu" else 8192
+    a = jnp.ones((n, n), dtype)
+    f = jax.jit(lambda a: a @ a)
+    f(a).block_until_ready()
+    best = float("inf")
+    for _ in range(5):
+        t = time.perf_counter()
+        f(a).block_until_ready()
+        best = min(best, time.perf_counter() - t)
+    return 2 * n**3 / best
+
+
+def analysis(compile_fn) -> dict:
+    """Trace+compile time, FLOPs and memory of the program `compile_fn()` builds (the same the
+    first call then finds in JAX's cache)."""
+    t = time.perf_counter()
+    compiled = compile_fn()
+    out = {"compile_s": time.perf_counter() - t}
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    if cost and "flops" in cost:
+        out["flops"] = float(cost["flops"])
+    mem = compiled.memory_analysis()
+    if mem is not None:
+        out["xla_memory_mb"] = (mem.argument_size_in_bytes + mem.output_size_in_bytes
+                                + mem.temp_size_in_bytes - mem.alias_size_in_bytes) / 2**20
+    return out
+
+
+def main() -> None:
+    args = common.parser(__doc__).parse_args()
+    accel = jax.default_backend() != "cpu"
+    dtype = jnp.bfloat16 if accel else jnp.float32
+    device = jax.devices()[0]
+    module = models.create(args.model, num_classes=args.classes, dtype=dtype)
+    variables = models.random_variables(module, args.size)
+    rng = np.random.default_rng(0)
+    images = rng.uniform(0, 255, (args.batch, args.size, args.size, 3)).astype(np.float32)
+    labels = rng.integers(0, args.classes, args.batch).astype(np.int32)
+    result = {"framework": "tljax", "model": args.model, "batch": args.batch, "size": args.size,
+              "device": device.device_kind, "version": jax.__version__,
+              "dtype": jnp.dtype(dtype).name, "peak_flops": matmul_peak(dtype)}
+
+    def sync(out):
+        return jax.block_until_ready(out)
+
+    for kind in args.kinds.split(","):
+        if kind == "inference":
+            fn_ = jax.jit(lambda v, x: module.apply(v, x, train=False))
+            v, x = jax.device_put((variables, images), device)
+            info = analysis(lambda: fn_.lower(v, x).compile())
+
+            def fn(fn_=fn_, v=v, x=x):
+                return fn_(v, x)
+        else:
+            labels_tree = freeze.resolve(variables["params"],
+                                         "none" if kind == "full_step" else "backbone")
+            tx = steps.optimizer(labels_tree, lambda lr: optax.sgd(lr, momentum=0.9), 0.01)
+            config = steps.StepConfig(
+                model=module, tx=tx, trainable=freeze.trainable(labels_tree),
+                frozen_bn=freeze.frozen_batchnorm(labels_tree, variables["batch_stats"]))
+            step, put_state, put_batch = parallel.compile_train_step(config, devices=[device])
+            holder = [put_state(steps.create_state(variables, tx))]
+            batch = put_batch({"image": images, "label": labels})
+            key = jax.random.key(0)
+            info = analysis(lambda: step.lower(holder[0], batch, key).compile())
+
+            def fn(step=step, holder=holder, batch=batch, key=key):
+                holder[0], metrics = step(holder[0], batch, key)
+                return metrics
+        result[kind] = common.measure(fn, sync, args.steps, args.warmup)
+        result[kind].update(info, peak_memory_mb=common.peak_rss_mb())
+        # Compiled ahead of the first call (for the analyses): count it in, like the peers'.
+        result[kind]["first_call_s"] += info["compile_s"]
+        if accel and hasattr(device, "memory_stats") and device.memory_stats():
+            result[kind]["peak_memory_mb"] = device.memory_stats()["peak_bytes_in_use"] / 2**20
+    common.emit(result)
+
+
+if __name__ == "__main__":
+    main()
