@@ -36,7 +36,7 @@ def measure(fn: Callable[[], object], sync: Callable[[object], object], steps: i
             warmup: int) -> dict:
     """`fn()` timed: the first call (compilation included), then `steps` calls after `warmup`."""
     times = []
-    for i in range(max(1, warmup) + steps):
+    for _ in range(max(1, warmup) + steps):
         t = time.perf_counter()
         sync(fn())
         times.append(time.perf_counter() - t)

@@ -40,18 +40,20 @@ def main() -> None:
     def sync(out):  # predict_on_batch and train_on_batch return host values: already synced
         return out
 
+    keras.utils.set_random_seed(0)
+    model = getattr(keras.applications, APPS[args.model])(
+        weights=None, classes=args.classes, classifier_activation=None,
+        input_shape=(args.size, args.size, 3))
+    # One model for the three measurements (building a Keras application takes seconds):
+    # inference first, then the full step, then the frozen step (`compile` again after
+    # changing `trainable`, as Keras requires).
     for kind in args.kinds.split(","):
-        keras.utils.set_random_seed(0)
-        model = getattr(keras.applications, APPS[args.model])(
-            weights=None, classes=args.classes, classifier_activation=None,
-            input_shape=(args.size, args.size, 3))
         if kind == "inference":
             def fn():
                 return model.predict_on_batch(x)
         else:
-            if kind == "frozen_step":  # everything but the new head ("predictions")
-                for layer in model.layers[:-1]:
-                    layer.trainable = False
+            for layer in model.layers[:-1]:  # the frozen step: everything but the head
+                layer.trainable = kind == "full_step"
             model.compile(optimizer=keras.optimizers.SGD(0.01, momentum=0.9),
                           loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
                           jit_compile=args.backend == "jax")

@@ -56,6 +56,30 @@ def analysis(compile_fn) -> dict:
     return out
 
 
+def program(kind: str, module, variables, images, labels, device):
+    """A no-argument call running `kind` once, and `analysis` of its compiled program."""
+    if kind == "inference":
+        forward = jax.jit(lambda v, x: module.apply(v, x, train=False))
+        v, x = jax.device_put((variables, images), device)
+        return (lambda: forward(v, x)), analysis(lambda: forward.lower(v, x).compile())
+    labels_tree = freeze.resolve(variables["params"], "none" if kind == "full_step" else "backbone")
+    tx = steps.optimizer(labels_tree, lambda lr: optax.sgd(lr, momentum=0.9), 0.01)
+    config = steps.StepConfig(
+        model=module, tx=tx, trainable=freeze.trainable(labels_tree),
+        frozen_bn=freeze.frozen_batchnorm(labels_tree, variables["batch_stats"]))
+    step, put_state, put_batch = parallel.compile_train_step(config, devices=[device])
+    holder = [put_state(steps.create_state(variables, tx))]  # donated, replaced each call
+    batch = put_batch({"image": images, "label": labels})
+    key = jax.random.key(0)
+    info = analysis(lambda: step.lower(holder[0], batch, key).compile())
+
+    def once():
+        holder[0], metrics = step(holder[0], batch, key)
+        return metrics
+
+    return once, info
+
+
 def main() -> None:
     args = common.parser(__doc__).parse_args()
     accel = jax.default_backend() != "cpu"
@@ -74,29 +98,7 @@ def main() -> None:
         return jax.block_until_ready(out)
 
     for kind in args.kinds.split(","):
-        if kind == "inference":
-            fn_ = jax.jit(lambda v, x: module.apply(v, x, train=False))
-            v, x = jax.device_put((variables, images), device)
-            info = analysis(lambda: fn_.lower(v, x).compile())
-
-            def fn(fn_=fn_, v=v, x=x):
-                return fn_(v, x)
-        else:
-            labels_tree = freeze.resolve(variables["params"],
-                                         "none" if kind == "full_step" else "backbone")
-            tx = steps.optimizer(labels_tree, lambda lr: optax.sgd(lr, momentum=0.9), 0.01)
-            config = steps.StepConfig(
-                model=module, tx=tx, trainable=freeze.trainable(labels_tree),
-                frozen_bn=freeze.frozen_batchnorm(labels_tree, variables["batch_stats"]))
-            step, put_state, put_batch = parallel.compile_train_step(config, devices=[device])
-            holder = [put_state(steps.create_state(variables, tx))]
-            batch = put_batch({"image": images, "label": labels})
-            key = jax.random.key(0)
-            info = analysis(lambda: step.lower(holder[0], batch, key).compile())
-
-            def fn(step=step, holder=holder, batch=batch, key=key):
-                holder[0], metrics = step(holder[0], batch, key)
-                return metrics
+        fn, info = program(kind, module, variables, images, labels, device)
         result[kind] = common.measure(fn, sync, args.steps, args.warmup)
         result[kind].update(info, peak_memory_mb=common.peak_rss_mb())
         # Compiled ahead of the first call (for the analyses): count it in, like the peers'.

@@ -15,6 +15,41 @@ import torch  # noqa: E402
 import torch_models  # noqa: E402
 
 
+def program(kind: str, args, x, y, device, cuda: bool):
+    """A no-argument call running `kind` once on a freshly built model."""
+    torch.manual_seed(0)
+    model = torch_models.create(args.model, args.classes, args.size).to(device)
+    model = model.to(memory_format=torch.channels_last)
+    run = torch.compile(model) if args.compile else model
+    autocast = torch.autocast("cuda", torch.bfloat16, enabled=cuda)
+    if kind == "inference":
+        model.eval()
+
+        def infer():
+            with torch.inference_mode(), autocast:
+                return run(x)
+
+        return infer
+    model.train()
+    if kind == "frozen_step":
+        for m in torch_models.backbone(model):
+            m.eval()
+            m.requires_grad_(False)
+    opt = torch.optim.SGD([q for q in model.parameters() if q.requires_grad], lr=0.01,
+                          momentum=0.9)
+    loss_fn = torch.nn.CrossEntropyLoss()
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        with autocast:
+            loss = loss_fn(run(x), y)
+        loss.backward()
+        opt.step()
+        return loss
+
+    return step
+
+
 def main() -> None:
     p = common.parser(__doc__)
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
@@ -41,36 +76,9 @@ def main() -> None:
               "device": torch.cuda.get_device_name() if cuda else "cpu",
               "version": torch.__version__, "dtype": str(dtype).replace("torch.", "")}
     for kind in args.kinds.split(","):
-        torch.manual_seed(0)
-        model = torch_models.create(args.model, args.classes, args.size).to(device)
-        model = model.to(memory_format=torch.channels_last)
-        run = torch.compile(model) if args.compile else model
         if cuda:
             torch.cuda.reset_peak_memory_stats()
-        autocast = torch.autocast("cuda", torch.bfloat16, enabled=cuda)
-        if kind == "inference":
-            model.eval()
-
-            def fn():
-                with torch.inference_mode(), autocast:
-                    return run(x)
-        else:
-            model.train()
-            if kind == "frozen_step":
-                for m in torch_models.backbone(model):
-                    m.eval()
-                    m.requires_grad_(False)
-            params = [q for q in model.parameters() if q.requires_grad]
-            opt = torch.optim.SGD(params, lr=0.01, momentum=0.9)
-            loss_fn = torch.nn.CrossEntropyLoss()
-
-            def fn():
-                opt.zero_grad(set_to_none=True)
-                with autocast:
-                    loss = loss_fn(run(x), y)
-                loss.backward()
-                opt.step()
-                return loss
+        fn = program(kind, args, x, y, device, cuda)
         result[kind] = common.measure(fn, sync, args.steps, args.warmup)
         result[kind]["peak_memory_mb"] = (torch.cuda.max_memory_allocated() / 2**20 if cuda
                                           else common.peak_rss_mb())

@@ -2,9 +2,9 @@
 Applications builds them (so that every framework in the benchmark does the same arithmetic):
 ResNet50 v1 with biased convolutions and the stride on each block's first 1x1 convolution,
 EfficientNet's TF 'SAME' padding (asymmetric for stride 2), VGG19 with its fc1/fc2 top. Each
-with a new head of `num_classes` logits, as `keras.applications.X(classes=N)` builds it. Written for channels-last eager execution; no weights are loaded.
-
-`backbone(model)` / `head(model)` split the parameters for the frozen-backbone step.
+has a new head of `num_classes` logits, as `keras.applications.X(classes=N)` builds it. Written
+for channels-last eager execution; no weights are loaded. `backbone(model)` lists the modules
+the frozen-backbone step freezes.
 """
 
 from __future__ import annotations
@@ -132,8 +132,9 @@ class VGG19(nn.Module):
                 cin = width
             layers.append(nn.MaxPool2d(2, 2))
         self.features = nn.Sequential(*layers)
-        self.top = nn.Sequential(nn.Flatten(), nn.Linear(512 * (size // 32) ** 2, 4096), nn.ReLU(inplace=True),
-                                 nn.Linear(4096, 4096), nn.ReLU(inplace=True))
+        self.top = nn.Sequential(nn.Flatten(), nn.Linear(512 * (size // 32) ** 2, 4096),
+                                 nn.ReLU(inplace=True), nn.Linear(4096, 4096),
+                                 nn.ReLU(inplace=True))
         self.head = nn.Linear(4096, num_classes)
 
     def forward(self, x):

@@ -148,9 +148,8 @@ class MBConv(nn.Module):
 
     @nn.compact
     def __call__(self, inputs, train: bool = False):
-        conv = functools.partial(
-            nn.Conv, padding="SAME", use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype
-        )
+        conv = functools.partial(layers.Conv, padding="SAME", use_bias=False, dtype=self.dtype,
+                                 param_dtype=self.param_dtype)
         norm = functools.partial(
             layers.batch_norm, self.numerics, train, self.dtype, self.param_dtype
         )
@@ -166,7 +165,7 @@ class MBConv(nn.Module):
             filters_se = max(1, int(self.filters_in * self.se_ratio))
             se = jnp.mean(x, axis=(1, 2), keepdims=True)
             dense = functools.partial(
-                nn.Conv, kernel_size=(1, 1), dtype=self.dtype, param_dtype=self.param_dtype
+                layers.Conv, kernel_size=(1, 1), dtype=self.dtype, param_dtype=self.param_dtype
             )
             se = act(dense(filters_se, name="se_reduce")(se))
             se = nn.sigmoid(dense(filters, name="se_expand")(se))
@@ -202,7 +201,7 @@ class ConvBNAct(nn.Module):
     def __call__(self, x, train: bool = False):
         if self.normalize:
             x = Normalization(name="normalization")(x)
-        x = nn.Conv(
+        x = layers.Conv(
             self.features, (self.kernel, self.kernel), strides=(self.stride, self.stride),
             padding="SAME", use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype,
             name="conv",

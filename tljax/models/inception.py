@@ -41,7 +41,7 @@ class ConvBN(nn.Module):
 
     @nn.compact
     def __call__(self, x, train: bool = False):
-        x = nn.Conv(
+        x = layers.Conv(
             self.features, self.kernel, strides=self.strides, padding=self.padding,
             use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype, name="conv",
         )(x)

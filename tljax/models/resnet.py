@@ -49,7 +49,7 @@ class BottleneckV1(nn.Module):
 
     @nn.compact
     def __call__(self, x, train: bool = False):
-        conv = functools.partial(nn.Conv, dtype=self.dtype, param_dtype=self.param_dtype)
+        conv = functools.partial(layers.Conv, dtype=self.dtype, param_dtype=self.param_dtype)
         norm = functools.partial(
             layers.batch_norm, NUMERICS_V1, train, self.dtype, self.param_dtype
         )
@@ -77,7 +77,7 @@ class BottleneckV2(nn.Module):
 
     @nn.compact
     def __call__(self, x, train: bool = False):
-        conv = functools.partial(nn.Conv, dtype=self.dtype, param_dtype=self.param_dtype)
+        conv = functools.partial(layers.Conv, dtype=self.dtype, param_dtype=self.param_dtype)
         norm = functools.partial(
             layers.batch_norm, NUMERICS_V2, train, self.dtype, self.param_dtype
         )
@@ -109,7 +109,7 @@ class Stem(nn.Module):
 
     @nn.compact
     def __call__(self, x, train: bool = False):
-        x = nn.Conv(
+        x = layers.Conv(
             64, (7, 7), strides=(2, 2), padding=((3, 3), (3, 3)), dtype=self.dtype,
             param_dtype=self.param_dtype, name="conv",
         )(x)
