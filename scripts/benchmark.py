@@ -39,7 +39,9 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
-KINDS = ("inference", "full_step", "frozen_step")
+sys.path.insert(0, os.path.join(HERE, "bench"))
+from common import KINDS  # noqa: E402  (the workers' measurements, in their order)
+
 MODELS = {"resnet50": 224, "efficientnet_b0": 224, "inception_v3": 299, "vgg19": 224}
 FRAMEWORKS = ("tljax", "keras-jax", "keras-tensorflow", "keras-torch", "torch", "torch-compile")
 # --quick: the two target models against PyTorch eager, at 112x112, within ~3 minutes on 2 CPU

@@ -177,7 +177,7 @@ class Conv(nn.Conv):
                     or (not isinstance(self.padding, (str, int))
                         and all(tuple(p) == (0, 0) for p in self.padding)))
         if (tuple(ks) != (1, 1) or inputs.ndim != 4 or self.feature_group_count != 1
-                or not zero_pad or self.input_dilation not in (None, 1)
+                or not zero_pad or self.input_dilation not in (None, 1) or self.mask is not None
                 or not pointwise_as_dot()):
             return super().__call__(inputs)
         import jax
