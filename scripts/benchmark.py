@@ -21,8 +21,11 @@ frozen BatchNorm in inference mode (Keras's `trainable=False`). fp32 on CPU, bf1
 
 MFU: the tljax program's FLOPs (XLA cost analysis) over the step time, divided by the matmul
 peak measured in the same run (tljax worker); the peers do the same arithmetic, so their MFU is
-tljax's FLOPs over their time. Results: the printed table, `--json PATH`, and a bar chart
-(`--plot PATH`, default benchmark.png).
+tljax's FLOPs over their time. The tljax details also give each program's roofline floor: the
+larger of its FLOPs at the matmul peak and XLA's count of bytes accessed at the measured copy
+bandwidth (a program far above the floor on both is bound by neither, e.g. launch overheads).
+Results: the printed table, `--json PATH`, and a bar chart (`--plot PATH`, default
+benchmark.png).
 """
 
 from __future__ import annotations
@@ -40,7 +43,7 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, os.path.join(HERE, "bench"))
-from common import KINDS  # noqa: E402  (the workers' measurements, in their order)
+from common import DTYPES, KINDS  # noqa: E402  (the workers' options and measurements)
 
 MODELS = {"resnet50": 224, "efficientnet_b0": 224, "inception_v3": 299, "vgg19": 224}
 FRAMEWORKS = ("tljax", "keras-jax", "keras-tensorflow", "keras-torch", "torch", "torch-compile")
@@ -63,7 +66,8 @@ def installed(framework: str) -> str | None:
 def command(framework: str, model: str, args, size: int) -> list[str]:
     common = ["--model", model, "--batch", str(args.batch), "--size", str(size),
               "--steps", str(args.steps), "--warmup", str(args.warmup),
-              "--classes", str(args.classes), "--kinds", ",".join(args.kinds)]
+              "--classes", str(args.classes), "--kinds", ",".join(args.kinds),
+              "--dtype", args.dtype]
     if framework == "tljax":
         return [sys.executable, os.path.join(HERE, "bench", "run_tljax.py")] + common
     if framework.startswith("keras-"):
@@ -92,6 +96,10 @@ def run_worker(framework: str, model: str, args, size: int) -> dict:
     except subprocess.TimeoutExpired:
         return {"framework": framework, "model": model,
                 "skipped": f"no result within --timeout {args.timeout} s"}
+    if args.logs:
+        os.makedirs(args.logs, exist_ok=True)
+        with open(os.path.join(args.logs, f"{framework}_{model}.log"), "w") as f:
+            f.write(out.stdout + "\n--- stderr ---\n" + out.stderr)
     lines = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")]
     if out.returncode != 0 or not lines:
         tail = (out.stderr or out.stdout).strip().splitlines()[-3:]
@@ -169,12 +177,24 @@ def print_table(results: list[dict], frameworks: list[str]) -> None:
         r = table.get((model, "tljax"))
         if not r:
             continue
-        parts = [f"{kind} {r[kind]['flops'] / 1e9:.1f} GFLOP, MFU {100 * r[kind]['mfu']:.1f}%, "
-                 f"XLA memory {r[kind]['xla_memory_mb']:.0f} MB"
-                 for kind in KINDS if "mfu" in r.get(kind, {})]
-        print(f"{model:<16}matmul peak {r['peak_flops'] / 1e9:.0f} GFLOP/s")
-        for part in parts:
-            print(f"{'':<16}{part}")
+        print(f"{model:<16}matmul peak {r['peak_flops'] / 1e9:.0f} GFLOP/s"
+              + (f", copy bandwidth {r['bandwidth'] / 1e9:.0f} GB/s" if "bandwidth" in r else ""))
+        for kind in KINDS:
+            k = r.get(kind, {})
+            if "mfu" not in k:
+                continue
+            line = (f"{kind} {k['flops'] / 1e9:.1f} GFLOP, MFU {100 * k['mfu']:.1f}%, "
+                    f"XLA memory {k['xla_memory_mb']:.0f} MB")
+            if "bytes_accessed" in k and "bandwidth" in r:
+                # Roofline floor: the arithmetic at the matmul peak, the XLA byte count at the
+                # copy bandwidth; the larger of the two bounds the step from below.
+                arith = k["flops"] / r["peak_flops"] * 1e3
+                mem = k["bytes_accessed"] / r["bandwidth"] * 1e3
+                line += (f"; {k['bytes_accessed'] / 2**30:.1f} GiB moved; floor "
+                         f"{max(arith, mem):.1f} ms ({'memory' if mem > arith else 'arithmetic'}"
+                         f"; arithmetic {arith:.1f}, memory {mem:.1f}) vs "
+                         f"{k['median_s'] * 1e3:.1f} ms measured")
+            print(f"{'':<16}{line}")
         if "inference" in r and "frozen_step" in r:
             ratio = r["frozen_step"]["median_s"] / r["inference"]["median_s"]
             print(f"{'':<16}frozen-step time / inference time = {ratio:.2f} "
@@ -230,8 +250,12 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=0, help="timed calls per figure (0: 5)")
     p.add_argument("--warmup", type=int, default=0, help="untimed calls first (0: 2)")
     p.add_argument("--classes", type=int, default=10, help="classes of the new head")
+    p.add_argument("--dtype", choices=DTYPES, default="auto",
+                   help="computation dtype (parameters stay float32); auto: float32 on CPU, "
+                   "bfloat16 on an accelerator")
     p.add_argument("--timeout", type=int, default=1800, help="seconds per worker process")
     p.add_argument("--json", help="write every figure to this JSON file")
+    p.add_argument("--logs", help="write each worker's output to DIR/FRAMEWORK_MODEL.log")
     p.add_argument("--plot", default="benchmark.png", help="bar chart PNG ('' for none)")
     args = p.parse_args(argv)
     q = QUICK if args.quick else {}

@@ -18,6 +18,7 @@ import time
 from collections.abc import Callable
 
 KINDS = ("inference", "full_step", "frozen_step")
+DTYPES = ("auto", "float32", "bfloat16")
 
 
 def parser(doc: str) -> argparse.ArgumentParser:
@@ -29,6 +30,8 @@ def parser(doc: str) -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=2, help="untimed calls first (>= 1)")
     p.add_argument("--classes", type=int, default=10)
     p.add_argument("--kinds", default=",".join(KINDS))
+    p.add_argument("--dtype", choices=DTYPES, default="auto",
+                   help="computation dtype; auto: float32 on CPU, bfloat16 on an accelerator")
     return p
 
 

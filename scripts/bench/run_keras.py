@@ -31,6 +31,8 @@ def main() -> None:
     name = f"keras-{args.backend}"
     if args.model not in APPS:
         common.fail(name, args.model, f"Keras Applications has no {args.model}")
+    if args.dtype == "bfloat16":
+        common.fail(name, args.model, "the Keras peers run in float32 on CPU only")
     rng = np.random.default_rng(0)
     x = rng.uniform(0, 255, (args.batch, args.size, args.size, 3)).astype(np.float32)
     y = rng.integers(0, args.classes, args.batch).astype(np.int32)

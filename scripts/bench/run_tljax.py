@@ -5,7 +5,9 @@ default shard_map form, state donated) on one device, freezing from `tljax.freez
 
 Also reported: FLOPs of each compiled program (XLA's cost analysis), its memory (arguments +
 outputs + temporaries - donated, from XLA's memory analysis), and the device's measured matmul
-peak (a large matmul timed in the same process), from which the driver computes MFU."""
+peak (a large matmul of random data timed in the same process), from which the driver computes MFU,
+and the memory bandwidth (a large elementwise pass), which with XLA's byte count gives each
+program's memory-traffic floor."""
 
 from __future__ import annotations
 
@@ -25,18 +27,38 @@ from tljax import freeze, models, parallel  # noqa: E402
 from tljax import train_step as steps  # noqa: E402
 
 
+def best_time(f, *args, repeat: int = 5) -> float:
+    """Seconds of the fastest of `repeat` calls of the compiled `f` (after one untimed call)."""
+    jax.block_until_ready(f(*args))
+    best = float("inf")
+    for _ in range(repeat):
+        t = time.perf_counter()
+        jax.block_until_ready(f(*args))
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
 def matmul_peak(dtype) -> float:
-    """FLOP/s of the best of a few square matmuls on the default device."""
+    """FLOP/s of the best of a few square matmuls of random data on the default device (constant
+    data can run faster than real data on GPUs)."""
     n = 2048 if jax.default_backend() == "cpu" else 8192
-    a = jnp.ones((n, n), dtype)
-    f = jax.jit(lambda a: a @ a)
-    f(a).block_until_ready()
+    a = jax.random.normal(jax.random.key(1), (n, n), dtype)
+    return 2 * n**3 / best_time(jax.jit(lambda a: a @ a), a)
+
+
+def copy_bandwidth() -> float:
+    """Bytes/s read plus written by an in-place elementwise pass over a large float32 array: the
+    memory ceiling beside `matmul_peak`. The input is donated, so that the pass writes over it
+    (a fresh output buffer each call would time the allocator's page faults on CPU)."""
+    n = (64 if jax.default_backend() == "cpu" else 1024) * 2**20 // 4
+    f = jax.jit(lambda x: x * 0.5 + 1.0, donate_argnums=0)
+    x = f(jax.random.normal(jax.random.key(2), (n,), jnp.float32))
     best = float("inf")
     for _ in range(5):
         t = time.perf_counter()
-        f(a).block_until_ready()
+        x = jax.block_until_ready(f(x))
         best = min(best, time.perf_counter() - t)
-    return 2 * n**3 / best
+    return 2 * 4 * n / best
 
 
 def analysis(compile_fn) -> dict:
@@ -49,6 +71,8 @@ def analysis(compile_fn) -> dict:
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     if cost and "flops" in cost:
         out["flops"] = float(cost["flops"])
+    if cost and "bytes accessed" in cost:
+        out["bytes_accessed"] = float(cost["bytes accessed"])
     mem = compiled.memory_analysis()
     if mem is not None:
         out["xla_memory_mb"] = (mem.argument_size_in_bytes + mem.output_size_in_bytes
@@ -83,7 +107,8 @@ def program(kind: str, module, variables, images, labels, device):
 def main() -> None:
     args = common.parser(__doc__).parse_args()
     accel = jax.default_backend() != "cpu"
-    dtype = jnp.bfloat16 if accel else jnp.float32
+    dtype = {"auto": jnp.bfloat16 if accel else jnp.float32, "float32": jnp.float32,
+             "bfloat16": jnp.bfloat16}[args.dtype]
     device = jax.devices()[0]
     module = models.create(args.model, num_classes=args.classes, dtype=dtype)
     variables = models.random_variables(module, args.size)
@@ -92,7 +117,8 @@ def main() -> None:
     labels = rng.integers(0, args.classes, args.batch).astype(np.int32)
     result = {"framework": "tljax", "model": args.model, "batch": args.batch, "size": args.size,
               "device": device.device_kind, "version": jax.__version__,
-              "dtype": jnp.dtype(dtype).name, "peak_flops": matmul_peak(dtype)}
+              "dtype": jnp.dtype(dtype).name, "peak_flops": matmul_peak(dtype),
+              "bandwidth": copy_bandwidth()}
 
     def sync(out):
         return jax.block_until_ready(out)

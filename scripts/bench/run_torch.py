@@ -1,5 +1,6 @@
 """Benchmark worker: plain PyTorch, eager and channels-last (or `--compile`: torch.compile), on
-the Keras-layout architectures of torch_models.py. SGD with momentum, cross-entropy; the frozen
+the Keras-layout architectures of torch_models.py; bfloat16 autocast on GPUs (cuDNN's
+autotuner on, as for any fixed-shape run). SGD with momentum, cross-entropy; the frozen
 step trains the head only, with the backbone's BatchNorm in eval mode (as Keras's
 `trainable=False`)."""
 
@@ -15,13 +16,13 @@ import torch  # noqa: E402
 import torch_models  # noqa: E402
 
 
-def program(kind: str, args, x, y, device, cuda: bool):
+def program(kind: str, args, x, y, device, dtype):
     """A no-argument call running `kind` once on a freshly built model."""
     torch.manual_seed(0)
     model = torch_models.create(args.model, args.classes, args.size).to(device)
     model = model.to(memory_format=torch.channels_last)
     run = torch.compile(model) if args.compile else model
-    autocast = torch.autocast("cuda", torch.bfloat16, enabled=cuda)
+    autocast = torch.autocast(device.type, torch.bfloat16, enabled=dtype == torch.bfloat16)
     if kind == "inference":
         model.eval()
 
@@ -59,9 +60,12 @@ def main() -> None:
         common.fail(name, args.model, f"no PyTorch peer written for {args.model}")
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
-    if not cuda:
+    if cuda:
+        torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick its fastest kernels
+    else:
         torch.set_num_threads(os.cpu_count())
-    dtype = torch.bfloat16 if cuda else torch.float32
+    dtype = {"auto": torch.bfloat16 if cuda else torch.float32, "float32": torch.float32,
+             "bfloat16": torch.bfloat16}[args.dtype]
     g = torch.Generator().manual_seed(0)
     x = (torch.rand(args.batch, 3, args.size, args.size, generator=g) * 255).to(device)
     x = x.contiguous(memory_format=torch.channels_last)
@@ -78,7 +82,7 @@ def main() -> None:
     for kind in args.kinds.split(","):
         if cuda:
             torch.cuda.reset_peak_memory_stats()
-        fn = program(kind, args, x, y, device, cuda)
+        fn = program(kind, args, x, y, device, dtype)
         result[kind] = common.measure(fn, sync, args.steps, args.warmup)
         result[kind]["peak_memory_mb"] = (torch.cuda.max_memory_allocated() / 2**20 if cuda
                                           else common.peak_rss_mb())
