@@ -167,11 +167,14 @@ def print_table(results: list[dict], frameworks: list[str]) -> None:
         for kind in KINDS:
             print(f"{model:<16}{kind:<12}" + "".join(
                 cell(model, f, kind, lambda k, r: f"{k['first_call_s']:.1f}") for f in ran))
-    print("\npeak memory MB (CPU: the worker process's peak RSS over all its measurements; "
-          "accelerators: device peak)")
+    print("\npeak memory MB (CPU: the worker process's peak RSS, cumulative over its programs in "
+          "this order; accelerators: per program, tljax's from XLA's memory analysis, PyTorch's "
+          "max_memory_allocated)")
+    print(f"{'model':<16}{'kind':<12}" + "".join(f.rjust(w[f]) for f in ran))
     for model in models:
-        print(f"{model:<28}" + "".join(
-            cell(model, f, KINDS[-1], lambda k, r: f"{k['peak_memory_mb']:.0f}") for f in ran))
+        for kind in KINDS:
+            print(f"{model:<16}{kind:<12}" + "".join(
+                cell(model, f, kind, lambda k, r: f"{k['peak_memory_mb']:.0f}") for f in ran))
     print("\ntljax details")
     for model in models:
         r = table.get((model, "tljax"))

@@ -61,18 +61,28 @@ def copy_bandwidth() -> float:
     return 2 * 4 * n / best
 
 
-def analysis(compile_fn) -> dict:
-    """Trace+compile time, FLOPs and memory of the program `compile_fn()` builds (the same the
-    first call then finds in JAX's cache)."""
+def _cost(obj) -> dict:
+    cost = obj.cost_analysis()
+    return (cost[0] if isinstance(cost, (list, tuple)) else cost) or {}
+
+
+def analysis(lower_fn) -> dict:
+    """Trace+compile time, FLOPs and memory of the program `lower_fn()` lowers (the same the
+    first call then finds in JAX's cache).
+
+    FLOPs are counted on the lowered program, before XLA's rewrites: the model's arithmetic,
+    the same on every backend (the GPU's compiled program hands convolutions to cuDNN as custom
+    calls, which its cost analysis counts as 0 FLOPs). Bytes accessed are the compiled
+    program's: XLA's count after fusion, the traffic it plans."""
     t = time.perf_counter()
-    compiled = compile_fn()
+    lowered = lower_fn()
+    compiled = lowered.compile()
     out = {"compile_s": time.perf_counter() - t}
-    cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    if cost and "flops" in cost:
-        out["flops"] = float(cost["flops"])
-    if cost and "bytes accessed" in cost:
-        out["bytes_accessed"] = float(cost["bytes accessed"])
+    flops = _cost(lowered).get("flops") or _cost(compiled).get("flops")
+    if flops:
+        out["flops"] = float(flops)
+    if "bytes accessed" in _cost(compiled):
+        out["bytes_accessed"] = float(_cost(compiled)["bytes accessed"])
     mem = compiled.memory_analysis()
     if mem is not None:
         out["xla_memory_mb"] = (mem.argument_size_in_bytes + mem.output_size_in_bytes
@@ -80,22 +90,25 @@ def analysis(compile_fn) -> dict:
     return out
 
 
-def program(kind: str, module, variables, images, labels, device):
+def program(kind: str, module, variables, images, labels, device, bn: str = "follow"):
     """A no-argument call running `kind` once, and `analysis` of its compiled program."""
     if kind == "inference":
         forward = jax.jit(lambda v, x: module.apply(v, x, train=False))
         v, x = jax.device_put((variables, images), device)
-        return (lambda: forward(v, x)), analysis(lambda: forward.lower(v, x).compile())
+        return (lambda: forward(v, x)), analysis(lambda: forward.lower(v, x))
     labels_tree = freeze.resolve(variables["params"], "none" if kind == "full_step" else "backbone")
     tx = steps.optimizer(labels_tree, lambda lr: optax.sgd(lr, momentum=0.9), 0.01)
-    config = steps.StepConfig(
-        model=module, tx=tx, trainable=freeze.trainable(labels_tree),
-        frozen_bn=freeze.frozen_batchnorm(labels_tree, variables["batch_stats"]))
+    frozen_bn = freeze.frozen_batchnorm(labels_tree, variables["batch_stats"])
+    if bn == "inference":  # ablation: every BatchNorm on its moving statistics
+        frozen_bn = freeze.frozen_batchnorm(
+            jax.tree.map(lambda _: freeze.FROZEN, labels_tree), variables["batch_stats"])
+    config = steps.StepConfig(model=module, tx=tx, trainable=freeze.trainable(labels_tree),
+                              frozen_bn=frozen_bn)
     step, put_state, put_batch = parallel.compile_train_step(config, devices=[device])
     holder = [put_state(steps.create_state(variables, tx))]  # donated, replaced each call
     batch = put_batch({"image": images, "label": labels})
     key = jax.random.key(0)
-    info = analysis(lambda: step.lower(holder[0], batch, key).compile())
+    info = analysis(lambda: step.lower(holder[0], batch, key))
 
     def once():
         holder[0], metrics = step(holder[0], batch, key)
@@ -105,7 +118,12 @@ def program(kind: str, module, variables, images, labels, device):
 
 
 def main() -> None:
-    args = common.parser(__doc__).parse_args()
+    p = common.parser(__doc__)
+    p.add_argument("--bn", choices=["follow", "inference"], default="follow",
+                   help="follow: BatchNorm follows the freeze (the library's default); "
+                   "inference: every BatchNorm layer on its moving statistics, in every program "
+                   "(an ablation: what batch statistics cost in the full step)")
+    args = p.parse_args()
     accel = jax.default_backend() != "cpu"
     dtype = {"auto": jnp.bfloat16 if accel else jnp.float32, "float32": jnp.float32,
              "bfloat16": jnp.bfloat16}[args.dtype]
@@ -124,13 +142,18 @@ def main() -> None:
         return jax.block_until_ready(out)
 
     for kind in args.kinds.split(","):
-        fn, info = program(kind, module, variables, images, labels, device)
+        fn, info = program(kind, module, variables, images, labels, device, args.bn)
         result[kind] = common.measure(fn, sync, args.steps, args.warmup)
         result[kind].update(info, peak_memory_mb=common.peak_rss_mb())
         # Compiled ahead of the first call (for the analyses): count it in, like the peers'.
         result[kind]["first_call_s"] += info["compile_s"]
-        if accel and hasattr(device, "memory_stats") and device.memory_stats():
-            result[kind]["peak_memory_mb"] = device.memory_stats()["peak_bytes_in_use"] / 2**20
+        if accel and "xla_memory_mb" in info:
+            # JAX cannot reset the device's high-water mark between programs: report each
+            # program's own footprint (XLA's memory analysis) and the process's peak beside it.
+            result[kind]["peak_memory_mb"] = info["xla_memory_mb"]
+            stats = device.memory_stats() if hasattr(device, "memory_stats") else None
+            if stats and "peak_bytes_in_use" in stats:
+                result[kind]["device_peak_mb"] = stats["peak_bytes_in_use"] / 2**20
     common.emit(result)
 
 
