@@ -19,11 +19,12 @@ column), with min and max in the JSON. Frozen steps freeze everything but the ne
 frozen BatchNorm in inference mode (Keras's `trainable=False`). fp32 on CPU, bf16 on GPU/TPU
 (tljax and torch; Keras peers run on CPU only).
 
-MFU: the tljax program's FLOPs (XLA cost analysis) over the step time, divided by the matmul
-peak measured in the same run (tljax worker); the peers do the same arithmetic, so their MFU is
-tljax's FLOPs over their time. The tljax details also give each program's roofline floor: the
-larger of its FLOPs at the matmul peak and XLA's count of bytes accessed at the measured copy
-bandwidth (a program far above the floor on both is bound by neither, e.g. launch overheads).
+MFU: the tljax program's model FLOPs (convolutions and matmuls of its jaxpr, bench/flops.py)
+over the step time, divided by the matmul peak measured in the same run (tljax worker); the
+peers do the same arithmetic, so their MFU is tljax's FLOPs over their time. The tljax details
+also give each program's roofline floor: the larger of its FLOPs at the matmul peak and XLA's
+count of bytes accessed at the measured copy bandwidth (a program far above the floor on both
+is bound by neither, e.g. launch overheads).
 Results: the printed table, `--json PATH`, and a bar chart (`--plot PATH`, default
 benchmark.png).
 """
@@ -211,7 +212,7 @@ def print_table(results: list[dict], frameworks: list[str]) -> None:
             print(f"skipped {r['framework']} {r['model']}: {r['skipped']}")
 
 
-def plot(results: list[dict], frameworks: list[str], path: str) -> None:
+def plot(results: list[dict], frameworks: list[str], path: str, title: str = "") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -232,7 +233,7 @@ def plot(results: list[dict], frameworks: list[str], path: str) -> None:
         ax.set_title(model)
         ax.set_ylabel("images/s (log)")
     axes[0][0].legend(fontsize=8)
-    fig.suptitle(f"{platform.node() or 'this machine'}: {os.cpu_count()} CPU cores")
+    fig.suptitle(title or f"{platform.node() or 'this machine'}: {os.cpu_count()} CPU cores")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

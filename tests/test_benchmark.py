@@ -55,3 +55,35 @@ def test_benchmark_names_a_peer_that_cannot_run(tmp_path, capsys, monkeypatch):
     results = json.loads((tmp_path / "b.json").read_text())["results"]
     assert results == [{"framework": "keras-tensorflow", "model": "vgg19",
                         "skipped": "not installed: keras"}]
+
+
+def test_model_flops_counts_convolutions_and_matmuls():
+    """Model FLOPs (scripts/bench/flops.py): 2 x multiply-adds of each convolution (dense,
+    grouped, and the gradients JAX writes for them) and matrix product, from the jaxpr."""
+    import sys
+
+    import jax
+    import jax.numpy as jnp
+
+    sys.path.insert(0, os.path.join(ROOT, "scripts", "bench"))
+    import flops
+
+    n, h, w, c, o = 2, 8, 6, 4, 5
+    x = jnp.ones((n, h, w, c))
+    dense, depthwise = jnp.ones((3, 3, c, o)), jnp.ones((3, 3, 1, c))
+    dn = ("NHWC", "HWIO", "NHWC")
+
+    def conv(x, k, groups=1, stride=1):
+        return jax.lax.conv_general_dilated(x, k, (stride, stride), "SAME",
+                                            dimension_numbers=dn, feature_group_count=groups)
+
+    assert flops.model_flops(conv, x, dense) == 2 * n * h * w * o * 9 * c
+    assert flops.model_flops(lambda x, k: conv(x, k, c), x, depthwise) == 2 * n * h * w * c * 9
+    assert flops.model_flops(lambda x, k: conv(x, k, 1, 2), x, dense) == 2 * n * 4 * 3 * o * 9 * c
+    # Gradients with respect to input and kernel: each costs as much as the forward pass.
+    for k, groups, fwd in ((dense, 1, 2 * n * h * w * o * 9 * c),
+                           (depthwise, c, 2 * n * h * w * c * 9)):
+        grad = jax.grad(lambda x, k, g=groups: conv(x, k, g).sum(), argnums=(0, 1))
+        assert flops.model_flops(grad, x, k) == 3 * fwd
+    a, b = jnp.ones((7, 3, 11)), jnp.ones((11, 13))
+    assert flops.model_flops(lambda a, b: a @ b, a, b) == 2 * 7 * 3 * 13 * 11

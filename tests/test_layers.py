@@ -55,3 +55,36 @@ def test_depthwise_conv_equals_grouped_conv(kernel, stride, size):
     g_ours = jax.grad(lambda v, x: jnp.sum(jnp.sin(ours.apply(v, x))), argnums=(0, 1))(v, x)
     g_ref = jax.grad(lambda v, x: jnp.sum(jnp.sin(ref.apply(v, x))), argnums=(0, 1))(v, x)
     jax.tree.map(_close, g_ours, g_ref)
+
+
+def test_plain_convolutions_turns_the_cpu_rewrites_off():
+    """Inside `plain_convolutions()` a model traces with XLA's convolution ops, as on
+    accelerators (the benchmark counts model FLOPs on that form); outside, the CPU forms."""
+    from tljax import models
+
+    m = models.create("efficientnet_b0", num_classes=3)
+    v = models.random_variables(m, 32)
+    x = jnp.zeros((1, 32, 32, 3))
+
+    def convs(jaxpr):
+        eqns = [e for e in jaxpr.eqns if e.primitive.name == "conv_general_dilated"]
+        for e in jaxpr.eqns:
+            for sub in jax.extend.core.jaxprs_in_params(e.params):
+                eqns += convs(sub)
+        return eqns
+
+    def trace():
+        return jax.make_jaxpr(lambda v, x: m.apply(v, x, train=False))(v, x).jaxpr
+
+    assert layers.cpu_rewrites() == (jax.default_backend() == "cpu")
+    with layers.plain_convolutions():
+        assert not layers.cpu_rewrites()
+        plain = convs(trace())
+    grouped = [e for e in plain if e.params["feature_group_count"] > 1]
+    assert len(grouped) == 16  # B0's 16 depthwise convolutions
+    assert any(e.invars[1].aval.shape[:2] == (1, 1) for e in plain)  # 1x1 as convolutions
+    if jax.default_backend() == "cpu":
+        rewritten = convs(trace())
+        assert all(e.params["feature_group_count"] == 1 for e in rewritten)
+        assert all(e.invars[1].aval.shape[:2] != (1, 1) for e in rewritten)
+        assert len(rewritten) < len(plain)

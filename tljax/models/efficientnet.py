@@ -159,7 +159,7 @@ class MBConv(nn.Module):
         if self.expand_ratio != 1:
             x = act(norm("expand_bn")(conv(filters, (1, 1), name="expand_conv")(x)))
         x = layers.DepthwiseConv(self.kernel, self.stride, self.dtype, self.param_dtype,
-                                 use_conv=layers.depthwise_as_conv(), name="dwconv")(x)
+                                 use_conv=not layers.cpu_rewrites(), name="dwconv")(x)
         x = act(norm("bn")(x))
         if 0 < self.se_ratio <= 1:
             filters_se = max(1, int(self.filters_in * self.se_ratio))

@@ -14,6 +14,8 @@ padding of the lukemelas torch EfficientNets. Where Keras pads explicitly and sy
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 from typing import Any
 
@@ -140,26 +142,37 @@ def check_options(model: str, pooling: str | None, include_top: bool, num_classe
         )
 
 
-def depthwise_as_conv() -> bool:
-    """Whether depthwise convolutions use XLA's grouped convolution (accelerators) rather
-    than shifted multiply-adds (CPU, where grouped convolutions are slow)."""
+_PLAIN = contextvars.ContextVar("tljax_plain_convolutions", default=False)
+
+
+@contextlib.contextmanager
+def plain_convolutions(enabled: bool = True):
+    """Within this block, models traced on CPU use XLA's convolution ops, as on accelerators,
+    instead of the CPU rewrites (`cpu_rewrites`). For comparisons and counting: the benchmark
+    counts model FLOPs on this form, the same program on every backend. It changes how a
+    program is traced, so trace (not only call) inside the block; a function that `jax.jit`
+    already traced outside it keeps its cached form."""
+    token = _PLAIN.set(enabled)
+    try:
+        yield
+    finally:
+        _PLAIN.reset(token)
+
+
+def cpu_rewrites() -> bool:
+    """Whether convolutions are written as the cheaper ops XLA:CPU runs faster: 1x1
+    convolutions as matrix products (`Conv`; XLA's convolutions, and above all their weight
+    gradients, run several times below its matmul rate) and depthwise convolutions as shifted
+    multiply-adds (`DepthwiseConv`; its grouped convolutions are slower still). True on CPU
+    unless `plain_convolutions()` is active; accelerators run XLA's convolutions (cuDNN)."""
     import jax
 
-    return jax.default_backend() != "cpu"
-
-
-def pointwise_as_dot() -> bool:
-    """Whether 1x1 convolutions run as matrix products (CPU, where XLA's convolutions, and
-    above all their weight gradients, are several times slower than its matmul) rather than
-    as XLA convolutions (accelerators)."""
-    import jax
-
-    return jax.default_backend() == "cpu"
+    return jax.default_backend() == "cpu" and not _PLAIN.get()
 
 
 class Conv(nn.Conv):
     """`nn.Conv`, same parameters and results, whose 1x1 case is written as the matrix
-    product it is when `pointwise_as_dot()`: a strided slice, then a contraction over channels.
+    product it is when `cpu_rewrites()`: a strided slice, then a contraction over channels.
 
     XLA:CPU lowers a 1x1 convolution to its convolution kernels; as a `dot_general` it reaches
     the matmul rate instead. ResNet50's 1x1 layers at batch 16 (docs/benchmarks.md): forward
@@ -178,7 +191,7 @@ class Conv(nn.Conv):
                         and all(tuple(p) == (0, 0) for p in self.padding)))
         if (tuple(ks) != (1, 1) or inputs.ndim != 4 or self.feature_group_count != 1
                 or not zero_pad or self.input_dilation not in (None, 1) or self.mask is not None
-                or not pointwise_as_dot()):
+                or not cpu_rewrites()):
             return super().__call__(inputs)
         import jax
 
