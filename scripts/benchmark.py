@@ -78,8 +78,18 @@ def command(framework: str, model: str, args, size: int) -> list[str]:
     return [sys.executable, os.path.join(HERE, "bench", "run_torch.py")] + common + extra
 
 
-def worker_env() -> dict:
+# The host-memory policy `import tljax` sets in its own process (tljax/host_memory.py: glibc keeps
+# freed memory instead of page-faulting every step's buffers in again), as environment variables
+# that glibc reads at start: with --peer-malloc same (the default) every peer runs under it too,
+# so that the table compares frameworks, not allocator settings.
+SAME_MALLOC = {"MALLOC_ARENA_MAX": "1", "MALLOC_MMAP_MAX_": "0",
+               "MALLOC_TRIM_THRESHOLD_": str(2**31 - 1)}
+
+
+def worker_env(framework: str = "tljax", peer_malloc: str = "same") -> dict:
     env = dict(os.environ)
+    if framework != "tljax" and peer_malloc == "same":
+        env.update(SAME_MALLOC)
     # One device per process: an inherited request for 8 virtual CPU devices (the tests') would
     # split the cores' thread pool and is not what a user's run sees.
     flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "", env.get("XLA_FLAGS", ""))
@@ -93,7 +103,8 @@ def run_worker(framework: str, model: str, args, size: int) -> dict:
     t = time.time()
     try:
         out = subprocess.run(command(framework, model, args, size), capture_output=True,
-                             text=True, env=worker_env(), timeout=args.timeout)
+                             text=True, env=worker_env(framework, args.peer_malloc),
+                             timeout=args.timeout)
     except subprocess.TimeoutExpired:
         return {"framework": framework, "model": model,
                 "skipped": f"no result within --timeout {args.timeout} s"}
@@ -258,6 +269,9 @@ def main(argv=None) -> int:
                    help="computation dtype (parameters stay float32); auto: float32 on CPU, "
                    "bfloat16 on an accelerator")
     p.add_argument("--timeout", type=int, default=1800, help="seconds per worker process")
+    p.add_argument("--peer-malloc", choices=["same", "default"], default="same",
+                   help="same: the peers run under the host-memory policy tljax sets for itself "
+                   "(glibc keeps freed memory); default: glibc's defaults for the peers")
     p.add_argument("--json", help="write every figure to this JSON file")
     p.add_argument("--logs", help="write each worker's output to DIR/FRAMEWORK_MODEL.log")
     p.add_argument("--plot", default="benchmark.png", help="bar chart PNG ('' for none)")
@@ -294,6 +308,7 @@ def main(argv=None) -> int:
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"batch": args.batch, "cpu_cores": os.cpu_count(), "backend": accel,
+                       "peer_malloc": args.peer_malloc,
                        "command": " ".join(sys.argv), "results": results}, f, indent=2)
     if args.plot:
         plot(results, frameworks, args.plot)

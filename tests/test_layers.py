@@ -45,7 +45,8 @@ def test_conv_equals_flax_conv(options):
     assert ("conv_general_dilated" in ops) != one_by_one  # on CPU: a matmul, no convolution
 
 
-@pytest.mark.parametrize("kernel,stride,size", [(3, 1, 9), (3, 2, 9), (5, 2, 10), (5, 1, 6)])
+@pytest.mark.parametrize("kernel,stride,size", [(3, 1, 9), (3, 2, 9), (3, 2, 8), (5, 2, 10),
+                                                (5, 2, 7), (5, 1, 6), (5, 1, 4)])
 def test_depthwise_conv_equals_grouped_conv(kernel, stride, size):
     x = jax.random.normal(jax.random.key(0), (2, size, size, 5))
     ours = layers.DepthwiseConv(kernel, stride)

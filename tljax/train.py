@@ -178,6 +178,8 @@ def _run_record() -> dict:
 
     import jax
 
+    from tljax import host_memory
+
     versions = {}
     for p in ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "tensorflow-cpu",
               "tensorflow", "tensorflow-datasets", "numpy", "tljax"):
@@ -193,6 +195,7 @@ def _run_record() -> dict:
         "devices": jax.device_count(),
         "local_devices": jax.local_device_count(),
         "processes": jax.process_count(),
+        "host_memory": host_memory.state(),
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "argv": sys.argv,
     }

@@ -218,7 +218,8 @@ class DepthwiseConv(nn.Module):
     Same parameter as `nn.Conv(C, (k, k), feature_group_count=C)`: `kernel` of shape
     (k, k, 1, C). XLA:CPU runs `feature_group_count` convolutions, and above all their
     gradients, far slower than these elementwise loops, which it fuses (measured in
-    docs/benchmarks.md); on accelerators `nn.Conv` is used (`use_conv=True`).
+    docs/benchmarks.md); the gradients are written by hand in the same form (`_taps_bwd`). On
+    accelerators `nn.Conv` is used (`use_conv=True`).
     """
 
     kernel_size: int
@@ -240,13 +241,70 @@ class DepthwiseConv(nn.Module):
             return jax.lax.conv_general_dilated(
                 x, kernel, (s, s), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"),
                 feature_group_count=c)
-        h, w = x.shape[1], x.shape[2]
-        (pt, pb), (pl, pr) = _same_padding(h, k, s), _same_padding(w, k, s)
-        x = jnp.pad(x, ((0, 0), (pt, pb), (pl, pr), (0, 0)))
-        oh, ow = -(-h // s), -(-w // s)
-        out = None
-        for i in range(k):
-            for j in range(k):
-                tap = x[:, i:i + s * (oh - 1) + 1:s, j:j + s * (ow - 1) + 1:s, :] * kernel[i, j, 0]
-                out = tap if out is None else out + tap
-        return out
+        return depthwise_taps(x, kernel, s)
+
+
+def _taps(x, kernel, s: int):
+    """The forward multiply-adds: 'SAME' padding as TensorFlow, stride `s`."""
+    k, h, w = kernel.shape[0], x.shape[1], x.shape[2]
+    (pt, pb), (pl, pr) = _same_padding(h, k, s), _same_padding(w, k, s)
+    x = jnp.pad(x, ((0, 0), (pt, pb), (pl, pr), (0, 0)))
+    oh, ow = -(-h // s), -(-w // s)
+    out = None
+    for i in range(k):
+        for j in range(k):
+            tap = x[:, i:i + s * (oh - 1) + 1:s, j:j + s * (ow - 1) + 1:s, :] * kernel[i, j, 0]
+            out = tap if out is None else out + tap
+    return out
+
+
+def _taps_fwd(x, kernel, s):
+    return _taps(x, kernel, s), (x, kernel)
+
+
+def _taps_bwd(s, res, dy):
+    """Both gradients in the forward's own form, a few fused passes (docs/benchmarks.md).
+
+    Input: the correlation of dy, dilated by the stride and padded, with the flipped kernel,
+    one pass of k*k multiply-adds; autodiff's transpose is instead a sum of k*k padded copies
+    of dy (interior padding for stride 2), which XLA fuses into, and recomputes in, each
+    consumer. Kernel: each tap's window times dy summed over batch and space, as a product
+    with a vector of ones (XLA:CPU runs it as a matrix-vector product, faster than its
+    reduction over the three leading axes)."""
+    import jax
+
+    x, kernel = res
+    k, h, w = kernel.shape[0], x.shape[1], x.shape[2]
+    (pt, pb), (pl, pr) = _same_padding(h, k, s), _same_padding(w, k, s)
+    oh, ow, c = dy.shape[1], dy.shape[2], dy.shape[3]
+    # dx[a] = sum_i kernel[i] * dy_dilated[a + pt - i]: pad dy_dilated by k - 1 - pt in front.
+    lo_h, lo_w = k - 1 - pt, k - 1 - pl
+    hi_h = h + k - 1 - lo_h - ((oh - 1) * s + 1)
+    hi_w = w + k - 1 - lo_w - ((ow - 1) * s + 1)
+    dyp = jax.lax.pad(dy, jnp.zeros((), dy.dtype),
+                      ((0, 0, 0), (lo_h, hi_h, s - 1), (lo_w, hi_w, s - 1), (0, 0, 0)))
+    dx = None
+    for i in range(k):
+        for j in range(k):
+            t = dyp[:, i:i + h, j:j + w, :] * kernel[k - 1 - i, k - 1 - j, 0]
+            dx = t if dx is None else dx + t
+    xp = jnp.pad(x, ((0, 0), (pt, pb), (pl, pr), (0, 0)))
+    ones = jnp.ones((dy.size // c,), dy.dtype)
+    dk = jnp.stack([
+        jnp.matmul(ones, (xp[:, i:i + s * (oh - 1) + 1:s, j:j + s * (ow - 1) + 1:s, :]
+                          * dy).reshape(-1, c), preferred_element_type=jnp.float32)
+        for i in range(k) for j in range(k)])
+    return dx, dk.reshape(kernel.shape).astype(kernel.dtype)
+
+
+def _depthwise_taps():
+    import jax
+
+    f = jax.custom_vjp(_taps, nondiff_argnums=(2,))
+    f.defvjp(_taps_fwd, _taps_bwd)
+    return f
+
+
+# A depthwise convolution (N, H, W, C) x (k, k, 1, C) -> (N, H', W', C), 'SAME' padding, as
+# k*k multiply-adds, with the gradients of `_taps_bwd`.
+depthwise_taps = _depthwise_taps()

@@ -1,0 +1,36 @@
+"""`import tljax` makes glibc keep freed memory for XLA:CPU (tljax/host_memory.py) where JAX
+computes on the CPU, and leaves the allocator alone when told to or when an accelerator will
+compute. Each case runs in a fresh interpreter: the setting is made once, at import."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc only")
+
+
+def state_after_import(**env) -> str:
+    full = {k: v for k, v in os.environ.items()
+            if k not in ("TLJAX_KEEP_FREED_MEMORY", "JAX_PLATFORMS")}
+    full.update(env)
+    out = subprocess.run(
+        [sys.executable, "-c", "import tljax.host_memory as h; print(h.state())"],
+        capture_output=True, text=True, env=full, timeout=120, check=True)
+    return out.stdout.strip()
+
+
+def test_on_for_cpu_computation():
+    assert state_after_import(JAX_PLATFORMS="cpu") == "on (glibc keeps freed memory)"
+
+
+def test_opt_out():
+    assert state_after_import(TLJAX_KEEP_FREED_MEMORY="0") == "off (TLJAX_KEEP_FREED_MEMORY=0)"
+
+
+def test_left_alone_for_accelerators():
+    assert state_after_import(JAX_PLATFORMS="cuda,cpu") == \
+        "off (JAX computes on an accelerator)"
