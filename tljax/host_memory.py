@@ -4,8 +4,9 @@ XLA:CPU takes each program's buffers from the C library's `malloc`. glibc serves
 with fresh `mmap`s (in each thread's own arena) and unmaps them when freed, so every step of a
 training loop page-faults its whole working set in again: on the 2-core test machine an
 elementwise pass over 64 MB ran at 2.5 GB/s with a fresh output buffer against 17 GB/s with a
-reused one, and the EfficientNet-B0 full fine-tune step (112x112, batch 16) went from 8.5 to 11.6
-images/s when freed memory was kept (docs/benchmarks.md).
+reused one, and in `scripts/benchmark.py --quick` (112x112, batch 16) the EfficientNet-B0 full
+fine-tune step went from 14.4 to 20.5 images/s and its inference from 141 to 203 when freed
+memory was kept (docs/benchmarks.md).
 
 `keep_freed_memory()` makes glibc keep it: one arena for all threads, no `mmap` for large
 blocks, no trimming of the heap. The process's resident memory then stays at its high-water mark,
