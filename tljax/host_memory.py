@@ -42,17 +42,16 @@ def _cpu_compute_expected() -> bool:
     return True
 
 
-def keep_freed_memory(force: bool = False) -> bool:
+def keep_freed_memory() -> bool:
     """Tell glibc's malloc to keep freed memory for reuse (see the module docstring). Returns
-    whether it did; `force` skips the check for CPU computation and the opt-out variable."""
+    whether it did."""
     global _state
-    if not force:
-        if os.environ.get("TLJAX_KEEP_FREED_MEMORY", "1") == "0":
-            _state = "off (TLJAX_KEEP_FREED_MEMORY=0)"
-            return False
-        if not _cpu_compute_expected():
-            _state = "off (JAX computes on an accelerator)"
-            return False
+    if os.environ.get("TLJAX_KEEP_FREED_MEMORY", "1") == "0":
+        _state = "off (TLJAX_KEEP_FREED_MEMORY=0)"
+        return False
+    if not _cpu_compute_expected():
+        _state = "off (JAX computes on an accelerator)"
+        return False
     if not sys.platform.startswith("linux"):
         _state = f"off (not Linux: {sys.platform})"
         return False

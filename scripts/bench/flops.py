@@ -51,9 +51,7 @@ def jaxpr_flops(jaxpr) -> float:
             total += max(subs)
         elif name == "scan":
             total += eqn.params["length"] * sum(subs)
-        elif name == "while":  # trip count unknown: count one iteration
-            total += sum(subs)
-        else:
+        else:  # calls run their body once; a while loop's trip count is unknown: one iteration
             total += sum(subs)
     return total
 

@@ -97,20 +97,21 @@ def program(kind: str, module, variables, images, labels, device, bn: str = "fol
         return (lambda: forward(v, x)), info
     labels_tree = freeze.resolve(variables["params"], "none" if kind == "full_step" else "backbone")
     tx = steps.optimizer(labels_tree, lambda lr: optax.sgd(lr, momentum=0.9), 0.01)
-    frozen_bn = freeze.frozen_batchnorm(labels_tree, variables["batch_stats"])
-    if bn == "inference":  # ablation: every BatchNorm on its moving statistics
-        frozen_bn = freeze.frozen_batchnorm(
-            jax.tree.map(lambda _: freeze.FROZEN, labels_tree), variables["batch_stats"])
+    # --bn inference (ablation): every BatchNorm on its moving statistics, as if all were frozen.
+    bn_labels = (jax.tree.map(lambda _: freeze.FROZEN, labels_tree) if bn == "inference"
+                 else labels_tree)
     config = steps.StepConfig(model=module, tx=tx, trainable=freeze.trainable(labels_tree),
-                              frozen_bn=frozen_bn)
+                              frozen_bn=freeze.frozen_batchnorm(bn_labels,
+                                                                variables["batch_stats"]))
     step, put_state, put_batch = parallel.compile_train_step(config, devices=[device])
-    holder = [put_state(steps.create_state(variables, tx))]  # donated, replaced each call
-    batch = put_batch({"image": images, "label": labels})
+    state = steps.create_state(variables, tx)
+    host_batch = {"image": images, "label": labels}
+    holder = [put_state(state)]  # donated, replaced each call
+    batch = put_batch(host_batch)
     key = jax.random.key(0)
     info = analysis(lambda: step.lower(holder[0], batch, key))
-    info["flops"] = flops.model_flops(
-        functools.partial(steps.train_step, config=config), steps.create_state(variables, tx),
-        {"image": images, "label": labels}, key, axis_env=[(config.axis_name, 1)])
+    info["flops"] = flops.model_flops(functools.partial(steps.train_step, config=config), state,
+                                      host_batch, key, axis_env=[(config.axis_name, 1)])
 
     def once():
         holder[0], metrics = step(holder[0], batch, key)
