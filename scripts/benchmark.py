@@ -5,7 +5,9 @@ and a frozen-backbone step (head only), compile time, peak memory, and MFU.
     python scripts/benchmark.py                  # four models at their native sizes
     python scripts/benchmark.py --models resnet50 --frameworks tljax torch --json r50.json
 
-Each framework runs each model in its own process (scripts/bench/run_*.py), one after the other:
+Each framework runs each model in its own process (scripts/bench/run_*.py); the processes for
+one model live side by side and their timed calls are interleaved (`run_model`), so that the
+ratios hold on a machine whose speed drifts (a shared 2-core VM: +-25% from minute to minute):
   tljax             the library's forward pass and train step (`tljax.train_step`, jit/shard_map)
   keras-jax         Keras 3 Applications on the JAX backend (XLA)
   keras-tensorflow  Keras 3 on TensorFlow, `tf.function` without XLA (oneDNN kernels)
@@ -14,9 +16,10 @@ Each framework runs each model in its own process (scripts/bench/run_*.py), one 
                     (scripts/bench/torch_models.py)
   torch-compile     the same with `torch.compile` (slow to compile; not in --quick)
 Peers that are not installed are skipped and listed. Every figure is the median of --steps timed
-calls after --warmup untimed ones (the first call, compilation included, is the "first call"
-column), with min and max in the JSON. Frozen steps freeze everything but the new head, with
-frozen BatchNorm in inference mode (Keras's `trainable=False`). fp32 on CPU, bf16 on GPU/TPU
+calls (one per round, the frameworks taking turns) after --warmup untimed ones (the first call,
+compilation included, is the "first call" column), with min and max in the JSON. Frozen steps
+freeze everything but the new head, with frozen BatchNorm in inference mode (Keras's
+`trainable=False`). fp32 on CPU, bf16 on GPU/TPU
 (tljax and torch; Keras peers run on CPU only).
 
 MFU: the tljax program's model FLOPs (convolutions and matmuls of its jaxpr, bench/flops.py)
@@ -36,9 +39,12 @@ import importlib.util
 import json
 import os
 import platform
+import queue
 import re
 import subprocess
 import sys
+import tempfile
+import threading
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -99,27 +105,107 @@ def worker_env(framework: str = "tljax", peer_malloc: str = "same") -> dict:
     return env
 
 
-def run_worker(framework: str, model: str, args, size: int) -> dict:
-    t = time.time()
-    try:
-        out = subprocess.run(command(framework, model, args, size), capture_output=True,
-                             text=True, env=worker_env(framework, args.peer_malloc),
-                             timeout=args.timeout)
-    except subprocess.TimeoutExpired:
-        return {"framework": framework, "model": model,
-                "skipped": f"no result within --timeout {args.timeout} s"}
-    if args.logs:
-        os.makedirs(args.logs, exist_ok=True)
-        with open(os.path.join(args.logs, f"{framework}_{model}.log"), "w") as f:
-            f.write(out.stdout + "\n--- stderr ---\n" + out.stderr)
-    lines = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")]
-    if out.returncode != 0 or not lines:
-        tail = (out.stderr or out.stdout).strip().splitlines()[-3:]
-        return {"framework": framework, "model": model,
-                "skipped": f"failed (status {out.returncode}): " + " | ".join(tail)}
-    result = json.loads(lines[-1][len("RESULT "):])
-    result["process_s"] = round(time.time() - t, 1)
-    return result
+class Worker:
+    """One framework's worker process for one model, serving the driver's commands
+    (scripts/bench/common.py: prepare KIND, time N, done)."""
+
+    def __init__(self, framework: str, model: str, args, size: int):
+        self.framework, self.model, self.args = framework, model, args
+        self.started = time.time()
+        self.deadline = self.started + args.timeout
+        self.stderr = tempfile.TemporaryFile(mode="w+")
+        self.stdout: list[str] = []
+        self.lines: queue.Queue = queue.Queue()
+        self.proc = subprocess.Popen(command(framework, model, args, size) + ["--serve"],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=self.stderr, text=True, bufsize=1,
+                                     env=worker_env(framework, args.peer_malloc))
+        threading.Thread(target=self._read, daemon=True).start()
+        self.result: dict | None = None
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            self.lines.put(line.rstrip("\n"))
+        self.lines.put(None)
+
+    def _fail(self, why: str) -> None:
+        self.proc.kill()
+        self.proc.wait()
+        self.stderr.seek(0)
+        tail = (self.stderr.read() or "\n".join(self.stdout)).strip().splitlines()[-3:]
+        self.result = {"framework": self.framework, "model": self.model,
+                       "skipped": f"{why}: " + " | ".join(tail) if tail else why}
+
+    def ask(self, command: str | None, answer: str | None) -> bool:
+        """Send `command` (None: just wait), wait for the line `answer` (None: for the RESULT
+        line); False when the worker gave its RESULT instead, or ended, failed or ran past
+        --timeout (then with a skipped result saying so)."""
+        if self.result is not None:
+            return False
+        if command:
+            try:
+                self.proc.stdin.write(command + "\n")
+                self.proc.stdin.flush()
+            except (BrokenPipeError, OSError):
+                pass  # it has exited: its last lines say why
+        while True:
+            try:
+                line = self.lines.get(timeout=max(0.0, self.deadline - time.time()))
+            except queue.Empty:
+                self._fail(f"no result within --timeout {self.args.timeout} s")
+                return False
+            if line is None:
+                self.proc.wait()
+                self._fail(f"failed (status {self.proc.returncode})")
+                return False
+            self.stdout.append(line)
+            if line.startswith("RESULT "):  # a peer that cannot run this model says so
+                self._finish(line)
+                return False
+            if answer is not None and line == answer:
+                return True
+
+    def _finish(self, line: str) -> None:
+        self.result = json.loads(line[len("RESULT "):])
+        self.result["process_s"] = round(time.time() - self.started, 1)
+        self.proc.wait()
+
+    def close(self) -> dict:
+        if self.result is None:
+            self.ask("done", None)
+        if self.args.logs:
+            os.makedirs(self.args.logs, exist_ok=True)
+            self.stderr.seek(0)
+            with open(os.path.join(self.args.logs, f"{self.framework}_{self.model}.log"),
+                      "w") as f:
+                f.write("\n".join(self.stdout) + "\n--- stderr ---\n" + self.stderr.read())
+        return self.result
+
+
+def run_model(model: str, frameworks: list[str], args, size: int) -> list[dict]:
+    """Every framework's figures for `model`, measured interleaved: the workers live side by
+    side, each is started, and each kind compiled, while the others wait (so that compile
+    times are not shared), then the timed calls alternate between them, one call each (after
+    an untimed one) in a rotating order for --steps rounds, so that a slow spell of a shared
+    machine falls on all of them alike rather than on whichever ran at the time."""
+    if not frameworks:
+        return []
+    workers: list[Worker] = []
+    for f in frameworks:
+        print(f"  {model} {size}x{size}: starting {f} ...", end=" ", flush=True)
+        w = Worker(f, model, args, size)
+        w.ask(None, "SERVING")
+        print((w.result or {}).get("skipped") or "ok", flush=True)
+        workers.append(w)
+    for kind in args.kinds:
+        for w in workers:
+            w.ask(f"prepare {kind}", "READY")
+        for i in range(args.steps):
+            for w in workers[i % len(workers):] + workers[:i % len(workers)]:
+                w.ask("time 1", "TIMED")
+        print(f"  {model} {kind}: " + ", ".join(
+            f"{w.framework} {'failed' if w.result else 'timed'}" for w in workers), flush=True)
+    return [w.close() for w in workers]
 
 
 def img_s(r: dict, kind: str) -> float | None:
@@ -291,6 +377,7 @@ def main(argv=None) -> int:
     t0 = time.time()
     for model in args.models:
         size = args.size or q.get("size") or MODELS[model]
+        runnable = []
         for f in frameworks:
             why = installed(f)
             if why is None and accel not in ("cpu", "") and f.startswith("keras"):
@@ -298,10 +385,8 @@ def main(argv=None) -> int:
             if why:
                 results.append({"framework": f, "model": model, "skipped": why})
                 continue
-            print(f"  {model} {size}x{size} on {f} ...", end=" ", flush=True)
-            r = run_worker(f, model, args, size)
-            print(r.get("skipped") or f"{r['process_s']} s", flush=True)
-            results.append(r)
+            runnable.append(f)
+        results += run_model(model, runnable, args, size)
     add_derived(results)
     print_table(results, frameworks)
     print(f"\nwhole benchmark: {(time.time() - t0) / 60:.1f} min")

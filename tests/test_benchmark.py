@@ -26,7 +26,7 @@ def test_benchmark_runs_tljax_beside_torch(tmp_path, capsys):
     out = tmp_path / "bench.json"
     png = tmp_path / "bench.png"
     assert bench.main(["--models", "resnet50", "--frameworks", "tljax", "torch",
-                       "--size", "32", "--batch", "2", "--steps", "1", "--warmup", "1",
+                       "--size", "32", "--batch", "2", "--steps", "2", "--warmup", "1",
                        "--json", str(out), "--plot", str(png)]) == 0
     printed = capsys.readouterr().out
     results = {r["framework"]: r for r in json.loads(out.read_text())["results"]}
@@ -35,6 +35,7 @@ def test_benchmark_runs_tljax_beside_torch(tmp_path, capsys):
         assert "skipped" not in r, r
         for kind in bench.KINDS:
             assert r[kind]["images_per_s"] > 0 and r[kind]["first_call_s"] > 0
+            assert len(r[kind]["times_s"]) == 2  # one timed call per round, two rounds
             assert 0 < r[kind]["mfu"] < 1.5, (r["framework"], kind, r[kind]["mfu"])
     t = results["tljax"]
     assert t["peak_flops"] > 1e9
@@ -55,6 +56,17 @@ def test_benchmark_names_a_peer_that_cannot_run(tmp_path, capsys, monkeypatch):
     results = json.loads((tmp_path / "b.json").read_text())["results"]
     assert results == [{"framework": "keras-tensorflow", "model": "vgg19",
                         "skipped": "not installed: keras"}]
+
+
+def test_benchmark_reports_a_worker_that_cannot_run_the_model(tmp_path):
+    """A worker that refuses the model at start-up (no PyTorch InceptionV3 is written) ends the
+    interleaved protocol with its reason instead of a figure."""
+    pytest.importorskip("torch")
+    bench = load_benchmark()
+    bench.main(["--models", "inception_v3", "--frameworks", "torch", "--size", "75",
+                "--plot", "", "--json", str(tmp_path / "b.json")])
+    (r,) = json.loads((tmp_path / "b.json").read_text())["results"]
+    assert r["framework"] == "torch" and "no PyTorch peer written for inception_v3" in r["skipped"]
 
 
 def test_model_flops_counts_convolutions_and_matmuls():

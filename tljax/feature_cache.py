@@ -12,10 +12,11 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from typing import Any
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
+
+from tljax import xla_options
 
 
 class Head(nn.Module):
@@ -93,5 +94,5 @@ def eval_batches(features: np.ndarray, labels: np.ndarray, local_batch: int, cou
 
 def jit_features(model: nn.Module, variables: Any, preprocess: Callable | None = None):
     """A compiled `images -> features` for fixed `variables`."""
-    f = jax.jit(features_fn(model, preprocess))
+    f = xla_options.jit(features_fn(model, preprocess))
     return lambda images: f(variables, images)

@@ -38,6 +38,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from tljax import train_step as steps
+from tljax import xla_options
 
 AXIS = "batch"
 
@@ -109,13 +110,14 @@ def shard_map_train_step(config: steps.StepConfig, mesh_: Mesh) -> Callable:
     fn = functools.partial(steps.train_step, config=config)
     body = jax.shard_map(fn, mesh=mesh_, in_specs=(P(), P(config.axis_name), P()),
                          out_specs=(P(), P()), check_vma=False)
-    return jax.jit(body, donate_argnums=(0,))
+    return xla_options.jit(body, devices=mesh_.devices.flat, donate_argnums=(0,))
 
 
 def shard_map_eval_step(config: steps.StepConfig, mesh_: Mesh) -> Callable:
     fn = functools.partial(steps.eval_step, config=config)
-    return jax.jit(jax.shard_map(fn, mesh=mesh_, in_specs=(P(), P(config.axis_name)),
-                                 out_specs=P(), check_vma=False))
+    return xla_options.jit(jax.shard_map(fn, mesh=mesh_, in_specs=(P(), P(config.axis_name)),
+                                         out_specs=P(), check_vma=False),
+                           devices=mesh_.devices.flat)
 
 
 def put_replicated(tree, mesh_: Mesh):

@@ -11,12 +11,11 @@ import sys
 
 import numpy as np
 
-from tljax import imagenet, models, weights
+from tljax import imagenet, models, weights, xla_options
 
 
 def predict(model: str, weights_dir: str, paths: list[str], top: int = 5) -> list[list[dict]]:
     """Top-`top` ImageNet classes of each image in `paths`."""
-    import jax
 
     rec = weights.record(weights_dir)
     if rec["model"] != model:
@@ -37,7 +36,7 @@ def predict(model: str, weights_dir: str, paths: list[str], top: int = 5) -> lis
     images = np.stack([imagenet.load_image(p, size) for p in paths])
     module = models.create(model, **options)
     variables = weights.load(weights_dir)
-    logits = jax.jit(module.apply)(variables, models.preprocess(model, images))
+    logits = xla_options.jit(module.apply)(variables, models.preprocess(model, images))
     return imagenet.decode(np.asarray(logits), top)
 
 

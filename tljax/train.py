@@ -261,11 +261,11 @@ def initial_variables(r: Resolved, model) -> dict:
     import jax
     import jax.numpy as jnp
 
-    from tljax import pretrained
+    from tljax import pretrained, xla_options
 
     c = r.config
     x = jnp.zeros((1, r.image_size, r.image_size, 3), jnp.float32)
-    fresh = jax.jit(model.init)(jax.random.key(c.seed), x)
+    fresh = xla_options.jit(model.init)(jax.random.key(c.seed), x)
     fresh = jax.tree.map(np.asarray, {k: fresh[k] for k in ("params", "batch_stats")
                                       if k in fresh})
     if c.init == "scratch":

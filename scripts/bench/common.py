@@ -3,8 +3,17 @@
 Each worker (one framework, one model, in its own process) times three things on the same random
 batch: inference, a full fine-tune step (everything trains) and a frozen-backbone step (only the
 new head trains, frozen BatchNorm in inference mode). A figure is the median of `steps` timed
-calls after `warmup` untimed ones (the first of which compiles, and is reported as the compile
-time), with min and max. The worker prints one JSON line starting with RESULT for the driver.
+calls after `warmup` untimed ones (the first of which compiles, and is reported as the first
+call), with min and max. The worker prints one JSON line starting with RESULT for the driver.
+
+Two ways to run (`run`): on its own, a worker prepares and times one kind after another; with
+`--serve`, it takes the driver's commands on stdin, so that the driver can interleave the timed
+calls of several frameworks' workers, alive side by side (see scripts/benchmark.py):
+  prepare KIND   build and compile KIND, run the untimed calls; answers `READY`
+  time N         one untimed call of the prepared KIND (the worker has sat idle while the others
+                 ran: its threads asleep, its data out of the caches), then N timed calls;
+                 answers `TIMED`
+  done           answers with the RESULT line and exits
 """
 
 from __future__ import annotations
@@ -32,6 +41,8 @@ def parser(doc: str) -> argparse.ArgumentParser:
     p.add_argument("--kinds", default=",".join(KINDS))
     p.add_argument("--dtype", choices=DTYPES, default="auto",
                    help="computation dtype; auto: float32 on CPU, bfloat16 on an accelerator")
+    p.add_argument("--serve", action="store_true",
+                   help="take prepare/time/done commands on stdin (the driver's interleaving)")
     return p
 
 
@@ -43,9 +54,65 @@ def measure(fn: Callable[[], object], sync: Callable[[object], object], steps: i
         t = time.perf_counter()
         sync(fn())
         times.append(time.perf_counter() - t)
-    timed = times[max(1, warmup):]
-    return {"first_call_s": times[0], "times_s": timed, "median_s": statistics.median(timed),
-            "min_s": min(timed), "max_s": max(timed)}
+    entry = {"first_call_s": times[0], "times_s": times[max(1, warmup):]}
+    _summarise(entry)
+    return entry
+
+
+def _summarise(entry: dict) -> None:
+    timed = entry["times_s"]
+    if timed:
+        entry.update(median_s=statistics.median(timed), min_s=min(timed), max_s=max(timed))
+
+
+Prepare = Callable[[str], "tuple[Callable[[], object], dict, Callable[[], dict]]"]
+
+
+def run(kinds: list[str], prepare: Prepare, sync: Callable[[object], object], args,
+        result: dict) -> None:
+    """Measure `kinds` and emit `result` with a figure per kind.
+
+    `prepare(kind)` returns `(fn, info, after)`: the no-argument call to time, what is known
+    of it before the first call (merged into the kind's figures; a `compile_s` spent ahead of
+    the first call is added to `first_call_s`), and a function giving the figures to record
+    after the timed calls (memory)."""
+    if not args.serve:
+        for kind in kinds:
+            fn, info, after = prepare(kind)
+            result[kind] = measure(fn, sync, args.steps, args.warmup)
+            result[kind].update(info)
+            result[kind]["first_call_s"] += info.get("compile_s", 0.0)
+            result[kind].update(after())
+        emit(result)
+        return
+    fn = after = entry = None
+    print("SERVING", flush=True)
+    for line in sys.stdin:
+        cmd = line.split()
+        if not cmd:
+            continue
+        if cmd[0] == "prepare":
+            fn, info, after = prepare(cmd[1])
+            t = time.perf_counter()
+            sync(fn())
+            entry = result[cmd[1]] = {"first_call_s": time.perf_counter() - t, "times_s": []}
+            for _ in range(max(1, args.warmup) - 1):
+                sync(fn())
+            entry.update(info)
+            entry["first_call_s"] += info.get("compile_s", 0.0)
+            print("READY", flush=True)
+        elif cmd[0] == "time":
+            sync(fn())
+            for _ in range(int(cmd[1])):
+                t = time.perf_counter()
+                sync(fn())
+                entry["times_s"].append(time.perf_counter() - t)
+            _summarise(entry)
+            entry.update(after())
+            print("TIMED", flush=True)
+        elif cmd[0] == "done":
+            break
+    emit(result)
 
 
 def peak_rss_mb() -> float:

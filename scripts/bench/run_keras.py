@@ -49,7 +49,7 @@ def main() -> None:
     # One model for the three measurements (building a Keras application takes seconds):
     # inference first, then the full step, then the frozen step (`compile` again after
     # changing `trainable`, as Keras requires).
-    for kind in args.kinds.split(","):
+    def prepare(kind):
         if kind == "inference":
             def fn():
                 return model.predict_on_batch(x)
@@ -62,9 +62,9 @@ def main() -> None:
 
             def fn():
                 return model.train_on_batch(x, y)
-        result[kind] = common.measure(fn, sync, args.steps, args.warmup)
-        result[kind]["peak_memory_mb"] = common.peak_rss_mb()
-    common.emit(result)
+        return fn, {}, lambda: {"peak_memory_mb": common.peak_rss_mb()}
+
+    common.run(args.kinds.split(","), prepare, sync, args, result)
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
-from tljax import freeze, models, parallel  # noqa: E402
+from tljax import freeze, models, parallel, xla_options  # noqa: E402
 from tljax import train_step as steps  # noqa: E402
 
 
@@ -85,16 +85,18 @@ def analysis(lower_fn) -> dict:
 
 
 def program(kind: str, module, variables, images, labels, device, bn: str = "follow"):
-    """A no-argument call running `kind` once, and `analysis` of its compiled program."""
+    """A no-argument call running `kind` once, `analysis` of its compiled program, and a
+    no-argument function that lowers that program again (for `profile_ops.py`)."""
     if kind == "inference":
         def apply(v, x):
             return module.apply(v, x, train=False)
 
-        forward = jax.jit(apply)
+        forward = xla_options.jit(apply, devices=[device])
         v, x = jax.device_put((variables, images), device)
-        info = analysis(lambda: forward.lower(v, x))
+        lower = functools.partial(forward.lower, v, x)
+        info = analysis(lower)
         info["flops"] = flops.model_flops(apply, variables, images)
-        return (lambda: forward(v, x)), info
+        return (lambda: forward(v, x)), info, lower
     labels_tree = freeze.resolve(variables["params"], "none" if kind == "full_step" else "backbone")
     tx = steps.optimizer(labels_tree, lambda lr: optax.sgd(lr, momentum=0.9), 0.01)
     # --bn inference (ablation): every BatchNorm on its moving statistics, as if all were frozen.
@@ -109,7 +111,10 @@ def program(kind: str, module, variables, images, labels, device, bn: str = "fol
     holder = [put_state(state)]  # donated, replaced each call
     batch = put_batch(host_batch)
     key = jax.random.key(0)
-    info = analysis(lambda: step.lower(holder[0], batch, key))
+    def lower():
+        return step.lower(holder[0], batch, key)
+
+    info = analysis(lower)
     info["flops"] = flops.model_flops(functools.partial(steps.train_step, config=config), state,
                                       host_batch, key, axis_env=[(config.axis_name, 1)])
 
@@ -117,7 +122,7 @@ def program(kind: str, module, variables, images, labels, device, bn: str = "fol
         holder[0], metrics = step(holder[0], batch, key)
         return metrics
 
-    return once, info
+    return once, info, lower
 
 
 def main() -> None:
@@ -144,20 +149,25 @@ def main() -> None:
     def sync(out):
         return jax.block_until_ready(out)
 
-    for kind in args.kinds.split(","):
-        fn, info = program(kind, module, variables, images, labels, device, args.bn)
-        result[kind] = common.measure(fn, sync, args.steps, args.warmup)
-        result[kind].update(info, peak_memory_mb=common.peak_rss_mb())
-        # Compiled ahead of the first call (for the analyses): count it in, like the peers'.
-        result[kind]["first_call_s"] += info["compile_s"]
-        if accel and "xla_memory_mb" in info:
+    def prepare(kind):
+        # Compiled ahead of the first call (for the analyses): `common.run` counts the
+        # compile_s in the first call, like the peers'.
+        fn, info, _ = program(kind, module, variables, images, labels, device, args.bn)
+
+        def after():
+            if not (accel and "xla_memory_mb" in info):
+                return {"peak_memory_mb": common.peak_rss_mb()}
             # JAX cannot reset the device's high-water mark between programs: report each
             # program's own footprint (XLA's memory analysis) and the process's peak beside it.
-            result[kind]["peak_memory_mb"] = info["xla_memory_mb"]
+            out = {"peak_memory_mb": info["xla_memory_mb"]}
             stats = device.memory_stats() if hasattr(device, "memory_stats") else None
             if stats and "peak_bytes_in_use" in stats:
-                result[kind]["device_peak_mb"] = stats["peak_bytes_in_use"] / 2**20
-    common.emit(result)
+                out["device_peak_mb"] = stats["peak_bytes_in_use"] / 2**20
+            return out
+
+        return fn, info, after
+
+    common.run(args.kinds.split(","), prepare, sync, args, result)
 
 
 if __name__ == "__main__":

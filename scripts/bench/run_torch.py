@@ -79,14 +79,17 @@ def main() -> None:
     result = {"framework": name, "model": args.model, "batch": args.batch, "size": args.size,
               "device": torch.cuda.get_device_name() if cuda else "cpu",
               "version": torch.__version__, "dtype": str(dtype).replace("torch.", "")}
-    for kind in args.kinds.split(","):
+    def prepare(kind):
         if cuda:
             torch.cuda.reset_peak_memory_stats()
-        fn = program(kind, args, x, y, device, dtype)
-        result[kind] = common.measure(fn, sync, args.steps, args.warmup)
-        result[kind]["peak_memory_mb"] = (torch.cuda.max_memory_allocated() / 2**20 if cuda
-                                          else common.peak_rss_mb())
-    common.emit(result)
+
+        def after():
+            return {"peak_memory_mb": (torch.cuda.max_memory_allocated() / 2**20 if cuda
+                                       else common.peak_rss_mb())}
+
+        return program(kind, args, x, y, device, dtype), {}, after
+
+    common.run(args.kinds.split(","), prepare, sync, args, result)
 
 
 if __name__ == "__main__":
