@@ -76,39 +76,43 @@ def run(kinds: list[str], prepare: Prepare, sync: Callable[[object], object], ar
     of it before the first call (merged into the kind's figures; a `compile_s` spent ahead of
     the first call is added to `first_call_s`), and a function giving the figures to record
     after the timed calls (memory)."""
+    current: dict = {}
+
+    def start(kind: str) -> None:
+        fn, info, after = prepare(kind)
+        entry = measure(fn, sync, 0, args.warmup)
+        entry.update(info)
+        entry["first_call_s"] += info.get("compile_s", 0.0)
+        result[kind] = entry
+        current.update(fn=fn, after=after, entry=entry)
+
+    def timed(n: int, rewarm: bool) -> None:
+        fn, entry = current["fn"], current["entry"]
+        if rewarm:
+            sync(fn())
+        for _ in range(n):
+            t = time.perf_counter()
+            sync(fn())
+            entry["times_s"].append(time.perf_counter() - t)
+        _summarise(entry)
+        entry.update(current["after"]())
+
     if not args.serve:
         for kind in kinds:
-            fn, info, after = prepare(kind)
-            result[kind] = measure(fn, sync, args.steps, args.warmup)
-            result[kind].update(info)
-            result[kind]["first_call_s"] += info.get("compile_s", 0.0)
-            result[kind].update(after())
+            start(kind)
+            timed(args.steps, rewarm=False)
         emit(result)
         return
-    fn = after = entry = None
     print("SERVING", flush=True)
     for line in sys.stdin:
         cmd = line.split()
         if not cmd:
             continue
         if cmd[0] == "prepare":
-            fn, info, after = prepare(cmd[1])
-            t = time.perf_counter()
-            sync(fn())
-            entry = result[cmd[1]] = {"first_call_s": time.perf_counter() - t, "times_s": []}
-            for _ in range(max(1, args.warmup) - 1):
-                sync(fn())
-            entry.update(info)
-            entry["first_call_s"] += info.get("compile_s", 0.0)
+            start(cmd[1])
             print("READY", flush=True)
         elif cmd[0] == "time":
-            sync(fn())
-            for _ in range(int(cmd[1])):
-                t = time.perf_counter()
-                sync(fn())
-                entry["times_s"].append(time.perf_counter() - t)
-            _summarise(entry)
-            entry.update(after())
+            timed(int(cmd[1]), rewarm=True)
             print("TIMED", flush=True)
         elif cmd[0] == "done":
             break

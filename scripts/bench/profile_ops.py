@@ -34,10 +34,7 @@ os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import jax  # noqa: E402
-import numpy as np  # noqa: E402
 import run_tljax  # noqa: E402
-
-from tljax import models  # noqa: E402
 
 _INSTR = re.compile(r"^\s*(?:ROOT )?%([\w.\-]+) = (\S+?)(?:\{[^}]*\})? ([\w\-]+)\(")
 _OP_NAME = re.compile(r'op_name="([^"]*)"')
@@ -103,11 +100,7 @@ def main() -> None:
     p.add_argument("--trace-dir", default=None, help="keep the trace here (default: a temp dir)")
     args = p.parse_args()
 
-    module = models.create(args.model, num_classes=10)
-    variables = models.random_variables(module, args.size)
-    rng = np.random.default_rng(0)
-    images = rng.uniform(0, 255, (args.batch, args.size, args.size, 3)).astype(np.float32)
-    labels = rng.integers(0, 10, args.batch).astype(np.int32)
+    module, variables, images, labels = run_tljax.setup(args.model, args.size, args.batch, 10)
     once, info, lower = run_tljax.program(args.kind, module, variables, images, labels,
                                           jax.devices()[0])
     ops = instructions(lower().compile().as_text())

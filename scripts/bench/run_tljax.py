@@ -84,6 +84,16 @@ def analysis(lower_fn) -> dict:
     return out
 
 
+def setup(model: str, size: int, batch: int, classes: int, dtype=jnp.float32):
+    """The model with random weights and one random batch: what every program runs on."""
+    module = models.create(model, num_classes=classes, dtype=dtype)
+    variables = models.random_variables(module, size)
+    rng = np.random.default_rng(0)
+    images = rng.uniform(0, 255, (batch, size, size, 3)).astype(np.float32)
+    labels = rng.integers(0, classes, batch).astype(np.int32)
+    return module, variables, images, labels
+
+
 def program(kind: str, module, variables, images, labels, device, bn: str = "follow"):
     """A no-argument call running `kind` once, `analysis` of its compiled program, and a
     no-argument function that lowers that program again (for `profile_ops.py`)."""
@@ -136,11 +146,8 @@ def main() -> None:
     dtype = {"auto": jnp.bfloat16 if accel else jnp.float32, "float32": jnp.float32,
              "bfloat16": jnp.bfloat16}[args.dtype]
     device = jax.devices()[0]
-    module = models.create(args.model, num_classes=args.classes, dtype=dtype)
-    variables = models.random_variables(module, args.size)
-    rng = np.random.default_rng(0)
-    images = rng.uniform(0, 255, (args.batch, args.size, args.size, 3)).astype(np.float32)
-    labels = rng.integers(0, args.classes, args.batch).astype(np.int32)
+    module, variables, images, labels = setup(args.model, args.size, args.batch, args.classes,
+                                              dtype)
     result = {"framework": "tljax", "model": args.model, "batch": args.batch, "size": args.size,
               "device": device.device_kind, "version": jax.__version__,
               "dtype": jnp.dtype(dtype).name, "peak_flops": matmul_peak(dtype),
