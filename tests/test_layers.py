@@ -1,6 +1,7 @@
 """The CPU forms of convolutions equal XLA's convolutions: 1x1 convolutions as matrix
 products (`layers.Conv`) and depthwise convolutions as shifted multiply-adds
-(`layers.DepthwiseConv`), outputs and gradients, with the same parameters."""
+(`layers.DepthwiseConv`), and max pooling as shifted maxima (`layers.max_pool`), outputs
+and gradients, with the same parameters."""
 
 from __future__ import annotations
 
@@ -56,6 +57,33 @@ def test_depthwise_conv_equals_grouped_conv(kernel, stride, size):
     g_ours = jax.grad(lambda v, x: jnp.sum(jnp.sin(ours.apply(v, x))), argnums=(0, 1))(v, x)
     g_ref = jax.grad(lambda v, x: jnp.sum(jnp.sin(ref.apply(v, x))), argnums=(0, 1))(v, x)
     jax.tree.map(_close, g_ours, g_ref)
+
+
+@pytest.mark.parametrize("window, stride, shape", [
+    (3, 2, (2, 9, 9, 3)), (3, 2, (2, 11, 10, 4)), (2, 2, (2, 8, 8, 3)), (3, 1, (2, 7, 7, 2))])
+def test_max_pool_equals_flax_max_pool_ties_included(window, stride, shape):
+    """`layers.max_pool` (shifted maxima on CPU) gives flax's maxima and sends each gradient to
+    the same input as `reduce_window`'s gradient, also where a window holds several maxima:
+    zeros after a ReLU, and a block of equal positive values. Integer cotangents make the
+    sums exact, so the comparison is exact."""
+    rng = np.random.default_rng(0)
+    x = np.maximum(rng.normal(size=shape), 0).astype(np.float32)
+    x[0, :3, :3, 0] = 1.0
+    x = jnp.asarray(x)
+
+    def ref(x):
+        return nn.max_pool(x, (window, window), strides=(stride, stride), padding="VALID")
+
+    def ours(x):
+        return layers.max_pool(x, window, stride)
+
+    y = ref(x)
+    np.testing.assert_array_equal(ours(x), y)
+    dy = jnp.asarray(rng.integers(1, 50, y.shape).astype(np.float32))
+    np.testing.assert_array_equal(jax.vjp(ours, x)[1](dy)[0], jax.vjp(ref, x)[1](dy)[0])
+    assert "reduce_window_max" not in str(jax.make_jaxpr(ours)(x))
+    with layers.plain_convolutions():  # a new function: JAX caches traces by function
+        assert "reduce_window_max" in str(jax.make_jaxpr(lambda x: ours(x))(x))
 
 
 def test_plain_convolutions_turns_the_cpu_rewrites_off():

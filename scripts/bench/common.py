@@ -13,7 +13,12 @@ calls of several frameworks' workers, alive side by side (see scripts/benchmark.
   time N         one untimed call of the prepared KIND (the worker has sat idle while the others
                  ran: its threads asleep, its data out of the caches), then N timed calls;
                  answers `TIMED`
+  pair A B N     N rounds of one call of the prepared kind A then one of B (after one untimed
+                 call of each): their time ratio B/A per round, both measured within the same
+                 second or two, so that a drift of the machine's speed between the kinds'
+                 phases does not enter it; answers `PAIRED`
   done           answers with the RESULT line and exits
+Standalone, a worker that timed both `inference` and `frozen_step` also pairs them (`PAIR`).
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ import time
 from collections.abc import Callable
 
 KINDS = ("inference", "full_step", "frozen_step")
+PAIR = ("inference", "frozen_step")  # the frozen step's target is a ratio to the forward pass
 DTYPES = ("auto", "float32", "bfloat16")
 
 
@@ -76,7 +82,7 @@ def run(kinds: list[str], prepare: Prepare, sync: Callable[[object], object], ar
     of it before the first call (merged into the kind's figures; a `compile_s` spent ahead of
     the first call is added to `first_call_s`), and a function giving the figures to record
     after the timed calls (memory)."""
-    current: dict = {}
+    prepared: dict = {}  # kind -> (fn, after, entry); every program is kept for `pair`
 
     def start(kind: str) -> None:
         fn, info, after = prepare(kind)
@@ -84,36 +90,53 @@ def run(kinds: list[str], prepare: Prepare, sync: Callable[[object], object], ar
         entry.update(info)
         entry["first_call_s"] += info.get("compile_s", 0.0)
         result[kind] = entry
-        current.update(fn=fn, after=after, entry=entry)
+        prepared[kind] = (fn, after, entry)
 
-    def timed(n: int, rewarm: bool) -> None:
-        fn, entry = current["fn"], current["entry"]
+    def call(kind: str) -> float:
+        t = time.perf_counter()
+        sync(prepared[kind][0]())
+        return time.perf_counter() - t
+
+    def timed(kind: str, n: int, rewarm: bool) -> None:
+        _, after, entry = prepared[kind]
         if rewarm:
-            sync(fn())
-        for _ in range(n):
-            t = time.perf_counter()
-            sync(fn())
-            entry["times_s"].append(time.perf_counter() - t)
+            call(kind)
+        entry["times_s"] += [call(kind) for _ in range(n)]
         _summarise(entry)
-        entry.update(current["after"]())
+        entry.update(after())
+
+    def pair(a: str, b: str, n: int) -> None:
+        call(a), call(b)
+        ratios = []
+        for _ in range(n):
+            ta = call(a)
+            ratios.append(call(b) / ta)
+        result.setdefault("paired", {})[f"{b}/{a}"] = {
+            "ratios": ratios, "median": statistics.median(ratios)}
 
     if not args.serve:
         for kind in kinds:
             start(kind)
-            timed(args.steps, rewarm=False)
+            timed(kind, args.steps, rewarm=False)
+        if all(k in prepared for k in PAIR):
+            pair(*PAIR, args.steps)
         emit(result)
         return
     print("SERVING", flush=True)
+    last = None
     for line in sys.stdin:
         cmd = line.split()
         if not cmd:
             continue
         if cmd[0] == "prepare":
-            start(cmd[1])
+            start(last := cmd[1])
             print("READY", flush=True)
         elif cmd[0] == "time":
-            timed(int(cmd[1]), rewarm=True)
+            timed(last, int(cmd[1]), rewarm=True)
             print("TIMED", flush=True)
+        elif cmd[0] == "pair":
+            pair(cmd[1], cmd[2], int(cmd[3]))
+            print("PAIRED", flush=True)
         elif cmd[0] == "done":
             break
     emit(result)

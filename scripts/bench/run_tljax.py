@@ -30,13 +30,13 @@ from tljax import freeze, models, parallel, xla_options  # noqa: E402
 from tljax import train_step as steps  # noqa: E402
 
 
-def best_time(f, *args, repeat: int = 5) -> float:
-    """Seconds of the fastest of `repeat` calls of the compiled `f` (after one untimed call)."""
-    jax.block_until_ready(f(*args))
+def best_time(call, repeat: int = 5) -> float:
+    """Seconds of the fastest of `repeat` runs of `call()` (after one untimed run)."""
+    jax.block_until_ready(call())
     best = float("inf")
     for _ in range(repeat):
         t = time.perf_counter()
-        jax.block_until_ready(f(*args))
+        jax.block_until_ready(call())
         best = min(best, time.perf_counter() - t)
     return best
 
@@ -46,7 +46,8 @@ def matmul_peak(dtype) -> float:
     data can run faster than real data on GPUs)."""
     n = 2048 if jax.default_backend() == "cpu" else 8192
     a = jax.random.normal(jax.random.key(1), (n, n), dtype)
-    return 2 * n**3 / best_time(jax.jit(lambda a: a @ a), a)
+    f = jax.jit(lambda a: a @ a)
+    return 2 * n**3 / best_time(lambda: f(a))
 
 
 def copy_bandwidth() -> float:
@@ -55,13 +56,13 @@ def copy_bandwidth() -> float:
     (a fresh output buffer each call would time the allocator's page faults on CPU)."""
     n = (64 if jax.default_backend() == "cpu" else 1024) * 2**20 // 4
     f = jax.jit(lambda x: x * 0.5 + 1.0, donate_argnums=0)
-    x = f(jax.random.normal(jax.random.key(2), (n,), jnp.float32))
-    best = float("inf")
-    for _ in range(5):
-        t = time.perf_counter()
-        x = jax.block_until_ready(f(x))
-        best = min(best, time.perf_counter() - t)
-    return 2 * 4 * n / best
+    x = [jax.random.normal(jax.random.key(2), (n,), jnp.float32)]
+
+    def once():
+        x[0] = f(x[0])
+        return x[0]
+
+    return 2 * 4 * n / best_time(once)
 
 
 def analysis(lower_fn) -> dict:

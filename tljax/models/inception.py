@@ -55,7 +55,7 @@ def _avg_pool_same(x):
 
 
 def _max_pool(x):
-    return nn.max_pool(x, (3, 3), strides=(2, 2), padding="VALID")
+    return layers.max_pool(x, 3, 2)
 
 
 class _Mixed(nn.Module):

@@ -19,6 +19,7 @@ import contextvars
 import dataclasses
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
@@ -165,8 +166,6 @@ def cpu_rewrites() -> bool:
     gradients, run several times below its matmul rate) and depthwise convolutions as shifted
     multiply-adds (`DepthwiseConv`; its grouped convolutions are slower still). True on CPU
     unless `plain_convolutions()` is active; accelerators run XLA's convolutions (cuDNN)."""
-    import jax
-
     return jax.default_backend() == "cpu" and not _PLAIN.get()
 
 
@@ -193,8 +192,6 @@ class Conv(nn.Conv):
                 or not zero_pad or self.input_dilation not in (None, 1) or self.mask is not None
                 or not cpu_rewrites()):
             return super().__call__(inputs)
-        import jax
-
         kernel = self.param("kernel", self.kernel_init, (1, 1, inputs.shape[-1], self.features),
                             self.param_dtype)
         bias = (self.param("bias", self.bias_init, (self.features,), self.param_dtype)
@@ -236,25 +233,29 @@ class DepthwiseConv(nn.Module):
         x = jnp.asarray(x, self.dtype)
         kernel = jnp.asarray(kernel, self.dtype)
         if self.use_conv:
-            import jax
-
             return jax.lax.conv_general_dilated(
                 x, kernel, (s, s), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"),
                 feature_group_count=c)
         return depthwise_taps(x, kernel, s)
 
 
+def _tap_windows(x, k: int, s: int):
+    """The k*k windows of `x`, padded 'SAME' as TensorFlow, at stride `s`: ((i, j), window)
+    with each window the output's shape."""
+    h, w = x.shape[1], x.shape[2]
+    (pt, pb), (pl, pr) = _same_padding(h, k, s), _same_padding(w, k, s)
+    xp = jnp.pad(x, ((0, 0), (pt, pb), (pl, pr), (0, 0)))
+    oh, ow = -(-h // s), -(-w // s)
+    return [((i, j), xp[:, i:i + s * (oh - 1) + 1:s, j:j + s * (ow - 1) + 1:s, :])
+            for i in range(k) for j in range(k)]
+
+
 def _taps(x, kernel, s: int):
     """The forward multiply-adds: 'SAME' padding as TensorFlow, stride `s`."""
-    k, h, w = kernel.shape[0], x.shape[1], x.shape[2]
-    (pt, pb), (pl, pr) = _same_padding(h, k, s), _same_padding(w, k, s)
-    x = jnp.pad(x, ((0, 0), (pt, pb), (pl, pr), (0, 0)))
-    oh, ow = -(-h // s), -(-w // s)
     out = None
-    for i in range(k):
-        for j in range(k):
-            tap = x[:, i:i + s * (oh - 1) + 1:s, j:j + s * (ow - 1) + 1:s, :] * kernel[i, j, 0]
-            out = tap if out is None else out + tap
+    for (i, j), window in _tap_windows(x, kernel.shape[0], s):
+        tap = window * kernel[i, j, 0]
+        out = tap if out is None else out + tap
     return out
 
 
@@ -271,11 +272,9 @@ def _taps_bwd(s, res, dy):
     consumer. Kernel: each tap's window times dy summed over batch and space, as a product
     with a vector of ones (XLA:CPU runs it as a matrix-vector product, faster than its
     reduction over the three leading axes)."""
-    import jax
-
     x, kernel = res
     k, h, w = kernel.shape[0], x.shape[1], x.shape[2]
-    (pt, pb), (pl, pr) = _same_padding(h, k, s), _same_padding(w, k, s)
+    pt, pl = _same_padding(h, k, s)[0], _same_padding(w, k, s)[0]
     oh, ow, c = dy.shape[1], dy.shape[2], dy.shape[3]
     # dx[a] = sum_i kernel[i] * dy_dilated[a + pt - i]: pad dy_dilated by k - 1 - pt in front.
     lo_h, lo_w = k - 1 - pt, k - 1 - pl
@@ -288,18 +287,14 @@ def _taps_bwd(s, res, dy):
         for j in range(k):
             t = dyp[:, i:i + h, j:j + w, :] * kernel[k - 1 - i, k - 1 - j, 0]
             dx = t if dx is None else dx + t
-    xp = jnp.pad(x, ((0, 0), (pt, pb), (pl, pr), (0, 0)))
     ones = jnp.ones((dy.size // c,), dy.dtype)
-    dk = jnp.stack([
-        jnp.matmul(ones, (xp[:, i:i + s * (oh - 1) + 1:s, j:j + s * (ow - 1) + 1:s, :]
-                          * dy).reshape(-1, c), preferred_element_type=jnp.float32)
-        for i in range(k) for j in range(k)])
+    dk = jnp.stack([jnp.matmul(ones, (window * dy).reshape(-1, c),
+                               preferred_element_type=jnp.float32)
+                    for _, window in _tap_windows(x, k, s)])
     return dx, dk.reshape(kernel.shape).astype(kernel.dtype)
 
 
 def _depthwise_taps():
-    import jax
-
     f = jax.custom_vjp(_taps, nondiff_argnums=(2,))
     f.defvjp(_taps_fwd, _taps_bwd)
     return f
@@ -308,3 +303,70 @@ def _depthwise_taps():
 # A depthwise convolution (N, H, W, C) x (k, k, 1, C) -> (N, H', W', C), 'SAME' padding, as
 # k*k multiply-adds, with the gradients of `_taps_bwd`.
 depthwise_taps = _depthwise_taps()
+
+
+def max_pool(x, window: int, stride: int):
+    """`nn.max_pool(x, (window, window), (stride, stride), 'VALID')`, the same maxima; on CPU
+    written as the window*window shifted maxima it is, with the gradient of `_max_taps_bwd`
+    (XLA:CPU's `select_and_scatter`, the gradient autodiff writes for `reduce_window`, is
+    several times slower: docs/benchmarks.md)."""
+    if not cpu_rewrites():
+        return nn.max_pool(x, (window, window), strides=(stride, stride), padding="VALID")
+    return max_taps(x, window, stride)
+
+
+def _pool_windows(x, k: int, s: int):
+    """The k*k 'VALID' windows of `x` at stride `s`, in row-major window order, each the
+    output's shape."""
+    oh, ow = (x.shape[1] - k) // s + 1, (x.shape[2] - k) // s + 1
+    return [x[:, i:i + s * (oh - 1) + 1:s, j:j + s * (ow - 1) + 1:s, :]
+            for i in range(k) for j in range(k)]
+
+
+def _max_taps(x, k: int, s: int):
+    out = None
+    for window in _pool_windows(x, k, s):
+        out = window if out is None else jnp.maximum(out, window)
+    return out
+
+
+def _max_taps_fwd(x, k, s):
+    out = _max_taps(x, k, s)
+    return out, (x, out)
+
+
+def _max_taps_bwd(k, s, res, dy):
+    """Each output's gradient goes to the first input of its window (row-major order) that
+    equals the maximum, as `select_and_scatter` does for `reduce_window` max (and TensorFlow's
+    MaxPoolGrad): the same choice, ties included (where windows overlap, an input's shares add
+    up in another order: last-bit differences). Each tap's share is placed back at its
+    strided positions by padding (the transpose of the strided slice); the k*k padded arrays
+    add up in one fused pass."""
+    x, out = res
+    h, w = x.shape[1], x.shape[2]
+    oh, ow = out.shape[1], out.shape[2]
+    zero = jnp.zeros((), dy.dtype)
+    taken = None
+    dx = None
+    for n, window in enumerate(_pool_windows(x, k, s)):
+        i, j = divmod(n, k)
+        hit = window == out
+        if taken is not None:
+            hit = hit & ~taken
+        taken = hit if taken is None else taken | hit
+        share = jax.lax.pad(jnp.where(hit, dy, zero), zero,
+                            ((0, 0, 0), (i, h - i - s * (oh - 1) - 1, s - 1),
+                             (j, w - j - s * (ow - 1) - 1, s - 1), (0, 0, 0)))
+        dx = share if dx is None else dx + share
+    return (dx,)
+
+
+def _make_max_taps():
+    f = jax.custom_vjp(_max_taps, nondiff_argnums=(1, 2))
+    f.defvjp(_max_taps_fwd, _max_taps_bwd)
+    return f
+
+
+# 'VALID' max pooling (N, H, W, C) -> (N, H', W', C), window k, stride s, as k*k maxima, with
+# the gradient of `_max_taps_bwd`.
+max_taps = _make_max_taps()

@@ -119,7 +119,7 @@ class Stem(nn.Module):
         # Keras pads with zeros (pool1_pad) before pooling; after a ReLU (v1) zeros never win,
         # but v2 pools pre-activation values, so pad with zeros exactly as Keras does.
         x = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
-        return nn.max_pool(x, (3, 3), strides=(2, 2), padding="VALID")
+        return layers.max_pool(x, 3, 2)
 
 
 class Stage(nn.Module):

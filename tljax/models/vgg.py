@@ -47,7 +47,7 @@ class VGGBlock(nn.Module):
                 param_dtype=self.param_dtype, name=f"conv{j}",
             )(x)
             x = nn.relu(x)
-        return nn.max_pool(x, (2, 2), strides=(2, 2), padding="VALID")
+        return layers.max_pool(x, 2, 2)
 
 
 class VGG(nn.Module):
