@@ -1,7 +1,7 @@
 """The CPU forms of convolutions equal XLA's convolutions: 1x1 convolutions as matrix
 products (`layers.Conv`) and depthwise convolutions as shifted multiply-adds
-(`layers.DepthwiseConv`), and max pooling as shifted maxima (`layers.max_pool`), outputs
-and gradients, with the same parameters."""
+(`layers.DepthwiseConv`), max pooling as shifted maxima (`layers.max_pool`) and average pooling
+as shifted sums (`layers.avg_pool_same`), outputs and gradients, with the same parameters."""
 
 from __future__ import annotations
 
@@ -84,6 +84,27 @@ def test_max_pool_equals_flax_max_pool_ties_included(window, stride, shape):
     assert "reduce_window_max" not in str(jax.make_jaxpr(ours)(x))
     with layers.plain_convolutions():  # a new function: JAX caches traces by function
         assert "reduce_window_max" in str(jax.make_jaxpr(lambda x: ours(x))(x))
+
+
+@pytest.mark.parametrize("window, shape", [(3, (2, 9, 9, 3)), (3, (2, 5, 8, 4)), (5, (1, 7, 6, 2))])
+def test_avg_pool_same_equals_flax_avg_pool(window, shape):
+    """`layers.avg_pool_same` (shifted sums on CPU): flax's 'SAME' average pooling without the
+    pad, outputs and input gradients."""
+    x = jax.random.normal(jax.random.key(0), shape)
+
+    def ref(x):
+        return nn.avg_pool(x, (window, window), strides=(1, 1), padding="SAME",
+                           count_include_pad=False)
+
+    def ours(x):
+        return layers.avg_pool_same(x, window)
+
+    _close(ours(x), ref(x), 1e-6)
+    dy = jax.random.normal(jax.random.key(1), shape)
+    _close(jax.vjp(ours, x)[1](dy)[0], jax.vjp(ref, x)[1](dy)[0], 1e-6)
+    assert "reduce_window" not in str(jax.make_jaxpr(ours)(x))
+    with pytest.raises(ValueError, match="odd window"):
+        layers.avg_pool_same(x, 2)
 
 
 def test_plain_convolutions_turns_the_cpu_rewrites_off():

@@ -51,7 +51,7 @@ class ConvBN(nn.Module):
 
 def _avg_pool_same(x):
     # TF/Keras 'SAME' average pooling divides by the number of real (unpadded) pixels.
-    return nn.avg_pool(x, (3, 3), strides=(1, 1), padding="SAME", count_include_pad=False)
+    return layers.avg_pool_same(x, 3)
 
 
 def _max_pool(x):

@@ -21,6 +21,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import linen as nn
 
 Dtype = Any
@@ -370,3 +371,57 @@ def _make_max_taps():
 # 'VALID' max pooling (N, H, W, C) -> (N, H', W', C), window k, stride s, as k*k maxima, with
 # the gradient of `_max_taps_bwd`.
 max_taps = _make_max_taps()
+
+
+def avg_pool_same(x, window: int):
+    """`nn.avg_pool(x, (window, window), (1, 1), 'SAME', count_include_pad=False)`: stride 1,
+    each output the mean of the real (unpadded) pixels of its window, as TensorFlow's 'SAME'
+    average pooling; an odd `window`. On CPU written as the window*window shifted sums it is
+    (the same numbers as XLA's `reduce_window`, several times faster: docs/benchmarks.md), with
+    a gradient of the same form: the window is symmetric, so the transpose of its box sum is the
+    box sum of the cotangent divided by the counts."""
+    if window % 2 != 1:
+        raise ValueError(f"avg_pool_same takes an odd window, got {window}")
+    if not cpu_rewrites():
+        return nn.avg_pool(x, (window, window), strides=(1, 1), padding="SAME",
+                           count_include_pad=False)
+    return mean_taps(x, window)
+
+
+def _box_sum(x, k: int):
+    """Sums over the k*k window around each pixel (zero padding, odd k), in row-major order."""
+    h, w, p = x.shape[1], x.shape[2], k // 2
+    xp = jnp.pad(x, ((0, 0), (p, p), (p, p), (0, 0)))
+    out = None
+    for i in range(k):
+        for j in range(k):
+            window = xp[:, i:i + h, j:j + w, :]
+            out = window if out is None else out + window
+    return out
+
+
+def _inverse_counts(h: int, w: int, k: int, dtype):
+    """1 / the number of real pixels in each k*k 'SAME' window of an h x w map (a constant)."""
+    p = k // 2
+    ones = np.pad(np.ones((h, w)), p)
+    counts = sum(ones[i:i + h, j:j + w] for i in range(k) for j in range(k))
+    return jnp.asarray((1.0 / counts)[None, :, :, None], dtype)
+
+
+def _mean_taps(x, k: int):
+    return _box_sum(x, k) * _inverse_counts(x.shape[1], x.shape[2], k, x.dtype)
+
+
+def _mean_taps_bwd(k, _, dy):
+    return (_box_sum(dy * _inverse_counts(dy.shape[1], dy.shape[2], k, dy.dtype), k),)
+
+
+def _make_mean_taps():
+    f = jax.custom_vjp(_mean_taps, nondiff_argnums=(1,))
+    f.defvjp(lambda x, k: (_mean_taps(x, k), None), _mean_taps_bwd)
+    return f
+
+
+# Stride-1 'SAME' average pooling without the pad, odd window k, as k*k shifted sums, with the
+# gradient of `_mean_taps_bwd`.
+mean_taps = _make_mean_taps()
