@@ -1,7 +1,8 @@
 """The CPU forms of convolutions equal XLA's convolutions: 1x1 convolutions as matrix
 products (`layers.Conv`) and depthwise convolutions as shifted multiply-adds
 (`layers.DepthwiseConv`), max pooling as shifted maxima (`layers.max_pool`) and average pooling
-as shifted sums (`layers.avg_pool_same`), outputs and gradients, with the same parameters."""
+as shifted sums (`layers.avg_pool_same`), and training BatchNorm with its hand-written gradient
+(`layers.BatchNorm`), outputs and gradients, with the same parameters."""
 
 from __future__ import annotations
 
@@ -105,6 +106,44 @@ def test_avg_pool_same_equals_flax_avg_pool(window, shape):
     assert "reduce_window" not in str(jax.make_jaxpr(ours)(x))
     with pytest.raises(ValueError, match="odd window"):
         layers.avg_pool_same(x, 2)
+
+
+@pytest.mark.parametrize("use_scale, shape", [(True, (4, 5, 6, 7)), (False, (4, 5, 6, 7)),
+                                              (True, (6, 3))])
+def test_training_batchnorm_equals_flax(use_scale, shape):
+    """`layers.BatchNorm` in training mode on CPU (hand-written gradient, `bn_train`): flax's
+    outputs exactly, its moving averages, and its gradients with respect to the input and the
+    parameters; also when a loss differentiates the batch statistics themselves."""
+    x = jax.random.normal(jax.random.key(0), shape) * 3 + 1
+    opts = dict(momentum=0.9, epsilon=1e-3, use_scale=use_scale, use_fast_variance=False)
+    ours = layers.BatchNorm(use_running_average=None, training=True, **opts)
+    ref = nn.BatchNorm(use_running_average=False, **opts)
+    v = ref.init(jax.random.key(1), x)
+    jax.tree.map(np.testing.assert_array_equal, ours.init(jax.random.key(1), x), v)
+    v = jax.tree.map(lambda a: a + 0.1 * jax.random.normal(jax.random.key(2), a.shape), v)
+
+    def loss(module):
+        def f(params, x):
+            y, new = module.apply({"params": params, "batch_stats": v["batch_stats"]}, x,
+                                  mutable=["batch_stats"])
+            return jnp.sum(jnp.sin(y)), new
+        return jax.jit(jax.value_and_grad(f, argnums=(0, 1), has_aux=True))
+
+    (l_ours, stats_ours), g_ours = loss(ours)(v["params"], x)
+    (l_ref, stats_ref), g_ref = loss(ref)(v["params"], x)
+    np.testing.assert_array_equal(ours.apply(v, x, mutable=["batch_stats"])[0],
+                                  ref.apply(v, x, mutable=["batch_stats"])[0])
+    _close(l_ours, l_ref)
+    jax.tree.map(_close, (stats_ours, g_ours), (stats_ref, g_ref))
+    assert "bn_train" in str(jax.make_jaxpr(lambda x: ours.apply(v, x, mutable=True))(x))
+
+    def through_stats(module):
+        def f(x):
+            s = module.apply(v, x, mutable=["batch_stats"])[1]["batch_stats"]
+            return jnp.sum(s["var"] ** 2) + jnp.sum(s["mean"] ** 3)
+        return jax.grad(f)(x)
+
+    _close(through_stats(ours), through_stats(ref))
 
 
 def test_plain_convolutions_turns_the_cpu_rewrites_off():

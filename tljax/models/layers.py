@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
+from jax.custom_derivatives import SymbolicZero
 
 Dtype = Any
 
@@ -75,14 +76,38 @@ class TrainMode:
 
 
 class BatchNorm(nn.BatchNorm):
-    """Flax BatchNorm that runs in inference mode when its path is listed as frozen."""
+    """Flax BatchNorm that runs in inference mode when its path is listed as frozen; training
+    on CPU in float32 without a device axis, with flax's numbers and a hand-written gradient
+    (`bn_train`; `cpu_rewrites`)."""
 
     training: bool = False
     frozen_bn: frozenset[str] = frozenset()
 
+    @nn.compact
     def __call__(self, x, use_running_average=None, *, mask=None):
         frozen = "/".join(self.path) in self.frozen_bn
-        return super().__call__(x, use_running_average=(not self.training) or frozen, mask=mask)
+        inference = (not self.training) or frozen
+        if (inference or mask is not None or self.axis_name is not None
+                or self.use_fast_variance or not self.use_bias or x.dtype != jnp.float32
+                or self.param_dtype != jnp.float32 or self.dtype not in (None, jnp.float32)
+                or not cpu_rewrites()):
+            return super().__call__(x, use_running_average=inference, mask=mask)
+        return self._train_float32(x)
+
+    def _train_float32(self, x):
+        """Training mode on CPU, float32: flax's numbers (two-pass variance, the same
+        formulas in the same order) with a hand-written gradient (`_bn_train_bwd`)."""
+        c = (x.shape[-1],)
+        ra_mean = self.variable("batch_stats", "mean", lambda s: jnp.zeros(s, jnp.float32), c)
+        ra_var = self.variable("batch_stats", "var", lambda s: jnp.ones(s, jnp.float32), c)
+        scale = self.param("scale", self.scale_init, c, self.param_dtype) if self.use_scale \
+            else None
+        bias = self.param("bias", self.bias_init, c, self.param_dtype)
+        y, mean, var = bn_train(x, scale, bias, self.epsilon)
+        if not self.is_initializing():
+            ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * mean
+            ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * var
+        return y
 
 
 def batch_norm(numerics: Numerics, train, dtype: Dtype, param_dtype: Dtype, name: str):
@@ -162,11 +187,14 @@ def plain_convolutions(enabled: bool = True):
 
 
 def cpu_rewrites() -> bool:
-    """Whether convolutions are written as the cheaper ops XLA:CPU runs faster: 1x1
-    convolutions as matrix products (`Conv`; XLA's convolutions, and above all their weight
-    gradients, run several times below its matmul rate) and depthwise convolutions as shifted
-    multiply-adds (`DepthwiseConv`; its grouped convolutions are slower still). True on CPU
-    unless `plain_convolutions()` is active; accelerators run XLA's convolutions (cuDNN)."""
+    """Whether layers are written as the cheaper ops XLA:CPU runs faster: 1x1 convolutions as
+    matrix products (`Conv`; XLA's convolutions, and above all their weight gradients, run
+    several times below its matmul rate), depthwise convolutions as shifted multiply-adds
+    (`DepthwiseConv`; its grouped convolutions are slower still), max and average pooling as
+    shifted maxima and sums (`max_pool`, `avg_pool_same`), and training BatchNorm with a
+    hand-written gradient (`BatchNorm`, `bn_train`); every one gives the same numbers (tests/
+    test_layers.py). True on CPU unless `plain_convolutions()` is active; accelerators run
+    XLA's ops (cuDNN)."""
     return jax.default_backend() == "cpu" and not _PLAIN.get()
 
 
@@ -425,3 +453,55 @@ def _make_mean_taps():
 # Stride-1 'SAME' average pooling without the pad, odd window k, as k*k shifted sums, with the
 # gradient of `_mean_taps_bwd`.
 mean_taps = _make_mean_taps()
+
+
+def _bn_train(x, scale, bias, eps: float):
+    """BatchNorm on the batch's statistics over every axis but the last (channels):
+    `(y, mean, var)`, as flax computes them (`_compute_stats` without the fast variance, then
+    `_normalize`)."""
+    axes = tuple(range(x.ndim - 1))
+    mean = x.mean(axes)
+    var = jnp.square(x - mean).mean(axes)
+    mul = jax.lax.rsqrt(var + eps)
+    if scale is not None:
+        mul = mul * scale
+    return (x - mean) * mul + bias, mean, var
+
+
+def _bn_train_fwd(x, scale, bias, eps):
+    out = _bn_train(x.value, None if scale is None else scale.value, bias.value, eps)
+    mean, var = out[1], out[2]
+    return out, (x.value, mean, jax.lax.rsqrt(var + eps), None if scale is None else scale.value)
+
+
+def _bn_train_bwd(eps, res, cotangents):
+    """The gradient of `_bn_train` in two reductions and one elementwise pass. With
+    xhat = (x - mean) * r, r = 1 / sqrt(var + eps): dbias = sum dy, dscale = sum dy * xhat,
+    dx = scale * r * (dy - dbias / n - xhat * dscale / n); cotangents of the returned mean and
+    variance (zero in a train step, where they only feed the moving averages, and then skipped
+    symbolically) add dmean / n and dvar * 2 (x - mean) / n. Autodiff of the two-pass variance
+    ran ~30% slower per layer on XLA:CPU (docs/benchmarks.md)."""
+    x, mean, r, scale = res
+    dy, dmean, dvar = cotangents
+    n, axes = x.size // x.shape[-1], tuple(range(x.ndim - 1))
+    xc = x - mean
+    if isinstance(dy, SymbolicZero):
+        dy = jnp.zeros_like(x)
+    dbias = dy.sum(axes)
+    dscale = (dy * (xc * r)).sum(axes)
+    mul = r if scale is None else r * scale
+    dx = mul * (dy - dbias / n - (xc * r) * (dscale / n))
+    if not isinstance(dmean, SymbolicZero):
+        dx = dx + dmean / n
+    if not isinstance(dvar, SymbolicZero):
+        dx = dx + dvar * (2 / n) * xc
+    return dx, None if scale is None else dscale, dbias
+
+
+def _make_bn_train():
+    f = jax.custom_vjp(_bn_train, nondiff_argnums=(3,))
+    f.defvjp(_bn_train_fwd, _bn_train_bwd, symbolic_zeros=True)
+    return f
+
+
+bn_train = _make_bn_train()
