@@ -107,12 +107,13 @@ def run(kinds: list[str], prepare: Prepare, sync: Callable[[object], object], ar
 
     def pair(a: str, b: str, n: int) -> None:
         call(a), call(b)
-        ratios = []
+        times = {a: [], b: []}
         for _ in range(n):
-            ta = call(a)
-            ratios.append(call(b) / ta)
+            times[a].append(call(a))
+            times[b].append(call(b))
+        ratios = [tb / ta for ta, tb in zip(times[a], times[b], strict=True)]
         result.setdefault("paired", {})[f"{b}/{a}"] = {
-            "ratios": ratios, "median": statistics.median(ratios)}
+            "ratios": ratios, "median": statistics.median(ratios), "times_s": times}
 
     if not args.serve:
         for kind in kinds:
