@@ -297,22 +297,19 @@ class DepthwiseConv(nn.Module):
         return depthwise_taps(x, kernel, s)
 
 
-def _tap_windows(x, k: int, s: int):
-    """The k*k windows of `x`, padded 'SAME' as TensorFlow, at stride `s`: ((i, j), window)
-    with each window the output's shape."""
-    h, w = x.shape[1], x.shape[2]
-    (pt, pb), (pl, pr) = _same_padding(h, k, s), _same_padding(w, k, s)
-    xp = jnp.pad(x, ((0, 0), (pt, pb), (pl, pr), (0, 0)))
-    oh, ow = -(-h // s), -(-w // s)
-    return [((i, j), xp[:, i:i + s * (oh - 1) + 1:s, j:j + s * (ow - 1) + 1:s, :])
-            for i in range(k) for j in range(k)]
+def _same_windows(x, k: int, s: int):
+    """The k*k windows of `x` padded 'SAME' as TensorFlow, at stride `s`, in row-major order,
+    each the output's shape."""
+    (pt, pb), (pl, pr) = _same_padding(x.shape[1], k, s), _same_padding(x.shape[2], k, s)
+    return _windows(jnp.pad(x, ((0, 0), (pt, pb), (pl, pr), (0, 0))), k, s)
 
 
 def _taps(x, kernel, s: int):
     """The forward multiply-adds: 'SAME' padding as TensorFlow, stride `s`."""
+    k = kernel.shape[0]
     out = None
-    for (i, j), window in _tap_windows(x, kernel.shape[0], s):
-        tap = window * kernel[i, j, 0]
+    for n, window in enumerate(_same_windows(x, k, s)):
+        tap = window * kernel[n // k, n % k, 0]
         out = tap if out is None else out + tap
     return out
 
@@ -348,7 +345,7 @@ def _taps_bwd(s, res, dy):
     ones = jnp.ones((dy.size // c,), dy.dtype)
     dk = jnp.stack([jnp.matmul(ones, (window * dy).reshape(-1, c),
                                preferred_element_type=jnp.float32)
-                    for _, window in _tap_windows(x, k, s)])
+                    for window in _same_windows(x, k, s)])
     return dx, dk.reshape(kernel.shape).astype(kernel.dtype)
 
 
@@ -373,7 +370,7 @@ def max_pool(x, window: int, stride: int):
     return max_taps(x, window, stride)
 
 
-def _pool_windows(x, k: int, s: int):
+def _windows(x, k: int, s: int):
     """The k*k 'VALID' windows of `x` at stride `s`, in row-major window order, each the
     output's shape."""
     oh, ow = (x.shape[1] - k) // s + 1, (x.shape[2] - k) // s + 1
@@ -383,7 +380,7 @@ def _pool_windows(x, k: int, s: int):
 
 def _max_taps(x, k: int, s: int):
     out = None
-    for window in _pool_windows(x, k, s):
+    for window in _windows(x, k, s):
         out = window if out is None else jnp.maximum(out, window)
     return out
 
@@ -406,7 +403,7 @@ def _max_taps_bwd(k, s, res, dy):
     zero = jnp.zeros((), dy.dtype)
     taken = None
     dx = None
-    for n, window in enumerate(_pool_windows(x, k, s)):
+    for n, window in enumerate(_windows(x, k, s)):
         i, j = divmod(n, k)
         hit = window == out
         if taken is not None:
@@ -447,13 +444,9 @@ def avg_pool_same(x, window: int):
 
 def _box_sum(x, k: int):
     """Sums over the k*k window around each pixel (zero padding, odd k), in row-major order."""
-    h, w, p = x.shape[1], x.shape[2], k // 2
-    xp = jnp.pad(x, ((0, 0), (p, p), (p, p), (0, 0)))
     out = None
-    for i in range(k):
-        for j in range(k):
-            window = xp[:, i:i + h, j:j + w, :]
-            out = window if out is None else out + window
+    for window in _same_windows(x, k, 1):
+        out = window if out is None else out + window
     return out
 
 
