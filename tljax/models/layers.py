@@ -103,7 +103,7 @@ class BatchNorm(nn.BatchNorm):
         scale = self.param("scale", self.scale_init, c, self.param_dtype) if self.use_scale \
             else None
         bias = self.param("bias", self.bias_init, c, self.param_dtype)
-        y, mean, var = bn_train(x, scale, bias, self.epsilon)
+        y, mean, var = bn_train(x, *varying_like(x, scale, bias), self.epsilon)
         if not self.is_initializing():
             ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * mean
             ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * var
@@ -227,8 +227,31 @@ class Conv(nn.Conv):
                 if self.use_bias else None)
         x, kernel, bias = nn.dtypes.promote_dtype(inputs, kernel, bias, dtype=self.dtype)
         x = x[:, ::strides[0], ::strides[1], :]
-        y = pointwise(x, kernel[0, 0], self.precision)
+        y = pointwise(x, *varying_like(x, kernel[0, 0]), self.precision)
         return y + bias if bias is not None else y
+
+
+def _varying_axes(x) -> frozenset:
+    """The manual mesh axes along which `x` varies inside `jax.shard_map` with `check_vma`
+    (empty outside, and without the check)."""
+    aval = jax.typeof(x)
+    manual = getattr(aval, "manual_axis_type", None)  # jax 0.10; `vma` in later versions
+    return frozenset(manual.varying if manual is not None else getattr(aval, "vma", ()))
+
+
+def varying_like(x, *params):
+    """`params` cast to vary along `x`'s axes, for the custom-gradient layers below. Inside a
+    `shard_map` that checks varying axes, a parameter replicated across devices combined with a
+    per-device `x` is cast implicitly by JAX's own ops, and the transpose of that cast sums the
+    gradient over devices; inside a `custom_vjp` the cast would be hidden, and the hand-written
+    gradient, per device, would not type-check against the replicated parameter. Cast ahead, the
+    sum happens outside, as for autodiff. A no-op without `check_vma` (tljax's default step)."""
+    axes = _varying_axes(x)
+    out = []
+    for p in params:
+        missing = tuple(sorted(axes - _varying_axes(p))) if p is not None else ()
+        out.append(jax.lax.pcast(p, missing, to="varying") if missing else p)
+    return out
 
 
 def _pointwise(x, kernel, precision):
@@ -294,7 +317,7 @@ class DepthwiseConv(nn.Module):
             return jax.lax.conv_general_dilated(
                 x, kernel, (s, s), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"),
                 feature_group_count=c)
-        return depthwise_taps(x, kernel, s)
+        return depthwise_taps(x, *varying_like(x, kernel), s)
 
 
 def _same_windows(x, k: int, s: int):
