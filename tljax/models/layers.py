@@ -347,13 +347,11 @@ def _taps_bwd(s, res, dy):
     Input: the correlation of dy, dilated by the stride and padded, with the flipped kernel,
     one pass of k*k multiply-adds; autodiff's transpose is instead a sum of k*k padded copies
     of dy (interior padding for stride 2), which XLA fuses into, and recomputes in, each
-    consumer. Kernel: each tap's window times dy summed over batch and space, as a product
-    with a vector of ones (XLA:CPU runs it as a matrix-vector product, faster than its
-    reduction over the three leading axes)."""
+    consumer. Kernel: each tap's window times dy summed over batch and space (`_tap_sums`)."""
     x, kernel = res
     k, h, w = kernel.shape[0], x.shape[1], x.shape[2]
     pt, pl = _same_padding(h, k, s)[0], _same_padding(w, k, s)[0]
-    oh, ow, c = dy.shape[1], dy.shape[2], dy.shape[3]
+    oh, ow = dy.shape[1], dy.shape[2]
     # dx[a] = sum_i kernel[i] * dy_dilated[a + pt - i]: pad dy_dilated by k - 1 - pt in front.
     lo_h, lo_w = k - 1 - pt, k - 1 - pl
     hi_h = h + k - 1 - lo_h - ((oh - 1) * s + 1)
@@ -365,11 +363,31 @@ def _taps_bwd(s, res, dy):
         for j in range(k):
             t = dyp[:, i:i + h, j:j + w, :] * kernel[k - 1 - i, k - 1 - j, 0]
             dx = t if dx is None else dx + t
-    ones = jnp.ones((dy.size // c,), dy.dtype)
-    dk = jnp.stack([jnp.matmul(ones, (window * dy).reshape(-1, c),
-                               preferred_element_type=jnp.float32)
-                    for window in _same_windows(x, k, s)])
+    dk = _tap_sums(_same_windows(x, k, s), dy)
     return dx, dk.reshape(kernel.shape).astype(kernel.dtype)
+
+
+def _tap_sums(windows, dy, groups: int = 16):
+    """(k*k, C): each window times dy, summed over batch and space, in float32.
+
+    The batch is split into up to `groups` equal slices whose products are added as one
+    elementwise expression, which XLA fuses into a single pass per tap that reads the window and
+    dy once and writes a 1/`groups` partial sum; the small sum over the rest follows. XLA:CPU's
+    reductions over the leading axes (and the products with a vector of ones used before) wrote
+    each tap's product out first and ran 2-4x slower per layer (docs/benchmarks.md)."""
+    n = dy.shape[0]
+    g = max(d for d in range(1, min(n, groups) + 1) if n % d == 0)
+    m = n // g
+    dy = dy.astype(jnp.float32)
+    sums = []
+    for window in windows:
+        window = window.astype(jnp.float32)
+        part = None
+        for i in range(g):
+            t = window[i * m:(i + 1) * m] * dy[i * m:(i + 1) * m]
+            part = t if part is None else part + t
+        sums.append(part)
+    return jnp.stack(sums).sum((1, 2, 3))
 
 
 def _depthwise_taps():
