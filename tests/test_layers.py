@@ -47,10 +47,17 @@ def test_conv_equals_flax_conv(options):
     assert ("conv_general_dilated" in ops) != one_by_one  # on CPU: a matmul, no convolution
 
 
-@pytest.mark.parametrize("kernel,stride,size", [(3, 1, 9), (3, 2, 9), (3, 2, 8), (5, 2, 10),
-                                                (5, 2, 7), (5, 1, 6), (5, 1, 4)])
-def test_depthwise_conv_equals_grouped_conv(kernel, stride, size):
-    x = jax.random.normal(jax.random.key(0), (2, size, size, 5))
+@pytest.mark.parametrize("kernel,stride,size,batch", [
+    (3, 1, 9, 2), (3, 2, 9, 2), (3, 2, 8, 2), (5, 2, 10, 2), (5, 2, 7, 2), (5, 1, 6, 2),
+    (5, 1, 4, 2), (3, 2, (8, 11), 3), (5, 2, (7, 4), 17), (3, 1, (5, 6), 20), (2, 3, 8, 2),
+    (1, 2, 5, 2)])
+def test_depthwise_conv_equals_grouped_conv(kernel, stride, size, batch):
+    """Forward and both gradients equal XLA's grouped convolution: odd and even, square and
+    not, strides 1-3 (the gradients are computed phase by phase, k < s included) and batches
+    that the kernel gradient's fused batch sum (`_tap_sums`, up to 16 slices) splits unevenly
+    or not at all (17 is prime)."""
+    h, w = (size, size) if isinstance(size, int) else size
+    x = jax.random.normal(jax.random.key(0), (batch, h, w, 5))
     ours = layers.DepthwiseConv(kernel, stride)
     ref = layers.DepthwiseConv(kernel, stride, use_conv=True)
     v = ours.init(jax.random.key(1), x)

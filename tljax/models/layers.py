@@ -342,29 +342,71 @@ def _taps_fwd(x, kernel, s):
 
 
 def _taps_bwd(s, res, dy):
-    """Both gradients in the forward's own form, a few fused passes (docs/benchmarks.md).
+    """Both gradients in the forward's own form, a few fused passes (docs/benchmarks.md),
+    computed phase by phase: at stride `s` the padded input splits into s*s phases (the
+    positions congruent to (a, b) mod s), each of which meets only the taps congruent to it.
 
-    Input: the correlation of dy, dilated by the stride and padded, with the flipped kernel,
-    one pass of k*k multiply-adds; autodiff's transpose is instead a sum of k*k padded copies
-    of dy (interior padding for stride 2), which XLA fuses into, and recomputes in, each
-    consumer. Kernel: each tap's window times dy summed over batch and space (`_tap_sums`)."""
+    Input: in each phase, a correlation of dy with that phase's taps, then the phases
+    interleaved; autodiff's transpose is instead a sum of k*k padded copies of dy with
+    interior padding (s*s times the multiply-adds, most of them by zero), which XLA fuses
+    into, and recomputes in, each consumer. Kernel: each tap's window, a contiguous slice of
+    its phase, times dy summed over batch and space (`_tap_sums`); strided windows of the
+    padded input read s*s times the memory. Stride 1 is the one-phase case."""
     x, kernel = res
-    k, h, w = kernel.shape[0], x.shape[1], x.shape[2]
-    pt, pl = _same_padding(h, k, s)[0], _same_padding(w, k, s)[0]
-    oh, ow = dy.shape[1], dy.shape[2]
-    # dx[a] = sum_i kernel[i] * dy_dilated[a + pt - i]: pad dy_dilated by k - 1 - pt in front.
-    lo_h, lo_w = k - 1 - pt, k - 1 - pl
-    hi_h = h + k - 1 - lo_h - ((oh - 1) * s + 1)
-    hi_w = w + k - 1 - lo_w - ((ow - 1) * s + 1)
-    dyp = jax.lax.pad(dy, jnp.zeros((), dy.dtype),
-                      ((0, 0, 0), (lo_h, hi_h, s - 1), (lo_w, hi_w, s - 1), (0, 0, 0)))
-    dx = None
-    for i in range(k):
-        for j in range(k):
-            t = dyp[:, i:i + h, j:j + w, :] * kernel[k - 1 - i, k - 1 - j, 0]
-            dx = t if dx is None else dx + t
-    dk = _tap_sums(_same_windows(x, k, s), dy)
-    return dx, dk.reshape(kernel.shape).astype(kernel.dtype)
+    return _phase_dx(dy, kernel, x.shape[1], x.shape[2], s), _phase_dk(x, dy, kernel, s)
+
+
+def _phase_rows(n: int, k: int, s: int):
+    """For one spatial axis of length `n`: (output length, padding before, the phase index
+    range [u0, u1) that covers the unpadded input, phase length covering every tap)."""
+    o = -(-n // s)
+    p0 = _same_padding(n, k, s)[0]
+    return o, p0, p0 // s, -(-(p0 + n) // s), -(-((o - 1) * s + k) // s)
+
+
+def _phase_windows(x, k: int, s: int):
+    """The k*k windows of `x` padded 'SAME' at stride `s`, as `_same_windows`, each a
+    contiguous slice of one of the s*s phases of the padded input."""
+    n, h, w, c = x.shape
+    oh, pt, _, _, ph = _phase_rows(h, k, s)
+    ow, pl, _, _, pw = _phase_rows(w, k, s)
+    xp = jnp.pad(x, ((0, 0), (pt, ph * s - h - pt), (pl, pw * s - w - pl), (0, 0)))
+    phases = xp.reshape(n, ph, s, pw, s, c).transpose(2, 4, 0, 1, 3, 5)
+    return [phases[i % s, j % s, :, i // s:i // s + oh, j // s:j // s + ow]
+            for i in range(k) for j in range(k)]
+
+
+def _phase_dk(x, dy, kernel, s: int):
+    k = kernel.shape[0]
+    return _tap_sums(_phase_windows(x, k, s), dy).reshape(kernel.shape).astype(kernel.dtype)
+
+
+def _phase_dx(dy, kernel, h: int, w: int, s: int):
+    """dx[r] = sum over taps i with r + pad = o*s + i of kernel[i] * dy[o], for each phase
+    a = (r + pad) mod s a correlation of dy with the taps i = a + s*d, over the phase
+    positions u0 <= u < u1 that cover the input, then cropped to it."""
+    k = kernel.shape[0]
+    oh, pt, u0, u1, _ = _phase_rows(h, k, s)
+    ow, pl, v0, v1, _ = _phase_rows(w, k, s)
+    n, c = dy.shape[0], dy.shape[-1]
+    d = -(-k // s) - 1  # the most taps a phase meets along an axis, less one
+    ft, fl = max(0, d - u0), max(0, d - v0)
+    dyp = jnp.pad(dy, ((0, 0), (ft, max(0, u1 - oh)), (fl, max(0, v1 - ow)), (0, 0)))
+    rows = []
+    for a in range(s):
+        cols = []
+        for b in range(s):
+            acc = None
+            for di in range(-(-(k - a) // s)):
+                for dj in range(-(-(k - b) // s)):
+                    t = (dyp[:, u0 - di + ft:u1 - di + ft, v0 - dj + fl:v1 - dj + fl]
+                         * kernel[a + s * di, b + s * dj, 0])
+                    acc = t if acc is None else acc + t
+            cols.append(acc if acc is not None else  # a phase no tap meets (k < s)
+                        jnp.zeros((n, u1 - u0, v1 - v0, c), dy.dtype))
+        rows.append(jnp.stack(cols, 3))
+    dx = jnp.stack(rows, 2).reshape(n, (u1 - u0) * s, (v1 - v0) * s, c)
+    return dx[:, pt - u0 * s:pt - u0 * s + h, pl - v0 * s:pl - v0 * s + w]
 
 
 def _tap_sums(windows, dy, groups: int = 16):
