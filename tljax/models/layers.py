@@ -17,6 +17,8 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import dataclasses
+import functools
+import operator
 from typing import Any
 
 import jax
@@ -284,6 +286,12 @@ def _make_pointwise():
 pointwise = _make_pointwise()
 
 
+def _sum(terms):
+    """`t0 + t1 + ...`, added left to right: one elementwise expression that XLA fuses into a
+    single pass (the shifted multiply-adds below are all written this way)."""
+    return functools.reduce(operator.add, terms)
+
+
 def _same_padding(n: int, k: int, s: int) -> tuple[int, int]:
     pad = max((-(-n // s) - 1) * s + k - n, 0)
     return pad // 2, pad - pad // 2
@@ -330,11 +338,8 @@ def _same_windows(x, k: int, s: int):
 def _taps(x, kernel, s: int):
     """The forward multiply-adds: 'SAME' padding as TensorFlow, stride `s`."""
     k = kernel.shape[0]
-    out = None
-    for n, window in enumerate(_same_windows(x, k, s)):
-        tap = window * kernel[n // k, n % k, 0]
-        out = tap if out is None else out + tap
-    return out
+    return _sum(window * kernel[n // k, n % k, 0]
+                for n, window in enumerate(_same_windows(x, k, s)))
 
 
 def _taps_fwd(x, kernel, s):
@@ -396,14 +401,10 @@ def _phase_dx(dy, kernel, h: int, w: int, s: int):
     for a in range(s):
         cols = []
         for b in range(s):
-            acc = None
-            for di in range(-(-(k - a) // s)):
-                for dj in range(-(-(k - b) // s)):
-                    t = (dyp[:, u0 - di + ft:u1 - di + ft, v0 - dj + fl:v1 - dj + fl]
-                         * kernel[a + s * di, b + s * dj, 0])
-                    acc = t if acc is None else acc + t
-            cols.append(acc if acc is not None else  # a phase no tap meets (k < s)
-                        jnp.zeros((n, u1 - u0, v1 - v0, c), dy.dtype))
+            taps = [(di, dj) for di in range(-(-(k - a) // s)) for dj in range(-(-(k - b) // s))]
+            cols.append(_sum(dyp[:, u0 - di + ft:u1 - di + ft, v0 - dj + fl:v1 - dj + fl]
+                             * kernel[a + s * di, b + s * dj, 0] for di, dj in taps)
+                        if taps else jnp.zeros((n, u1 - u0, v1 - v0, c), dy.dtype))  # k < s
         rows.append(jnp.stack(cols, 3))
     dx = jnp.stack(rows, 2).reshape(n, (u1 - u0) * s, (v1 - v0) * s, c)
     return dx[:, pt - u0 * s:pt - u0 * s + h, pl - v0 * s:pl - v0 * s + w]
@@ -421,14 +422,8 @@ def _tap_sums(windows, dy, groups: int = 16):
     g = max(d for d in range(1, min(n, groups) + 1) if n % d == 0)
     m = n // g
     dy = dy.astype(jnp.float32)
-    sums = []
-    for window in windows:
-        window = window.astype(jnp.float32)
-        part = None
-        for i in range(g):
-            t = window[i * m:(i + 1) * m] * dy[i * m:(i + 1) * m]
-            part = t if part is None else part + t
-        sums.append(part)
+    sums = [_sum(window.astype(jnp.float32)[i * m:(i + 1) * m] * dy[i * m:(i + 1) * m]
+                 for i in range(g)) for window in windows]
     return jnp.stack(sums).sum((1, 2, 3))
 
 
@@ -462,10 +457,7 @@ def _windows(x, k: int, s: int):
 
 
 def _max_taps(x, k: int, s: int):
-    out = None
-    for window in _windows(x, k, s):
-        out = window if out is None else jnp.maximum(out, window)
-    return out
+    return functools.reduce(jnp.maximum, _windows(x, k, s))
 
 
 def _max_taps_fwd(x, k, s):
@@ -527,10 +519,7 @@ def avg_pool_same(x, window: int):
 
 def _box_sum(x, k: int):
     """Sums over the k*k window around each pixel (zero padding, odd k), in row-major order."""
-    out = None
-    for window in _same_windows(x, k, 1):
-        out = window if out is None else out + window
-    return out
+    return _sum(_same_windows(x, k, 1))
 
 
 def _inverse_counts(h: int, w: int, k: int, dtype):
