@@ -184,3 +184,44 @@ def test_plain_convolutions_turns_the_cpu_rewrites_off():
         assert all(e.params["feature_group_count"] == 1 for e in rewritten)
         assert all(e.invars[1].aval.shape[:2] != (1, 1) for e in rewritten)
         assert len(rewritten) < len(plain)
+
+
+@pytest.mark.parametrize("make", [
+    lambda: layers.DepthwiseConv(3, 2),
+    lambda: layers.DepthwiseConv(5, 1),
+    lambda: layers.Conv(6, (1, 1)),
+    lambda: layers.BatchNorm(use_running_average=None, training=True, use_fast_variance=False),
+], ids=["depthwise_s2", "depthwise_5x5", "pointwise", "batchnorm_train"])
+def test_custom_gradient_layers_under_shard_map_with_check_vma(make):
+    """The hand-written gradients inside `jax.shard_map(check_vma=True)` (JAX's default), the
+    way EfficientNet's layers run in a user's own data-parallel step: each replicated
+    parameter's gradient is the sum of the devices' per-shard gradients, as autodiff gives
+    for `nn.Conv` and flax's BatchNorm (`layers.varying_like`)."""
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    n = 4
+    devices = jax.devices()[:n]
+    if len(devices) < n:
+        pytest.skip("needs 4 devices (tests/conftest.py sets 8 CPU devices)")
+    mesh = jax.make_mesh((n,), ("b",), devices=devices)
+    module = make()
+    x = jax.random.normal(jax.random.key(0), (2 * n, 9, 9, 5))
+    v = module.init(jax.random.key(1), x[:2])
+    params, rest = v["params"], {k: val for k, val in v.items() if k != "params"}
+
+    def shard_loss(p, xs):
+        out = module.apply({"params": p, **rest}, xs, mutable=list(rest))[0] if rest else \
+            module.apply({"params": p}, xs)
+        return jnp.sum(jnp.sin(out))
+
+    def total(p, x):
+        return jax.lax.psum(shard_loss(p, x), "b")
+
+    sharded = jax.jit(jax.grad(jax.shard_map(total, mesh=mesh, in_specs=(P(), P("b")),
+                                             out_specs=P(), check_vma=True)))
+    got = sharded(jax.device_put(params, NamedSharding(mesh, P())),
+                  jax.device_put(x, NamedSharding(mesh, P("b"))))
+    want = jax.tree.map(lambda *g: sum(g), *[jax.grad(shard_loss)(params, xs)
+                                             for xs in jnp.split(x, n)])
+    jax.tree.map(lambda a, b: _close(a, b, rtol=1e-5), got, want)
