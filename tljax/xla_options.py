@@ -28,7 +28,9 @@ from typing import Any
 
 _YNN = "xla_cpu_experimental_ynn_fusion_type"
 # XLA's default set (jaxlib 0.10: individual dots, individual convolutions, reductions) less
-# the convolutions.
+# the convolutions, by name: per-program options take no '-' prefix. tests/test_xla_options.py
+# compares the compiled result with XLA_FLAGS' `-individual_convolution`, so that a jaxlib whose
+# default set differs fails there rather than silently losing (or gaining) YNNPACK fusions.
 CPU = {_YNN: "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE"}
 
 
