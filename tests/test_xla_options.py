@@ -87,7 +87,7 @@ print("KINDS", " ".join(kinds))
 """
 
 
-def test_options_equal_xla_defaults_less_ynnpack_convolutions(tmp_path):
+def test_options_equal_xla_defaults_less_ynnpack_convolutions():
     """tljax's per-program option lists YNNPACK's fusion types by name (per-program options take
     no '-' prefix), as this jaxlib's default set less convolutions. Compared with XLA's own
     `--xla_cpu_experimental_ynn_fusion_type=-individual_convolution` on a program with a

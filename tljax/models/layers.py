@@ -328,13 +328,6 @@ class DepthwiseConv(nn.Module):
         return depthwise_taps(x, *varying_like(x, kernel), s)
 
 
-def _same_windows(x, k: int, s: int):
-    """The k*k windows of `x` padded 'SAME' as TensorFlow, at stride `s`, in row-major order,
-    each the output's shape."""
-    (pt, pb), (pl, pr) = _same_padding(x.shape[1], k, s), _same_padding(x.shape[2], k, s)
-    return _windows(jnp.pad(x, ((0, 0), (pt, pb), (pl, pr), (0, 0))), k, s)
-
-
 def _taps(x, kernel, s: int):
     """The forward multiply-adds: 'SAME' padding as TensorFlow, stride `s`."""
     k = kernel.shape[0]
@@ -369,9 +362,11 @@ def _phase_rows(n: int, k: int, s: int):
     return o, p0, p0 // s, -(-(p0 + n) // s), -(-((o - 1) * s + k) // s)
 
 
-def _phase_windows(x, k: int, s: int):
-    """The k*k windows of `x` padded 'SAME' at stride `s`, as `_same_windows`, each a
-    contiguous slice of one of the s*s phases of the padded input."""
+def _same_windows(x, k: int, s: int):
+    """The k*k windows of `x` padded 'SAME' as TensorFlow, at stride `s`, in row-major order,
+    each the output's shape: contiguous slices of the s*s phases of the padded input (the
+    positions congruent to (a, b) mod s), which the kernel gradient reads s*s times faster
+    than strided slices (docs/benchmarks.md). Stride 1: slices of the padded input."""
     n, h, w, c = x.shape
     oh, pt, _, _, ph = _phase_rows(h, k, s)
     ow, pl, _, _, pw = _phase_rows(w, k, s)
@@ -383,7 +378,7 @@ def _phase_windows(x, k: int, s: int):
 
 def _phase_dk(x, dy, kernel, s: int):
     k = kernel.shape[0]
-    return _tap_sums(_phase_windows(x, k, s), dy).reshape(kernel.shape).astype(kernel.dtype)
+    return _tap_sums(_same_windows(x, k, s), dy).reshape(kernel.shape).astype(kernel.dtype)
 
 
 def _phase_dx(dy, kernel, h: int, w: int, s: int):
@@ -422,8 +417,9 @@ def _tap_sums(windows, dy, groups: int = 16):
     g = max(d for d in range(1, min(n, groups) + 1) if n % d == 0)
     m = n // g
     dy = dy.astype(jnp.float32)
-    sums = [_sum(window.astype(jnp.float32)[i * m:(i + 1) * m] * dy[i * m:(i + 1) * m]
-                 for i in range(g)) for window in windows]
+    windows = [window.astype(jnp.float32) for window in windows]
+    sums = [_sum(window[i * m:(i + 1) * m] * dy[i * m:(i + 1) * m] for i in range(g))
+            for window in windows]
     return jnp.stack(sums).sum((1, 2, 3))
 
 
