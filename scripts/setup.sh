@@ -19,3 +19,6 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   .venv/bin/python -m pip install --quiet -e ".[dev]"
   echo "$want" > "$stamp"
 fi
+# tljax's C++ CPU kernels (tljax/native), built once per machine here rather than by the first
+# run; without a C++ compiler tljax warns and uses its pure-JAX layers (same numbers, slower).
+.venv/bin/python -m tljax.native.build >/dev/null || echo "setup: the C++ CPU kernels were not built (see above); tljax will use its pure-JAX layers"

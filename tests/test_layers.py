@@ -1,5 +1,5 @@
 """The CPU forms of convolutions equal XLA's convolutions: 1x1 convolutions as matrix
-products (`layers.Conv`) and depthwise convolutions as shifted multiply-adds
+products (`layers.Conv`) and depthwise convolutions as C++ kernels or shifted multiply-adds
 (`layers.DepthwiseConv`), max pooling as shifted maxima (`layers.max_pool`) and average pooling
 as shifted sums (`layers.avg_pool_same`), and training BatchNorm with its hand-written gradient
 (`layers.BatchNorm`), outputs and gradients, with the same parameters."""
@@ -51,16 +51,24 @@ def test_conv_equals_flax_conv(options):
     (3, 1, 9, 2), (3, 2, 9, 2), (3, 2, 8, 2), (5, 2, 10, 2), (5, 2, 7, 2), (5, 1, 6, 2),
     (5, 1, 4, 2), (3, 2, (8, 11), 3), (5, 2, (7, 4), 17), (3, 1, (5, 6), 20), (2, 3, 8, 2),
     (1, 2, 5, 2)])
-def test_depthwise_conv_equals_grouped_conv(kernel, stride, size, batch):
-    """Forward and both gradients equal XLA's grouped convolution: odd and even, square and
-    not, strides 1-3 (the gradients are computed phase by phase, k < s included) and batches
-    that the kernel gradient's fused batch sum (`_tap_sums`, up to 16 slices) splits unevenly
-    or not at all (17 is prime)."""
+@pytest.mark.parametrize("form", ["native", "taps"])
+def test_depthwise_conv_equals_grouped_conv(kernel, stride, size, batch, form, monkeypatch):
+    """Forward and both gradients equal XLA's grouped convolution, in both CPU forms: the C++
+    kernels (`tljax.native.depthwise`, the default) and the pure-JAX multiply-adds
+    (`TLJAX_NATIVE=0`, or no compiler). Odd and even, square and not, strides 1-3 (the taps'
+    gradients are computed phase by phase, k < s included) and batches that the taps' kernel
+    gradient (`_tap_sums`, up to 16 slices) splits unevenly or not at all (17 is prime)."""
+    from tljax.native import build
+
+    monkeypatch.setenv("TLJAX_NATIVE", "1" if form == "native" else "0")
+    if form == "native" and not build.available():
+        pytest.skip("no C++ compiler: the native kernels are not built")
     h, w = (size, size) if isinstance(size, int) else size
     x = jax.random.normal(jax.random.key(0), (batch, h, w, 5))
     ours = layers.DepthwiseConv(kernel, stride)
     ref = layers.DepthwiseConv(kernel, stride, use_conv=True)
     v = ours.init(jax.random.key(1), x)
+    assert ("ffi_call" in str(jax.make_jaxpr(ours.apply)(v, x))) == (form == "native")
     _close(ours.apply(v, x), ref.apply(v, x))
     g_ours = jax.grad(lambda v, x: jnp.sum(jnp.sin(ours.apply(v, x))), argnums=(0, 1))(v, x)
     g_ref = jax.grad(lambda v, x: jnp.sum(jnp.sin(ref.apply(v, x))), argnums=(0, 1))(v, x)

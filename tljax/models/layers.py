@@ -27,6 +27,10 @@ import numpy as np
 from flax import linen as nn
 from jax.custom_derivatives import SymbolicZero
 
+from tljax.native import build as native_build
+from tljax.native import depthwise as native_depthwise
+from tljax.varying import varying_like
+
 Dtype = Any
 
 
@@ -191,12 +195,12 @@ def plain_convolutions(enabled: bool = True):
 def cpu_rewrites() -> bool:
     """Whether layers are written as the cheaper ops XLA:CPU runs faster: 1x1 convolutions as
     matrix products (`Conv`; XLA's convolutions, and above all their weight gradients, run
-    several times below its matmul rate), depthwise convolutions as shifted multiply-adds
-    (`DepthwiseConv`; its grouped convolutions are slower still), max and average pooling as
-    shifted maxima and sums (`max_pool`, `avg_pool_same`), and training BatchNorm with a
-    hand-written gradient (`BatchNorm`, `bn_train`); every one gives the same numbers (tests/
-    test_layers.py). True on CPU unless `plain_convolutions()` is active; accelerators run
-    XLA's ops (cuDNN)."""
+    several times below its matmul rate), depthwise convolutions as C++ kernels or shifted
+    multiply-adds (`DepthwiseConv`; its grouped convolutions are slower still), max and
+    average pooling as shifted maxima and sums (`max_pool`, `avg_pool_same`), and training
+    BatchNorm with a hand-written gradient (`BatchNorm`, `bn_train`); every one gives the same
+    numbers (tests/test_layers.py). True on CPU unless `plain_convolutions()` is active;
+    accelerators run XLA's ops (cuDNN)."""
     return jax.default_backend() == "cpu" and not _PLAIN.get()
 
 
@@ -231,29 +235,6 @@ class Conv(nn.Conv):
         x = x[:, ::strides[0], ::strides[1], :]
         y = pointwise(x, *varying_like(x, kernel[0, 0]), self.precision)
         return y + bias if bias is not None else y
-
-
-def _varying_axes(x) -> frozenset:
-    """The manual mesh axes along which `x` varies inside `jax.shard_map` with `check_vma`
-    (empty outside, and without the check)."""
-    aval = jax.typeof(x)
-    manual = getattr(aval, "manual_axis_type", None)  # jax 0.10; `vma` in later versions
-    return frozenset(manual.varying if manual is not None else getattr(aval, "vma", ()))
-
-
-def varying_like(x, *params):
-    """`params` cast to vary along `x`'s axes, for the custom-gradient layers below. Inside a
-    `shard_map` that checks varying axes, a parameter replicated across devices combined with a
-    per-device `x` is cast implicitly by JAX's own ops, and the transpose of that cast sums the
-    gradient over devices; inside a `custom_vjp` the cast would be hidden, and the hand-written
-    gradient, per device, would not type-check against the replicated parameter. Cast ahead, the
-    sum happens outside, as for autodiff. A no-op without `check_vma` (tljax's default step)."""
-    axes = _varying_axes(x)
-    out = []
-    for p in params:
-        missing = tuple(sorted(axes - _varying_axes(p))) if p is not None else ()
-        out.append(jax.lax.pcast(p, missing, to="varying") if missing else p)
-    return out
 
 
 def _pointwise(x, kernel, precision):
@@ -304,8 +285,11 @@ class DepthwiseConv(nn.Module):
     Same parameter as `nn.Conv(C, (k, k), feature_group_count=C)`: `kernel` of shape
     (k, k, 1, C). XLA:CPU runs `feature_group_count` convolutions, and above all their
     gradients, far slower than these elementwise loops, which it fuses (measured in
-    docs/benchmarks.md); the gradients are written by hand in the same form (`_taps_bwd`). On
-    accelerators `nn.Conv` is used (`use_conv=True`).
+    docs/benchmarks.md); the gradients are written by hand in the same form (`_taps_bwd`).
+    Faster still, in float32 on CPU: the same sums as C++ kernels (`tljax.native.depthwise`),
+    one pass each for the forward and both gradients, where `tljax.native.build.available()`
+    (a C++ compiler, and not `TLJAX_NATIVE=0`). On accelerators `nn.Conv` is used
+    (`use_conv=True`).
     """
 
     kernel_size: int
@@ -325,6 +309,9 @@ class DepthwiseConv(nn.Module):
             return jax.lax.conv_general_dilated(
                 x, kernel, (s, s), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"),
                 feature_group_count=c)
+        if x.dtype == jnp.float32 and cpu_rewrites() and native_build.available():
+            padding = (_same_padding(x.shape[1], k, s), _same_padding(x.shape[2], k, s))
+            return native_depthwise.depthwise(x, *varying_like(x, kernel), s, padding)
         return depthwise_taps(x, *varying_like(x, kernel), s)
 
 

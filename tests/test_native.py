@@ -1,0 +1,144 @@
+"""tljax's C++ CPU kernels (`tljax.native`): the depthwise convolution and its gradients equal
+XLA's grouped convolution for any padding, kernel size, stride and channel count; the library
+is built once per machine and reused; without a compiler tljax warns and falls back to the
+pure-JAX layers with the same numbers; bad arguments get a clear error."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from tljax.native import build
+
+pytestmark = pytest.mark.skipif(
+    jax.default_backend() != "cpu" or not build.available(),
+    reason="the native kernels run on CPU and need a C++ compiler")
+
+
+def _close(a, b, rtol=1e-5):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    assert a.shape == b.shape
+    assert np.abs(a - b).max() <= rtol * max(np.abs(b).max(), 1e-6)
+
+
+def _grouped(x, kernel, stride, padding):
+    return jax.lax.conv_general_dilated(x, kernel, (stride, stride), padding,
+                                        dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                        feature_group_count=x.shape[-1])
+
+
+@pytest.mark.parametrize("k,stride,padding,shape", [
+    (3, 1, ((1, 1), (1, 1)), (2, 9, 9, 80)),     # channel blocks of 64 and 16
+    (3, 2, ((0, 1), (0, 1)), (3, 10, 7, 37)),    # 32, then single channels
+    (5, 2, ((2, 2), (1, 3)), (2, 11, 9, 144)),   # B0's 5x5 stride-2 channels
+    (5, 1, ((0, 0), (0, 0)), (1, 7, 8, 3)),      # no padding
+    (7, 3, ((3, 2), (0, 4)), (2, 13, 12, 16)),
+    (4, 2, ((1, 2), (2, 1)), (2, 8, 9, 5)),      # even kernel
+    (2, 3, ((0, 1), (1, 0)), (2, 8, 8, 5)),      # kernel smaller than the stride
+    (1, 1, ((0, 0), (0, 0)), (2, 4, 4, 5)),
+    (3, 1, ((1, 1), (1, 1)), (1, 1, 1, 96)),     # a 1x1 image
+])
+def test_depthwise_equals_grouped_conv(k, stride, padding, shape):
+    from tljax.native import depthwise
+
+    x = jax.random.normal(jax.random.key(0), shape)
+    kernel = jax.random.normal(jax.random.key(1), (k, k, 1, shape[-1]))
+
+    def loss(f):
+        return lambda x, kernel: jnp.sum(jnp.sin(f(x, kernel)))
+
+    ours = jax.jit(lambda x, kern: depthwise.depthwise(x, kern, stride, padding))
+    ref = jax.jit(lambda x, kern: _grouped(x, kern, stride, padding))
+    _close(ours(x, kernel), ref(x, kernel))
+    jax.tree.map(_close, jax.grad(loss(ours), argnums=(0, 1))(x, kernel),
+                 jax.grad(loss(ref), argnums=(0, 1))(x, kernel))
+    # Fixed chunks, partial sums added in image order: the same bits on every call.
+    np.testing.assert_array_equal(jax.grad(loss(ours), 1)(x, kernel),
+                                  jax.grad(loss(ours), 1)(x, kernel))
+
+
+def test_depthwise_under_vmap():
+    from tljax.native import depthwise
+
+    x = jax.random.normal(jax.random.key(0), (3, 2, 6, 6, 4))
+    kernel = jax.random.normal(jax.random.key(1), (3, 3, 1, 4))
+    pad = ((1, 1), (1, 1))
+    got = jax.vmap(lambda x: depthwise.depthwise(x, kernel, 1, pad))(x)
+    _close(got, jnp.stack([_grouped(xi, kernel, 1, pad) for xi in x]))
+
+
+def test_depthwise_refuses_bad_arguments():
+    from tljax.native import depthwise
+
+    x = jnp.ones((2, 6, 6, 4))
+    with pytest.raises(ValueError, match=r"kernel \(k, k, 1, C\)"):
+        depthwise.depthwise(x, jnp.ones((3, 3, 1, 5)), 1, ((1, 1), (1, 1)))
+    with pytest.raises(ValueError, match="float32"):
+        depthwise.depthwise(x.astype(jnp.bfloat16), jnp.ones((3, 3, 1, 4), jnp.bfloat16), 1,
+                            ((1, 1), (1, 1)))
+    with pytest.raises(ValueError, match="stride must be >= 1"):
+        depthwise.depthwise(x, jnp.ones((3, 3, 1, 4)), 0, ((1, 1), (1, 1)))
+
+
+def test_library_is_built_once_and_reused(tmp_path, monkeypatch):
+    monkeypatch.setenv("TLJAX_NATIVE_CACHE", str(tmp_path))
+    path = build.build()
+    assert path.startswith(str(tmp_path)) and os.path.getsize(path) > 0
+    mtime = os.stat(path).st_mtime_ns
+    assert build.build() == path and os.stat(path).st_mtime_ns == mtime
+    assert [p.name for p in tmp_path.rglob("*") if p.is_file()] == ["libtljax_cpu.so"]
+
+
+def test_compile_error_names_the_command(tmp_path, monkeypatch):
+    bad = tmp_path / "fake-c++"
+    bad.write_text("#!/bin/sh\nfor a; do :; done\necho 'fake-c++: no such luck' >&2\n"
+                   "[ \"$1\" = --version ] && exit 0\ncase \"$*\" in *help=target*) exit 0;; esac\n"
+                   "exit 1\n")
+    bad.chmod(0o755)
+    monkeypatch.setenv("CXX", str(bad))
+    monkeypatch.setenv("TLJAX_NATIVE_CACHE", str(tmp_path / "cache"))
+    with pytest.raises(build.BuildError, match="(?s)compiling tljax's CPU kernels failed.*"
+                                               "fake-c\\+\\+.*no such luck"):
+        build.build()
+    assert not [p for p in (tmp_path / "cache").rglob("*") if p.is_file()]  # no partial file
+
+
+_FALLBACK = """
+import warnings, jax, jax.numpy as jnp, numpy as np
+from tljax.models import layers
+x = jax.random.normal(jax.random.key(0), (2, 9, 9, 5))
+ours, ref = layers.DepthwiseConv(3, 2), layers.DepthwiseConv(3, 2, use_conv=True)
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    v = ours.init(jax.random.key(1), x)
+    jaxpr = str(jax.make_jaxpr(ours.apply)(v, x))
+    np.testing.assert_allclose(ours.apply(v, x), ref.apply(v, x), rtol=1e-5, atol=1e-5)
+print("ffi_call" in jaxpr, "|".join(str(w.message) for w in caught))
+"""
+
+
+@pytest.mark.parametrize("env,warns", [
+    (dict(CXX="/nonexistent/c++"), True),
+    (dict(TLJAX_NATIVE="0"), False),
+])
+def test_falls_back_to_pure_jax_layers(tmp_path, env, warns):
+    """Without a working compiler the layer warns once, naming the reason, and computes the
+    same numbers in pure JAX; `TLJAX_NATIVE=0` does so silently."""
+    done = subprocess.run([sys.executable, "-c", _FALLBACK], capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "TLJAX_NATIVE_CACHE": str(tmp_path),
+                                            **env})
+    assert done.returncode == 0, done.stderr[-3000:]
+    used_native, _, messages = done.stdout.strip().partition(" ")
+    assert used_native == "False"
+    if warns:
+        assert messages.count("falls back") == 1  # once, however many layers
+        assert "could not run the C++ compiler '/nonexistent/c++'" in messages
+        assert "falls back to its pure-JAX depthwise convolutions" in messages
+    else:
+        assert "C++" not in messages

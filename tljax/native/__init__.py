@@ -1,0 +1,8 @@
+"""CPU kernels that XLA:CPU runs slowly, written in C++ as XLA FFI custom calls (`jax.ffi`).
+
+`build.library()` compiles them on first use (g++ -O3 -march=native, a few seconds) into a
+per-machine cache and registers them with JAX; without a C++ compiler, or with
+`TLJAX_NATIVE=0`, the models fall back to their pure-JAX form (`tljax.models.layers`), with
+the same numbers and slower training. `depthwise` holds the depthwise convolution and its
+gradients.
+"""
