@@ -123,42 +123,71 @@ def test_avg_pool_same_equals_flax_avg_pool(window, shape):
         layers.avg_pool_same(x, 2)
 
 
-@pytest.mark.parametrize("use_scale, shape", [(True, (4, 5, 6, 7)), (False, (4, 5, 6, 7)),
-                                              (True, (6, 3))])
-def test_training_batchnorm_equals_flax(use_scale, shape):
-    """`layers.BatchNorm` in training mode on CPU (hand-written gradient, `bn_train`): flax's
-    outputs exactly, its moving averages, and its gradients with respect to the input and the
-    parameters; also when a loss differentiates the batch statistics themselves."""
+@pytest.mark.parametrize("form", ["native", "xla"])
+@pytest.mark.parametrize("use_scale, shape, activation", [
+    (True, (4, 5, 6, 7), None), (False, (4, 5, 6, 7), None), (True, (6, 3), None),
+    (True, (4, 5, 6, 7), nn.relu), (False, (2, 3, 4, 19), nn.swish),
+    (True, (2, 3, 4, 5), lambda y: jnp.minimum(nn.relu(y), 6.0)),  # not fused: applied after
+])
+def test_training_batchnorm_equals_flax(use_scale, shape, activation, form, monkeypatch):
+    """`layers.BatchNorm` in training mode on CPU, followed by its activation: flax's BatchNorm
+    then the activation, its moving averages, and its gradients with respect to the input and
+    the parameters; also when a loss differentiates the batch statistics themselves. In both
+    CPU forms: the C++ kernels with ReLU or SiLU fused (`tljax.native.batchnorm`, statistics
+    summed in another order: within 1e-5) and the hand-written gradient (`bn_train`,
+    `TLJAX_NATIVE=0`: flax's outputs exactly)."""
+    from tljax.native import build
+
+    monkeypatch.setenv("TLJAX_NATIVE", "1" if form == "native" else "0")
+    if form == "native" and not build.available():
+        pytest.skip("no C++ compiler: the native kernels are not built")
     x = jax.random.normal(jax.random.key(0), shape) * 3 + 1
     opts = dict(momentum=0.9, epsilon=1e-3, use_scale=use_scale, use_fast_variance=False)
-    ours = layers.BatchNorm(use_running_average=None, training=True, **opts)
-    ref = nn.BatchNorm(use_running_average=False, **opts)
-    v = ref.init(jax.random.key(1), x)
+    ours = layers.BatchNorm(use_running_average=None, training=True, activation=activation,
+                            **opts)
+    flax_bn = nn.BatchNorm(use_running_average=False, **opts)
+    act = activation or (lambda y: y)
+
+    class Ref(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return act(nn.BatchNorm(use_running_average=False, name="bn", **opts)(x))
+
+    v = flax_bn.init(jax.random.key(1), x)
     jax.tree.map(np.testing.assert_array_equal, ours.init(jax.random.key(1), x), v)
     v = jax.tree.map(lambda a: a + 0.1 * jax.random.normal(jax.random.key(2), a.shape), v)
 
-    def loss(module):
+    def ref_apply(v, x, **kw):
+        out, new = Ref().apply({k: {"bn": val} for k, val in v.items()}, x, **kw)
+        return out, {k: val["bn"] for k, val in new.items()}
+
+    def loss(apply):
         def f(params, x):
-            y, new = module.apply({"params": params, "batch_stats": v["batch_stats"]}, x,
-                                  mutable=["batch_stats"])
+            y, new = apply({"params": params, "batch_stats": v["batch_stats"]}, x,
+                           mutable=["batch_stats"])
             return jnp.sum(jnp.sin(y)), new
         return jax.jit(jax.value_and_grad(f, argnums=(0, 1), has_aux=True))
 
-    (l_ours, stats_ours), g_ours = loss(ours)(v["params"], x)
-    (l_ref, stats_ref), g_ref = loss(ref)(v["params"], x)
-    np.testing.assert_array_equal(ours.apply(v, x, mutable=["batch_stats"])[0],
-                                  ref.apply(v, x, mutable=["batch_stats"])[0])
+    (l_ours, stats_ours), g_ours = loss(ours.apply)(v["params"], x)
+    (l_ref, stats_ref), g_ref = loss(ref_apply)(v["params"], x)
+    y_ours = ours.apply(v, x, mutable=["batch_stats"])[0]
+    y_ref = ref_apply(v, x, mutable=["batch_stats"])[0]
+    if form == "xla":
+        np.testing.assert_array_equal(y_ours, y_ref)
+    else:
+        _close(y_ours, y_ref)
     _close(l_ours, l_ref)
     jax.tree.map(_close, (stats_ours, g_ours), (stats_ref, g_ref))
-    assert "bn_train" in str(jax.make_jaxpr(lambda x: ours.apply(v, x, mutable=True))(x))
+    jaxpr = str(jax.make_jaxpr(lambda x: ours.apply(v, x, mutable=True))(x))
+    assert ("ffi_call" if form == "native" else "bn_train") in jaxpr
 
-    def through_stats(module):
+    def through_stats(apply):
         def f(x):
-            s = module.apply(v, x, mutable=["batch_stats"])[1]["batch_stats"]
+            s = apply(v, x, mutable=["batch_stats"])[1]["batch_stats"]
             return jnp.sum(s["var"] ** 2) + jnp.sum(s["mean"] ** 3)
         return jax.grad(f)(x)
 
-    _close(through_stats(ours), through_stats(ref))
+    _close(through_stats(ours.apply), through_stats(ref_apply))
 
 
 def test_plain_convolutions_turns_the_cpu_rewrites_off():

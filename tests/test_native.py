@@ -1,5 +1,6 @@
 """tljax's C++ CPU kernels (`tljax.native`): the depthwise convolution and its gradients equal
-XLA's grouped convolution for any padding, kernel size, stride and channel count; the library
+XLA's grouped convolution for any padding, kernel size, stride and channel count; training
+BatchNorm with its activation equals the formulas (and `tests/test_layers.py`, flax); the library
 is built once per machine and reused; without a compiler tljax warns and falls back to the
 pure-JAX layers with the same numbers; bad arguments get a clear error."""
 
@@ -86,6 +87,51 @@ def test_depthwise_refuses_bad_arguments():
         depthwise.depthwise(x, jnp.ones((3, 3, 1, 4)), 0, ((1, 1), (1, 1)))
 
 
+@pytest.mark.parametrize("act", [None, jax.nn.relu, jax.nn.silu])
+def test_batchnorm_over_many_blocks_equals_the_formulas(act):
+    """BatchNorm + activation over 1344 rows (three of the kernels' 512-row blocks, the last
+    one short): outputs, statistics and gradients equal the formulas in float64 within 1e-5,
+    and two calls give the same bits."""
+    from tljax.native import batchnorm
+
+    x = jax.random.normal(jax.random.key(0), (4, 16, 21, 40)) * 2 + 0.5
+    scale = 1 + 0.1 * jax.random.normal(jax.random.key(1), (40,))
+    bias = 0.1 * jax.random.normal(jax.random.key(2), (40,))
+    eps = 1e-3
+
+    def ref(x, scale, bias):
+        mean = x.mean((0, 1, 2))
+        var = jnp.square(x - mean).mean((0, 1, 2))
+        y = (x - mean) * jax.lax.rsqrt(var + eps) * scale + bias
+        return (y if act is None else act(y)), mean, var
+
+    def loss(f):
+        def g(x, scale, bias):
+            y, mean, var = f(x, scale, bias)
+            return jnp.sum(jnp.sin(y)) + jnp.sum(mean ** 3) + jnp.sum(var ** 2)
+        return jax.jit(jax.value_and_grad(g, argnums=(0, 1, 2)))
+
+    ours = jax.jit(lambda x, s, b: batchnorm.bn_act(x, s, b, eps, act))
+    with jax.enable_x64():
+        want = [np.asarray(a) for a in ref(*(np.asarray(a, np.float64) for a in (x, scale, bias)))]
+        want_grad = loss(ref)(*(np.asarray(a, np.float64) for a in (x, scale, bias)))
+    jax.tree.map(_close, list(ours(x, scale, bias)), want)
+    got_grad = loss(lambda x, s, b: batchnorm.bn_act(x, s, b, eps, act))(x, scale, bias)
+    jax.tree.map(_close, got_grad, want_grad)
+    jax.tree.map(np.testing.assert_array_equal, got_grad,
+                 loss(lambda x, s, b: batchnorm.bn_act(x, s, b, eps, act))(x, scale, bias))
+
+
+def test_batchnorm_refuses_bad_arguments():
+    from tljax.native import batchnorm
+
+    x, c = jnp.ones((4, 3)), jnp.ones((3,))
+    with pytest.raises(ValueError, match="act must be one of"):
+        batchnorm.bn_act(x, c, c, 1e-3, jnp.tanh)
+    with pytest.raises(ValueError, match="float32"):
+        batchnorm.bn_act(x.astype(jnp.bfloat16), c, c, 1e-3)
+
+
 def test_library_is_built_once_and_reused(tmp_path, monkeypatch):
     monkeypatch.setenv("TLJAX_NATIVE_CACHE", str(tmp_path))
     path = build.build()
@@ -139,6 +185,6 @@ def test_falls_back_to_pure_jax_layers(tmp_path, env, warns):
     if warns:
         assert messages.count("falls back") == 1  # once, however many layers
         assert "could not run the C++ compiler '/nonexistent/c++'" in messages
-        assert "falls back to its pure-JAX depthwise convolutions" in messages
+        assert "falls back to its pure-JAX layers" in messages
     else:
         assert "C++" not in messages

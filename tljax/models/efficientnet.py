@@ -157,10 +157,10 @@ class MBConv(nn.Module):
         filters = self.filters_in * self.expand_ratio
         x = inputs
         if self.expand_ratio != 1:
-            x = act(norm("expand_bn")(conv(filters, (1, 1), name="expand_conv")(x)))
+            x = norm("expand_bn", activation=act)(conv(filters, (1, 1), name="expand_conv")(x))
         x = layers.DepthwiseConv(self.kernel, self.stride, self.dtype, self.param_dtype,
                                  use_conv=not layers.cpu_rewrites(), name="dwconv")(x)
-        x = act(norm("bn")(x))
+        x = norm("bn", activation=act)(x)
         if 0 < self.se_ratio <= 1:
             filters_se = max(1, int(self.filters_in * self.se_ratio))
             se = jnp.mean(x, axis=(1, 2), keepdims=True)
@@ -206,8 +206,8 @@ class ConvBNAct(nn.Module):
             padding="SAME", use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype,
             name="conv",
         )(x)
-        x = layers.batch_norm(self.numerics, train, self.dtype, self.param_dtype, "bn")(x)
-        return self.activation(x)
+        return layers.batch_norm(self.numerics, train, self.dtype, self.param_dtype, "bn",
+                                 activation=self.activation)(x)
 
 
 class Stage(nn.Module):

@@ -45,8 +45,8 @@ class ConvBN(nn.Module):
             self.features, self.kernel, strides=self.strides, padding=self.padding,
             use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype, name="conv",
         )(x)
-        x = layers.batch_norm(NUMERICS, train, self.dtype, self.param_dtype, "bn")(x)
-        return nn.relu(x)
+        return layers.batch_norm(NUMERICS, train, self.dtype, self.param_dtype, "bn",
+                                 activation=nn.relu)(x)
 
 
 def _avg_pool_same(x):

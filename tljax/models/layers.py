@@ -27,6 +27,7 @@ import numpy as np
 from flax import linen as nn
 from jax.custom_derivatives import SymbolicZero
 
+from tljax.native import batchnorm as native_batchnorm
 from tljax.native import build as native_build
 from tljax.native import depthwise as native_depthwise
 from tljax.varying import varying_like
@@ -82,12 +83,15 @@ class TrainMode:
 
 
 class BatchNorm(nn.BatchNorm):
-    """Flax BatchNorm that runs in inference mode when its path is listed as frozen; training
-    on CPU in float32 without a device axis, with flax's numbers and a hand-written gradient
-    (`bn_train`; `cpu_rewrites`)."""
+    """Flax BatchNorm that runs in inference mode when its path is listed as frozen, followed by
+    `activation` (None: none). Training on CPU in float32 without a device axis: flax's numbers
+    with a hand-written gradient (`bn_train`; `cpu_rewrites`), or, where the C++ kernels are
+    built, BatchNorm and a ReLU or SiLU activation in two fused kernels
+    (`tljax.native.batchnorm`)."""
 
     training: bool = False
     frozen_bn: frozenset[str] = frozenset()
+    activation: Any = None
 
     @nn.compact
     def __call__(self, x, use_running_average=None, *, mask=None):
@@ -97,27 +101,38 @@ class BatchNorm(nn.BatchNorm):
                 or self.use_fast_variance or not self.use_bias or x.dtype != jnp.float32
                 or self.param_dtype != jnp.float32 or self.dtype not in (None, jnp.float32)
                 or not cpu_rewrites()):
-            return super().__call__(x, use_running_average=inference, mask=mask)
+            y = super().__call__(x, use_running_average=inference, mask=mask)
+            return y if self.activation is None else self.activation(y)
         return self._train_float32(x)
 
     def _train_float32(self, x):
         """Training mode on CPU, float32: flax's numbers (two-pass variance, the same
-        formulas in the same order) with a hand-written gradient (`_bn_train_bwd`)."""
+        formulas in the same order) with a hand-written gradient (`_bn_train_bwd`), or the
+        C++ kernels with the activation fused (`native_batchnorm.bn_act`)."""
         c = (x.shape[-1],)
         ra_mean = self.variable("batch_stats", "mean", lambda s: jnp.zeros(s, jnp.float32), c)
         ra_var = self.variable("batch_stats", "var", lambda s: jnp.ones(s, jnp.float32), c)
         scale = self.param("scale", self.scale_init, c, self.param_dtype) if self.use_scale \
             else None
         bias = self.param("bias", self.bias_init, c, self.param_dtype)
-        y, mean, var = bn_train(x, *varying_like(x, scale, bias), self.epsilon)
+        scale, bias = varying_like(x, scale, bias)
+        act = self.activation
+        if native_build.available():
+            fused = act if act in native_batchnorm.ACTIVATIONS else None
+            y, mean, var = native_batchnorm.bn_act(x, scale, bias, self.epsilon, fused)
+            act = None if fused is act else act
+        else:
+            y, mean, var = bn_train(x, scale, bias, self.epsilon)
         if not self.is_initializing():
             ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * mean
             ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * var
-        return y
+        return y if act is None else act(y)
 
 
-def batch_norm(numerics: Numerics, train, dtype: Dtype, param_dtype: Dtype, name: str):
-    """A BatchNorm layer configured from a family's numerics (statistics kept in float32).
+def batch_norm(numerics: Numerics, train, dtype: Dtype, param_dtype: Dtype, name: str,
+               activation=None):
+    """A BatchNorm layer configured from a family's numerics (statistics kept in float32),
+    followed by `activation` (a function, or None).
 
     `train` is a bool or a `TrainMode`.
     """
@@ -135,6 +150,7 @@ def batch_norm(numerics: Numerics, train, dtype: Dtype, param_dtype: Dtype, name
         use_fast_variance=False,
         dtype=dtype,
         param_dtype=param_dtype,
+        activation=activation,
         name=name,
     )
 

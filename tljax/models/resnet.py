@@ -59,9 +59,9 @@ class BottleneckV1(nn.Module):
             shortcut = norm("shortcut_bn")(shortcut)
         else:
             shortcut = x
-        y = nn.relu(norm("bn1")(conv(self.filters, (1, 1), strides=s, name="conv1")(x)))
+        y = norm("bn1", activation=nn.relu)(conv(self.filters, (1, 1), strides=s, name="conv1")(x))
         y = conv(self.filters, (3, 3), padding="SAME", name="conv2")(y)
-        y = nn.relu(norm("bn2")(y))
+        y = norm("bn2", activation=nn.relu)(y)
         y = norm("bn3")(conv(4 * self.filters, (1, 1), name="conv3")(y))
         return nn.relu(shortcut + y)
 
@@ -81,7 +81,7 @@ class BottleneckV2(nn.Module):
         norm = functools.partial(
             layers.batch_norm, NUMERICS_V2, train, self.dtype, self.param_dtype
         )
-        preact = nn.relu(norm("preact_bn")(x))
+        preact = norm("preact_bn", activation=nn.relu)(x)
         if self.conv_shortcut:
             shortcut = conv(
                 4 * self.filters, (1, 1), strides=(self.stride, self.stride), name="shortcut_conv"
@@ -90,12 +90,12 @@ class BottleneckV2(nn.Module):
             # Keras: MaxPooling2D(1, strides=stride), i.e. subsampling.
             shortcut = x[:, :: self.stride, :: self.stride, :] if self.stride > 1 else x
         y = conv(self.filters, (1, 1), use_bias=False, name="conv1")(preact)
-        y = nn.relu(norm("bn1")(y))
+        y = norm("bn1", activation=nn.relu)(y)
         y = conv(
             self.filters, (3, 3), strides=(self.stride, self.stride), padding=((1, 1), (1, 1)),
             use_bias=False, name="conv2",
         )(y)
-        y = nn.relu(norm("bn2")(y))
+        y = norm("bn2", activation=nn.relu)(y)
         y = conv(4 * self.filters, (1, 1), name="conv3")(y)
         return shortcut + y
 
@@ -114,8 +114,8 @@ class Stem(nn.Module):
             param_dtype=self.param_dtype, name="conv",
         )(x)
         if not self.preact:
-            x = layers.batch_norm(NUMERICS_V1, train, self.dtype, self.param_dtype, "bn")(x)
-            x = nn.relu(x)
+            x = layers.batch_norm(NUMERICS_V1, train, self.dtype, self.param_dtype, "bn",
+                                  activation=nn.relu)(x)
         # Keras pads with zeros (pool1_pad) before pooling; after a ReLU (v1) zeros never win,
         # but v2 pools pre-activation values, so pad with zeros exactly as Keras does.
         x = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
@@ -174,7 +174,7 @@ class ResNet(nn.Module):
                 stride = 1 if s == 1 else 2  # v1: no stride in the first stage
             x = Stage(n, width, stride, self.preact, name=f"stage{s}", **kw)(x, train)
         if self.preact:
-            x = nn.relu(layers.batch_norm(NUMERICS_V2, train, name="post_bn", **kw)(x))
+            x = layers.batch_norm(NUMERICS_V2, train, name="post_bn", activation=nn.relu, **kw)(x)
         if not self.include_top:
             return layers.global_pool(x, self.pooling)
         x = jnp.mean(x, axis=(1, 2))

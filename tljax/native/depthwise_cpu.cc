@@ -13,16 +13,12 @@
 // Built on first use by tljax/native/build.py (g++ -O3 -march=native); see docs/benchmarks.md.
 
 #include <algorithm>
-#include <atomic>
-#include <condition_variable>
 #include <cstdint>
 #include <cstring>
-#include <functional>
-#include <memory>
-#include <mutex>
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
+#include "parallel_for.h"
 
 namespace ffi = xla::ffi;
 using Dims = ffi::Span<const int64_t>;
@@ -32,48 +28,6 @@ namespace {
 struct Geometry {
   int64_t n, h, w, c, k, s, pt, pl, oh, ow;
 };
-
-// Runs body(i) for i in [0, count): the caller and up to num_threads pool tasks claim indices
-// from one counter. The caller waits only for indices already claimed, so a pool task that
-// starts late (or never, while its threads are busy) cannot hold it up; the shared state
-// outlives the call for such a task.
-void ParallelFor(ffi::ThreadPool& pool, int64_t count,
-                 const std::function<void(int64_t)>& body) {
-  int64_t helpers = std::min<int64_t>(pool.num_threads(), count - 1);
-  if (helpers <= 0) {
-    for (int64_t i = 0; i < count; ++i) body(i);
-    return;
-  }
-  struct State {
-    std::atomic<int64_t> next{0};
-    int64_t done = 0;
-    std::mutex mu;
-    std::condition_variable cv;
-    int64_t count;
-    const std::function<void(int64_t)>* body;
-  };
-  auto state = std::make_shared<State>();
-  state->count = count;
-  state->body = &body;
-  auto work = [](State& st) {
-    int64_t finished = 0;
-    for (int64_t i; (i = st.next.fetch_add(1)) < st.count;) {
-      (*st.body)(i);
-      ++finished;
-    }
-    if (finished) {
-      std::lock_guard<std::mutex> lock(st.mu);
-      st.done += finished;
-      if (st.done == st.count) st.cv.notify_all();
-    }
-  };
-  for (int64_t t = 0; t < helpers; ++t) {
-    pool.Schedule([state, work] { work(*state); });
-  }
-  work(*state);
-  std::unique_lock<std::mutex> lock(state->mu);
-  state->cv.wait(lock, [&] { return state->done == state->count; });
-}
 
 // The channel loop is split into blocks of kBlock (then 16, then 1) channels, each summed in
 // local accumulators that the compiler keeps in vector registers across all the taps.
@@ -193,7 +147,7 @@ ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ff
   const float* xp = x.typed_data();
   const float* kp = kernel.typed_data();
   float* yp = y->typed_data();
-  ParallelFor(pool, g.n * g.oh, [&](int64_t row) { ForwardRow(g, xp, kp, yp, row); });
+  tljax::ParallelFor(pool, g.n * g.oh, [&](int64_t row) { ForwardRow(g, xp, kp, yp, row); });
   return ffi::Error::Success();
 }
 
@@ -206,7 +160,7 @@ ffi::Error InputGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> dy,
   const float* dyp = dy.typed_data();
   const float* kp = kernel.typed_data();
   float* dxp = dx->typed_data();
-  ParallelFor(pool, g.n * g.h, [&](int64_t row) { InputGradRow(g, dyp, kp, dxp, row); });
+  tljax::ParallelFor(pool, g.n * g.h, [&](int64_t row) { InputGradRow(g, dyp, kp, dxp, row); });
   return ffi::Error::Success();
 }
 
@@ -220,7 +174,7 @@ ffi::Error KernelGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
   std::vector<float> partials(g.n * taps), rows(g.n * taps);
   const float* xp = x.typed_data();
   const float* dyp = dy.typed_data();
-  ParallelFor(pool, g.n, [&](int64_t n) {
+  tljax::ParallelFor(pool, g.n, [&](int64_t n) {
     KernelGradImage(g, xp, dyp, partials.data() + n * taps, rows.data() + n * taps, n);
   });
   float* out = dk->typed_data();
