@@ -155,6 +155,15 @@ def test_compile_error_names_the_command(tmp_path, monkeypatch):
     assert not [p for p in (tmp_path / "cache").rglob("*") if p.is_file()]  # no partial file
 
 
+def test_unwritable_cache_is_a_build_error(tmp_path, monkeypatch):
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("")
+    monkeypatch.setenv("TLJAX_NATIVE_CACHE", str(blocker))
+    with pytest.raises(build.BuildError, match="cannot write tljax's kernel cache.*"
+                                               "TLJAX_NATIVE_CACHE"):
+        build.build()
+
+
 _FALLBACK = """
 import warnings, jax, jax.numpy as jnp, numpy as np
 from tljax.models import layers

@@ -88,10 +88,14 @@ def build() -> str:
     path = os.path.join(out_dir, "libtljax_cpu.so")
     if os.path.exists(path):
         return path
-    os.makedirs(out_dir, exist_ok=True)
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(suffix=".so", dir=out_dir)
+        os.close(fd)
+    except OSError as e:
+        raise BuildError(f"cannot write tljax's kernel cache {out_dir} ({e}); set "
+                         "TLJAX_NATIVE_CACHE to a writable folder") from e
     here = os.path.dirname(__file__)
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=out_dir)
-    os.close(fd)
     cmd = [cxx, *FLAGS, "-I", jax.ffi.include_dir(), "-I", here,
            *[os.path.join(here, name) for name in SOURCES], "-o", tmp]
     try:

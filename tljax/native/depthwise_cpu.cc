@@ -52,20 +52,29 @@ inline void Gather(float* out, const Taps& taps, int64_t c) {
   for (; c0 < c; ++c0) GatherBlock<1>(out, taps, c0);
 }
 
+// Calls f(pixel, tap) for each tap (i, j), tap = i*k + j, in row-major order, whose input
+// pixel x[n, o*s + i - pt, p*s + j - pl] of output (n, o, p) lies inside the image (the
+// padding's zeros add nothing).
+template <typename F>
+inline void ForEachTap(const Geometry& g, const float* x, int64_t n, int64_t o, int64_t p,
+                       F&& f) {
+  for (int64_t i = 0; i < g.k; ++i) {
+    const int64_t r = o * g.s + i - g.pt;
+    if (r < 0 || r >= g.h) continue;
+    for (int64_t j = 0; j < g.k; ++j) {
+      const int64_t q = p * g.s + j - g.pl;
+      if (q < 0 || q >= g.w) continue;
+      f(x + ((n * g.h + r) * g.w + q) * g.c, i * g.k + j);
+    }
+  }
+}
+
 // y[n, o, p] = sum over taps (i, j) of x[n, o*s + i - pt, p*s + j - pl] * kernel[i, j].
 void ForwardRow(const Geometry& g, const float* x, const float* kernel, float* y, int64_t row) {
   const int64_t n = row / g.oh, o = row % g.oh;
   for (int64_t p = 0; p < g.ow; ++p) {
     auto taps = [&](auto&& f) {
-      for (int64_t i = 0; i < g.k; ++i) {
-        const int64_t r = o * g.s + i - g.pt;
-        if (r < 0 || r >= g.h) continue;
-        for (int64_t j = 0; j < g.k; ++j) {
-          const int64_t q = p * g.s + j - g.pl;
-          if (q < 0 || q >= g.w) continue;
-          f(x + ((n * g.h + r) * g.w + q) * g.c, kernel + (i * g.k + j) * g.c);
-        }
-      }
+      ForEachTap(g, x, n, o, p, [&](const float* a, int64_t tap) { f(a, kernel + tap * g.c); });
     };
     Gather(y + ((n * g.oh + o) * g.ow + p) * g.c, taps, g.c);
   }
@@ -112,15 +121,8 @@ void KernelGradImage(const Geometry& g, const float* x, const float* dy, float* 
     std::memset(row_sum, 0, sizeof(float) * taps);
     for (int64_t p = 0; p < g.ow; ++p) {
       const float* d = dy + ((n * g.oh + o) * g.ow + p) * g.c;
-      for (int64_t i = 0; i < g.k; ++i) {
-        const int64_t r = o * g.s + i - g.pt;
-        if (r < 0 || r >= g.h) continue;
-        for (int64_t j = 0; j < g.k; ++j) {
-          const int64_t q = p * g.s + j - g.pl;
-          if (q < 0 || q >= g.w) continue;
-          MulAdd(row_sum + (i * g.k + j) * g.c, x + ((n * g.h + r) * g.w + q) * g.c, d, g.c);
-        }
-      }
+      ForEachTap(g, x, n, o, p,
+                 [&](const float* a, int64_t tap) { MulAdd(row_sum + tap * g.c, a, d, g.c); });
     }
     for (int64_t t = 0; t < taps; ++t) partial[t] += row_sum[t];
   }
