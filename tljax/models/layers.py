@@ -214,9 +214,9 @@ def cpu_rewrites() -> bool:
     several times below its matmul rate), depthwise convolutions as C++ kernels or shifted
     multiply-adds (`DepthwiseConv`; its grouped convolutions are slower still), max and
     average pooling as shifted maxima and sums (`max_pool`, `avg_pool_same`), and training
-    BatchNorm with a hand-written gradient (`BatchNorm`, `bn_train`); every one gives the same
-    numbers (tests/test_layers.py). True on CPU unless `plain_convolutions()` is active;
-    accelerators run XLA's ops (cuDNN)."""
+    BatchNorm as C++ kernels or with a hand-written gradient (`BatchNorm`, `bn_train`); every
+    one gives the same numbers (tests/test_layers.py). True on CPU unless
+    `plain_convolutions()` is active; accelerators run XLA's ops (cuDNN)."""
     return jax.default_backend() == "cpu" and not _PLAIN.get()
 
 
