@@ -21,16 +21,12 @@ def varying_like(x, *params):
     gradient over devices; inside a `custom_vjp` the cast would be hidden, and the hand-written
     gradient, per device, would not type-check against the replicated parameter. Cast ahead, the
     sum happens outside, as for autodiff. A no-op without `check_vma` (tljax's default step)."""
-    axes = varying_axes(x)
-    out = []
-    for p in params:
-        missing = tuple(sorted(axes - varying_axes(p))) if p is not None else ()
-        out.append(jax.lax.pcast(p, missing, to="varying") if missing else p)
-    return out
+    return [None if p is None else vary_as(p, x) for p in params]
 
 
 def vary_as(out, like):
-    """`out` cast to vary along every axis `like` varies along (a custom call's result carries
-    no varying axes of its own; its inputs' are its own)."""
+    """`out` cast to vary along every axis that `like` varies along and `out` does not: a
+    replicated parameter beside per-device data (`varying_like`), or a custom call's result,
+    which carries no varying axes of its own (`tljax.native.build.call`)."""
     missing = tuple(sorted(varying_axes(like) - varying_axes(out)))
     return jax.lax.pcast(out, missing, to="varying") if missing else out

@@ -572,8 +572,9 @@ def _bn_train_bwd(eps, res, cotangents):
     xhat = (x - mean) * r, r = 1 / sqrt(var + eps): dbias = sum dy, dscale = sum dy * xhat,
     dx = scale * r * (dy - dbias / n - xhat * dscale / n); cotangents of the returned mean and
     variance (zero in a train step, where they only feed the moving averages, and then skipped
-    symbolically) add dmean / n and dvar * 2 (x - mean) / n. Autodiff of the two-pass variance
-    ran ~30% slower per layer on XLA:CPU (docs/benchmarks.md)."""
+    symbolically) add dmean / n and dvar * 2 (x - mean) / n
+    (`native_batchnorm.add_stats_cotangents`). Autodiff of the two-pass variance ran ~30%
+    slower per layer on XLA:CPU (docs/benchmarks.md)."""
     x, mean, r, scale = res
     dy, dmean, dvar = cotangents
     n, axes = x.size // x.shape[-1], tuple(range(x.ndim - 1))
@@ -584,10 +585,7 @@ def _bn_train_bwd(eps, res, cotangents):
     dscale = (dy * (xc * r)).sum(axes)
     mul = r if scale is None else r * scale
     dx = mul * (dy - dbias / n - (xc * r) * (dscale / n))
-    if not isinstance(dmean, SymbolicZero):
-        dx = dx + dmean / n
-    if not isinstance(dvar, SymbolicZero):
-        dx = dx + dvar * (2 / n) * xc
+    dx = native_batchnorm.add_stats_cotangents(dx, x, mean, dmean, dvar)
     return dx, None if scale is None else dscale, dbias
 
 

@@ -22,24 +22,15 @@ import numpy as np
 from jax.custom_derivatives import SymbolicZero
 
 from tljax.native import build
-from tljax.varying import vary_as
 
 # The activations the kernels apply (and differentiate) themselves, by JAX function.
 ACTIVATIONS = {None: 0, jax.nn.relu: 1, jax.nn.silu: 2}
 
 
-def _call(target: str, shapes, *args, eps: float, act: int):
-    build.library()  # registers the targets
-    outs = jax.ffi.ffi_call(target, [jax.ShapeDtypeStruct(s, jnp.float32) for s in shapes],
-                            vmap_method="sequential")(*args, eps=np.float32(eps),
-                                                      act=np.int64(act))
-    return [vary_as(out, args[0]) for out in outs]
-
-
 def _bn_act(x, scale, bias, eps: float, act: int):
     c = x.shape[-1]
-    y, mean, var = _call("tljax_batchnorm_forward", (x.shape, (c,), (c,)), x, scale, bias,
-                         eps=eps, act=act)
+    y, mean, var = build.call("tljax_batchnorm_forward", (x.shape, (c,), (c,)), x, scale, bias,
+                              eps=np.float32(eps), act=np.int64(act))
     return y, mean, var
 
 
@@ -50,22 +41,30 @@ def _bn_act_fwd(x, scale, bias, eps, act):
 
 
 def _bn_act_bwd(eps, act, res, cotangents):
-    """dx, dscale, dbias from the kernel; cotangents of the returned mean and variance (zero in
-    a train step, where they only feed the moving averages, and then skipped symbolically) add
-    dmean / n and dvar * 2 (x - mean) / n, as in `tljax.models.layers._bn_train_bwd`."""
+    """dx, dscale, dbias from the kernel, and the cotangents of the returned statistics
+    (`add_stats_cotangents`)."""
     x, mean, var, scale, bias = res
     dy, dmean, dvar = cotangents
     if isinstance(dy, SymbolicZero):
         dy = jnp.zeros_like(x)
     c = x.shape[-1]
-    dx, dscale, dbias = _call("tljax_batchnorm_backward", (x.shape, (c,), (c,)),
-                              x, dy, mean, var, scale, bias, eps=eps, act=act)
-    n = x.size // c
+    dx, dscale, dbias = build.call("tljax_batchnorm_backward", (x.shape, (c,), (c,)),
+                                   x, dy, mean, var, scale, bias, eps=np.float32(eps),
+                                   act=np.int64(act))
+    return add_stats_cotangents(dx, x, mean, dmean, dvar), dscale, dbias
+
+
+def add_stats_cotangents(dx, x, mean, dmean, dvar):
+    """`dx` plus what the cotangents of BatchNorm's returned batch mean and (biased) variance
+    contribute, dmean / n and dvar * 2 (x - mean) / n, each skipped when symbolically zero (in
+    a train step they only feed the moving averages). Shared by both CPU forms of training
+    BatchNorm (`tljax.models.layers._bn_train_bwd` too)."""
+    n = x.size // x.shape[-1]
     if not isinstance(dmean, SymbolicZero):
         dx = dx + dmean / n
     if not isinstance(dvar, SymbolicZero):
         dx = dx + dvar * (2 / n) * (x - mean)
-    return dx, dscale, dbias
+    return dx
 
 
 def _make():

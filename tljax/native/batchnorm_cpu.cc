@@ -73,7 +73,7 @@ void Combine(const std::vector<float>& partial, int64_t blocks, int64_t c, doubl
 
 template <int Act>
 void Forward(ffi::ThreadPool& pool, const float* x, const float* scale, const float* bias,
-             float eps, int64_t m, int64_t c, float* y, float* mean_out, float* var_out) {
+             float eps, int64_t m, int64_t c, float* y, float* mean, float* var_out) {
   const int64_t blocks = Blocks(m);
   std::vector<float> partial(blocks * c);
   std::vector<double> sum(c);
@@ -87,11 +87,11 @@ void Forward(ffi::ThreadPool& pool, const float* x, const float* scale, const fl
     }
   });
   Combine(partial, blocks, c, sum.data());
-  std::vector<float> mean(c), mul(c);
+  std::vector<float> mul(c);
   for (int64_t j = 0; j < c; ++j) mean[j] = static_cast<float>(sum[j] / m);
   tljax::ParallelFor(pool, blocks, [&](int64_t b) {
     float* __restrict acc = partial.data() + b * c;
-    const float* __restrict mu = mean.data();
+    const float* __restrict mu = mean;
     std::memset(acc, 0, sizeof(float) * c);
     for (int64_t i = b * kRows, end = std::min(m, i + kRows); i < end; ++i) {
       const float* __restrict row = x + i * c;
@@ -105,12 +105,11 @@ void Forward(ffi::ThreadPool& pool, const float* x, const float* scale, const fl
   Combine(partial, blocks, c, sum.data());
   for (int64_t j = 0; j < c; ++j) {
     const float var = static_cast<float>(sum[j] / m);
-    mean_out[j] = mean[j];
     var_out[j] = var;
     mul[j] = 1.0f / std::sqrt(var + eps) * scale[j];
   }
   tljax::ParallelFor(pool, blocks, [&](int64_t b) {
-    const float* __restrict mu = mean.data();
+    const float* __restrict mu = mean;
     const float* __restrict k = mul.data();
     for (int64_t i = b * kRows, end = std::min(m, i + kRows); i < end; ++i) {
       const float* __restrict row = x + i * c;

@@ -24,6 +24,9 @@ import tempfile
 import warnings
 
 import jax
+import jax.numpy as jnp
+
+from tljax.varying import vary_as
 
 SOURCES = ("depthwise_cpu.cc", "batchnorm_cpu.cc")
 HEADERS = ("parallel_for.h",)
@@ -108,6 +111,17 @@ def build() -> str:
         if os.path.exists(tmp):
             os.remove(tmp)
     return path
+
+
+def call(target: str, shapes, *args, **attributes) -> list:
+    """Run the FFI target `target` (registering the kernels first) on float32 `args`, with
+    results of the float32 `shapes`; each result varies along the same devices as `args[0]`
+    inside `jax.shard_map(check_vma=True)` (a custom call's results carry no varying axes of
+    their own). `attributes` go to the handler as named XLA FFI attributes."""
+    library()
+    outs = jax.ffi.ffi_call(target, [jax.ShapeDtypeStruct(s, jnp.float32) for s in shapes],
+                            vmap_method="sequential")(*args, **attributes)
+    return [vary_as(out, args[0]) for out in outs]
 
 
 @functools.cache

@@ -18,7 +18,6 @@ import jax
 import numpy as np
 
 from tljax.native import build
-from tljax.varying import vary_as
 
 
 def _attrs(stride: int, padding) -> dict:
@@ -30,19 +29,12 @@ def _out_size(n: int, k: int, stride: int, pads) -> int:
     return (n + pads[0] + pads[1] - k) // stride + 1
 
 
-def _call(target: str, shape, *args, stride: int, padding):
-    build.library()  # registers the targets
-    out = jax.ffi.ffi_call(target, jax.ShapeDtypeStruct(shape, args[0].dtype),
-                           vmap_method="sequential")(*args, **_attrs(stride, padding))
-    return vary_as(out, args[0])
-
-
 def _forward(x, kernel, stride: int, padding):
     n, h, w, c = x.shape
     k = kernel.shape[0]
     shape = (n, _out_size(h, k, stride, padding[0]), _out_size(w, k, stride, padding[1]), c)
-    return _call("tljax_depthwise_forward", shape, x, kernel.reshape(k, k, c),
-                 stride=stride, padding=padding)
+    return build.call("tljax_depthwise_forward", [shape], x, kernel.reshape(k, k, c),
+                      **_attrs(stride, padding))[0]
 
 
 def _forward_fwd(x, kernel, stride, padding):
@@ -52,10 +44,10 @@ def _forward_fwd(x, kernel, stride, padding):
 def _backward(stride, padding, res, dy):
     x, kernel = res
     k, c = kernel.shape[0], x.shape[-1]
-    dx = _call("tljax_depthwise_input_grad", x.shape, dy, kernel.reshape(k, k, c),
-               stride=stride, padding=padding)
-    dk = _call("tljax_depthwise_kernel_grad", (k, k, c), x, dy, stride=stride,
-               padding=padding)
+    dx, = build.call("tljax_depthwise_input_grad", [x.shape], dy, kernel.reshape(k, k, c),
+                     **_attrs(stride, padding))
+    dk, = build.call("tljax_depthwise_kernel_grad", [(k, k, c)], x, dy,
+                     **_attrs(stride, padding))
     return dx, dk.reshape(kernel.shape)
 
 
