@@ -26,7 +26,13 @@ def _close(a, b, rtol=1e-5):
     dict(features=6, kernel_size=(1, 1), strides=(2, 2), padding="SAME"),
     dict(features=6, kernel_size=(1, 1), strides=2, padding="VALID", use_bias=False),
     dict(features=6, kernel_size=(1, 1), padding=((0, 0), (0, 0))),
-    dict(features=6, kernel_size=(3, 3), strides=2),  # not 1x1: nn.Conv itself
+    dict(features=6, kernel_size=(3, 3), strides=2),  # not 1x1: XLA's convolution
+    dict(features=6, kernel_size=(3, 3)),  # stride 1: tljax.native.conv when built
+    dict(features=5, kernel_size=(1, 7), padding="VALID", use_bias=False),
+    dict(features=4, kernel_size=(3, 5), padding=((0, 2), (1, 3))),
+    dict(features=6, kernel_size=(3, 3), padding=((3, 3), (1, 1))),  # pad > k - 1: XLA's
+    dict(features=6, kernel_size=(3, 3), kernel_dilation=2),
+    dict(features=8, kernel_size=(3, 3), feature_group_count=2),
 ])
 def test_conv_equals_flax_conv(options):
     x = jax.random.normal(jax.random.key(0), (2, 9, 7, 8))

@@ -1,5 +1,6 @@
 """tljax's C++ CPU kernels (`tljax.native`): the depthwise convolution and its gradients equal
-XLA's grouped convolution for any padding, kernel size, stride and channel count; training
+XLA's grouped convolution for any padding, kernel size, stride and channel count; stride-1
+convolutions with the C++ flipped and transposed kernel equal XLA's autodiff bit for bit; training
 BatchNorm with its activation equals the formulas (and `tests/test_layers.py`, flax); the library
 is built once per machine and reused; without a compiler tljax warns and falls back to the
 pure-JAX layers with the same numbers; bad arguments get a clear error."""
@@ -16,6 +17,7 @@ import numpy as np
 import pytest
 
 from tljax.native import build
+from tljax.native import conv as native_conv
 
 pytestmark = pytest.mark.skipif(
     jax.default_backend() != "cpu" or not build.available(),
@@ -130,6 +132,48 @@ def test_batchnorm_refuses_bad_arguments():
         batchnorm.bn_act(x, c, c, 1e-3, jnp.tanh)
     with pytest.raises(ValueError, match="float32"):
         batchnorm.bn_act(x.astype(jnp.bfloat16), c, c, 1e-3)
+
+
+@pytest.mark.parametrize("shape", [(3, 3, 64, 96), (3, 3, 512, 512), (1, 7, 40, 17),
+                                   (2, 5, 9, 33)])
+def test_flip_transpose(shape):
+    """Whole 32x32 tiles (the AVX 8x8 blocks) and ragged ones."""
+    kernel = jax.random.normal(jax.random.key(0), shape)
+    np.testing.assert_array_equal(native_conv.flip_transpose(kernel),
+                                  jnp.flip(kernel, (0, 1)).swapaxes(2, 3))
+
+
+@pytest.mark.parametrize("kernel_shape,padding", [
+    ((3, 3, 16, 24), ((1, 1), (1, 1))),
+    ((3, 3, 8, 8), ((0, 0), (0, 0))),
+    ((1, 7, 12, 5), ((0, 0), (3, 3))),
+    ((5, 3, 6, 9), ((0, 4), (2, 1))),
+])
+def test_conv_equals_xla_autodiff(kernel_shape, padding):
+    """The same convolutions as XLA's autodiff, so the same bits."""
+    x = jax.random.normal(jax.random.key(0), (2, 9, 11, kernel_shape[2]))
+    kernel = jax.random.normal(jax.random.key(1), kernel_shape)
+
+    def ref(x, k):
+        return jax.lax.conv_general_dilated(x, k, (1, 1), padding,
+                                            dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+    y, vjp = jax.vjp(ref, x, kernel)
+    y2, vjp2 = jax.vjp(lambda x, k: native_conv.conv(x, k, padding), x, kernel)
+    dy = jax.random.normal(jax.random.key(2), y.shape)
+    np.testing.assert_array_equal(y2, y)
+    jax.tree.map(np.testing.assert_array_equal, vjp2(dy), vjp(dy))
+    assert "tljax_flip_transpose" in str(jax.make_jaxpr(vjp2)(dy))
+
+
+def test_conv_refuses_bad_arguments():
+    x, kernel = jnp.ones((1, 5, 5, 3)), jnp.ones((3, 3, 3, 4))
+    with pytest.raises(ValueError, match="kernel extent"):
+        native_conv.conv(x, kernel, ((3, 1), (1, 1)))
+    with pytest.raises(ValueError, match="float32"):
+        native_conv.conv(x.astype(jnp.bfloat16), kernel, ((1, 1), (1, 1)))
+    with pytest.raises(ValueError, match="kernel"):
+        native_conv.conv(x, jnp.ones((3, 3, 2, 4)), ((1, 1), (1, 1)))
 
 
 def test_library_is_built_once_and_reused(tmp_path, monkeypatch):

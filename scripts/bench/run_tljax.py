@@ -116,7 +116,7 @@ def program(kind: str, module, variables, images, labels, device, bn: str = "fol
                  else labels_tree)
     config = steps.StepConfig(model=module, tx=tx, trainable=freeze.trainable(labels_tree),
                               frozen_bn=freeze.frozen_batchnorm(bn_labels,
-                                                                variables["batch_stats"]))
+                                                                variables.get("batch_stats", {})))
     step, put_state, put_batch = parallel.compile_train_step(config, devices=[device])
     state = steps.create_state(variables, tx)
     host_batch = {"image": images, "label": labels}

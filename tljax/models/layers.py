@@ -29,6 +29,7 @@ from jax.custom_derivatives import SymbolicZero
 
 from tljax.native import batchnorm as native_batchnorm
 from tljax.native import build as native_build
+from tljax.native import conv as native_conv
 from tljax.native import depthwise as native_depthwise
 from tljax.varying import varying_like
 
@@ -221,36 +222,53 @@ def cpu_rewrites() -> bool:
 
 
 class Conv(nn.Conv):
-    """`nn.Conv`, same parameters and results, whose 1x1 case is written as the matrix
-    product it is when `cpu_rewrites()`: a strided slice, then a contraction over channels.
-
-    XLA:CPU lowers a 1x1 convolution to its convolution kernels; as a `dot_general` it reaches
-    the matmul rate instead. ResNet50's 1x1 layers at batch 16 (docs/benchmarks.md): forward
-    1.5-5x and forward + both gradients 2-11x faster. Any other kernel, grouping or padding
-    goes to `nn.Conv`.
+    """`nn.Conv`, same parameters and results, for NHWC inputs, written where `cpu_rewrites()`
+    as what XLA:CPU runs faster:
+    - a 1x1 convolution as the matrix product it is (a strided slice, then a contraction over
+      channels). XLA:CPU lowers a 1x1 convolution to its convolution kernels; as a
+      `dot_general` it reaches the matmul rate instead. ResNet50's 1x1 layers at batch 16
+      (docs/benchmarks.md): forward 1.5-5x and forward + both gradients 2-11x faster.
+    - a larger float32 kernel at stride 1 with the C++ kernels built: `tljax.native.conv`,
+      XLA's convolutions with the input gradient's flipped and transposed kernel from C++.
+    Anything else (strides, dilations, groups beyond these cases) runs XLA's convolution with
+    the arguments `nn.Conv` gives it; masks, unshared weights, inputs that are not 4-D and
+    the circular, reflect or causal paddings go to `nn.Conv` itself.
     """
 
     @nn.compact
     def __call__(self, inputs):
         ks = (self.kernel_size,) * 2 if isinstance(self.kernel_size, int) else self.kernel_size
-        strides = self.strides or 1
-        strides = (strides,) * 2 if isinstance(strides, int) else tuple(strides)
-        zero_pad = (isinstance(self.padding, str) and self.padding.upper() in ("SAME", "VALID")
-                    or self.padding == 0
-                    or (not isinstance(self.padding, (str, int))
-                        and all(tuple(p) == (0, 0) for p in self.padding)))
-        if (tuple(ks) != (1, 1) or inputs.ndim != 4 or self.feature_group_count != 1
-                or not zero_pad or self.input_dilation not in (None, 1) or self.mask is not None
-                or not cpu_rewrites()):
+        ks = tuple(ks)
+        pair = lambda v: (v,) * 2 if isinstance(v, int) else tuple(v)  # noqa: E731
+        strides, lhs_dilation, rhs_dilation = (
+            pair(v or 1) for v in (self.strides, self.input_dilation, self.kernel_dilation))
+        padding = nn.linear.canonicalize_padding(self.padding, 2)
+        if (inputs.ndim != 4 or len(ks) != 2 or self.mask is not None or not self.shared_weights
+                or padding in ("CIRCULAR", "REFLECT", "CAUSAL")):
             return super().__call__(inputs)
-        kernel = self.param("kernel", self.kernel_init, (1, 1, inputs.shape[-1], self.features),
-                            self.param_dtype)
+        groups = self.feature_group_count
+        kernel = self.param("kernel", self.kernel_init,
+                            ks + (inputs.shape[-1] // groups, self.features), self.param_dtype)
         bias = (self.param("bias", self.bias_init, (self.features,), self.param_dtype)
                 if self.use_bias else None)
-        x, kernel, bias = nn.dtypes.promote_dtype(inputs, kernel, bias, dtype=self.dtype)
-        x = x[:, ::strides[0], ::strides[1], :]
-        y = pointwise(x, *varying_like(x, kernel[0, 0]), self.precision)
-        return y + bias if bias is not None else y
+        x, kernel, bias = self.promote_dtype(inputs, kernel, bias, dtype=self.dtype)
+        plain = (groups == 1 and lhs_dilation == rhs_dilation == (1, 1) and cpu_rewrites())
+        if plain and strides == (1, 1) and padding in ("SAME", "VALID"):
+            padding = ([((k - 1) // 2, k - 1 - (k - 1) // 2) for k in ks] if padding == "SAME"
+                       else [(0, 0), (0, 0)])
+        if plain and ks == (1, 1) and (padding in ("SAME", "VALID") or all(
+                tuple(p) == (0, 0) for p in padding)):
+            x = x[:, ::strides[0], ::strides[1], :]
+            y = pointwise(x, *varying_like(x, kernel[0, 0]), self.precision)
+        elif (plain and strides == (1, 1) and x.dtype == jnp.float32
+              and native_conv.supports(ks, padding) and native_build.available()):
+            y = native_conv.conv(x, *varying_like(x, kernel), padding, self.precision)
+        else:
+            y = jax.lax.conv_general_dilated(
+                x, kernel, strides, padding, lhs_dilation=lhs_dilation,
+                rhs_dilation=rhs_dilation, dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                feature_group_count=groups, precision=self.precision)
+        return y if bias is None else y + bias
 
 
 def _pointwise(x, kernel, precision):

@@ -28,7 +28,7 @@ import jax.numpy as jnp
 
 from tljax.varying import vary_as
 
-SOURCES = ("depthwise_cpu.cc", "batchnorm_cpu.cc")
+SOURCES = ("depthwise_cpu.cc", "batchnorm_cpu.cc", "conv_cpu.cc")
 HEADERS = ("parallel_for.h",)
 # (FFI target name, exported symbol) registered for the CPU platform.
 TARGETS = (
@@ -37,6 +37,7 @@ TARGETS = (
     ("tljax_depthwise_kernel_grad", "TljaxDepthwiseKernelGrad"),
     ("tljax_batchnorm_forward", "TljaxBatchNormForward"),
     ("tljax_batchnorm_backward", "TljaxBatchNormBackward"),
+    ("tljax_flip_transpose", "TljaxFlipTranspose"),
 )
 FLAGS = ("-O3", "-march=native", "-std=c++20", "-shared", "-fPIC", "-fno-math-errno",
          "-fno-trapping-math", "-w")

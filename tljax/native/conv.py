@@ -1,0 +1,79 @@
+"""Stride-1 convolutions on CPU whose input gradient takes its kernel, flipped in space and
+transposed to (KH, KW, O, I), from a C++ kernel (`conv_cpu.cc`).
+
+`conv(x, kernel, padding, precision)`: NHWC float32 `x`, an HWIO `kernel`, explicit zero
+padding `((top, bottom), (left, right))`, stride 1; XLA's own convolution forward, XLA's own
+kernel gradient, and for the input gradient the convolution of dy with that flipped and
+transposed kernel: the same ops as XLA's autodiff, but XLA computes the kernel's reverse +
+transpose inside the input gradient at ~2.4 GB/s, 3.6-3.8 ms per step for each of
+ResNet50's (3, 3, 256, 256) and (3, 3, 512, 512) kernels, and here it is a tiled copy.
+One (16, 4, 4, 512) 3x3 layer's input gradient: 10.3 -> 6.4 ms; (16, 7, 7, 256): 8.4 -> 4.7 ms
+(docs/benchmarks.md).
+
+Call it only where `tljax.native.build.available()`; `tljax.models.layers.Conv` decides.
+"""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+
+from tljax.native import build
+
+_DIMENSIONS = ("NHWC", "HWIO", "NHWC")
+
+
+def flip_transpose(kernel):
+    """(KH, KW, I, O) -> (KH, KW, O, I), `out[i, j, o, c] = kernel[KH-1-i, KW-1-j, c, o]`."""
+    kh, kw, ci, co = kernel.shape
+    return build.call("tljax_flip_transpose", [(kh, kw, co, ci)], kernel)[0]
+
+
+def _conv(x, kernel, padding, precision):
+    return jax.lax.conv_general_dilated(x, kernel, (1, 1), padding,
+                                        dimension_numbers=_DIMENSIONS, precision=precision)
+
+
+def _conv_fwd(x, kernel, padding, precision):
+    return _conv(x, kernel, padding, precision), (x, kernel)
+
+
+def _conv_bwd(padding, precision, res, dy):
+    x, kernel = res
+    kh, kw = kernel.shape[:2]
+    (top, bottom), (left, right) = padding
+    dx = _conv(dy, flip_transpose(kernel),
+               ((kh - 1 - top, kh - 1 - bottom), (kw - 1 - left, kw - 1 - right)), precision)
+    _, kernel_vjp = jax.vjp(lambda k: _conv(x, k, padding, precision), kernel)
+    return dx, kernel_vjp(dy)[0]
+
+
+def _make():
+    f = jax.custom_vjp(_conv, nondiff_argnums=(2, 3))
+    f.defvjp(_conv_fwd, _conv_bwd)
+    return f
+
+
+_conv_vjp = _make()
+
+
+def supports(kernel_shape, padding) -> bool:
+    """Whether `conv` takes a kernel of this shape with this explicit padding: each pad
+    between 0 and the kernel's extent - 1 on its axis."""
+    return all(0 <= p < k for k, pair in zip(kernel_shape[:2], padding, strict=True)
+               for p in pair)
+
+
+def conv(x, kernel, padding, precision=None):
+    """(N, H, W, I) x (KH, KW, I, O) -> (N, H', W', O), stride 1, zero padding
+    `((top, bottom), (left, right))`, differentiable in both arguments."""
+    padding = tuple(tuple(int(p) for p in pair) for pair in padding)
+    if x.ndim != 4 or kernel.ndim != 4 or kernel.shape[2] != x.shape[3]:
+        raise ValueError(f"conv: x must be (N, H, W, I) and kernel (KH, KW, I, O), got "
+                         f"{x.shape} and {kernel.shape}")
+    if x.dtype != np.float32 or kernel.dtype != np.float32:
+        raise ValueError(f"conv: the CPU kernels take float32, got {x.dtype} and {kernel.dtype}")
+    if not supports(kernel.shape, padding):
+        raise ValueError(f"conv: each pad must lie in [0, kernel extent - 1], got {padding} "
+                         f"for a {kernel.shape[:2]} kernel")
+    return _conv_vjp(x, kernel, padding, precision)
