@@ -143,6 +143,18 @@ def test_flip_transpose(shape):
                                   jnp.flip(kernel, (0, 1)).swapaxes(2, 3))
 
 
+def test_pointwise_kernel_grad_takes_the_smaller_side_as_rows():
+    """F < C: the (F, C) product, transposed by the C++ kernel; the same values as x^T dy."""
+    from tljax.models import layers
+    x = jax.random.normal(jax.random.key(0), (2, 5, 7, 96))
+    kernel = jax.random.normal(jax.random.key(1), (96, 40))
+    dy = jax.random.normal(jax.random.key(2), (2, 5, 7, 40))
+    _, vjp = jax.vjp(lambda k: layers.pointwise(x, k, None), kernel)
+    _close(vjp(dy)[0], x.reshape(-1, 96).T @ dy.reshape(-1, 40))
+    assert "tljax_flip_transpose" in str(jax.make_jaxpr(vjp)(dy))
+    np.testing.assert_array_equal(native_conv.transpose(kernel), kernel.T)
+
+
 @pytest.mark.parametrize("kernel_shape,padding", [
     ((3, 3, 16, 24), ((1, 1), (1, 1))),
     ((3, 3, 8, 8), ((0, 0), (0, 0))),

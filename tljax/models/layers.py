@@ -277,17 +277,23 @@ def _pointwise(x, kernel, precision):
 
 
 def _pointwise_bwd(precision, res, dy):
-    """Input gradient dy kernel^T; kernel gradient written as (dy^T x)^T over the flattened
-    batch and space. Autodiff's x^T dy contracts the long leading axis of both operands, for
-    which XLA:CPU copies the (large) output gradient into a transposed layout first; the same
-    product with dy as the left operand runs without that copy, and the transpose falls on the
-    small (F, C) result. Whole train step, 112x112, batch 16, same process alternating:
-    ResNet50 1190 -> 948 ms, EfficientNet-B0 351 -> 312 ms (docs/benchmarks.md)."""
+    """Input gradient dy kernel^T; kernel gradient as the product over the flattened batch
+    and space with the smaller of C and F as its rows.
+
+    Autodiff's x^T dy contracts the long leading axis of both operands; written as
+    (dy^T x)^T it once ran without a copy of dy into a transposed layout (whole train step at
+    112x112, batch 16: ResNet50 1190 -> 948 ms, EfficientNet-B0 351 -> 312 ms;
+    docs/benchmarks.md). XLA now folds that transpose into the product, which then has C
+    rows; with F < C (ResNet's conv1 layers, EfficientNet's projections) the (F, C) product
+    is faster, and its transpose is taken by the C++ kernel, which XLA cannot fold: at
+    (12544, 256) x (12544, 64) 5.0 -> 3.6 ms, at (3136, 512) x (3136, 128) 4.5 -> 3.1 ms."""
     x, kernel = res
     dx = jax.lax.dot_general(dy, kernel, (((3,), (1,)), ((), ())), precision=precision)
-    dk = jnp.matmul(dy.reshape(-1, dy.shape[-1]).T, x.reshape(-1, x.shape[-1]),
-                    precision=precision).T
-    return dx, dk
+    x2, dy2 = x.reshape(-1, x.shape[-1]), dy.reshape(-1, dy.shape[-1])
+    dk_t = jnp.matmul(dy2.T, x2, precision=precision)
+    if dy2.shape[1] < x2.shape[1] and dk_t.dtype == jnp.float32 and native_build.available():
+        return dx, native_conv.transpose(dk_t)
+    return dx, dk_t.T
 
 
 def _make_pointwise():

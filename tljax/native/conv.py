@@ -29,6 +29,12 @@ def flip_transpose(kernel):
     return build.call("tljax_flip_transpose", [(kh, kw, co, ci)], kernel)[0]
 
 
+def transpose(matrix):
+    """`matrix.T` for a float32 matrix, as a custom call that XLA cannot fold into the
+    product that made `matrix` (`tljax.models.layers.pointwise`)."""
+    return flip_transpose(matrix[None, None])[0, 0]
+
+
 def _conv(x, kernel, padding, precision):
     return jax.lax.conv_general_dilated(x, kernel, (1, 1), padding,
                                         dimension_numbers=_DIMENSIONS, precision=precision)
