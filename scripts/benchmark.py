@@ -58,7 +58,7 @@ FRAMEWORKS = ("tljax", "keras-jax", "keras-tensorflow", "keras-torch", "torch", 
 # cores. Keras on JAX is left to the full run: building its EfficientNet-B0 alone takes ~32 s
 # there, and with it --quick took 4.9 min.
 QUICK = dict(models=["resnet50", "efficientnet_b0"], frameworks=["tljax", "torch"],
-             size=112, steps=3, warmup=1)
+             size=112, steps=7, warmup=1)
 
 
 def installed(framework: str) -> str | None:

@@ -4,5 +4,7 @@
 per-machine cache and registers them with JAX; without a C++ compiler, or with
 `TLJAX_NATIVE=0`, the models fall back to their pure-JAX form (`tljax.models.layers`), with
 the same numbers and slower training. `depthwise` holds the depthwise convolution and its
-gradients, `batchnorm` training BatchNorm with the activation that follows it.
+gradients, `batchnorm` training BatchNorm with the activation that follows it, `conv` the
+flipped, transposed kernel of a convolution's input gradient (and a matrix transpose that XLA
+cannot fold into the product before it).
 """

@@ -153,8 +153,9 @@ def _built() -> bool:
         library()
     except BuildError as e:
         warnings.warn(f"{e}\ntljax falls back to its pure-JAX layers (depthwise convolutions, "
-                      "training BatchNorm): the same numbers, slower training on CPU. Set "
-                      "TLJAX_NATIVE=0 to silence this.", RuntimeWarning, stacklevel=2)
+                      "training BatchNorm, convolution gradients): the same numbers, slower "
+                      "training on CPU. Set TLJAX_NATIVE=0 to silence this.", RuntimeWarning,
+                      stacklevel=2)
         return False
     return True
 
