@@ -34,3 +34,21 @@ def test_opt_out():
 def test_left_alone_for_accelerators():
     assert state_after_import(JAX_PLATFORMS="cuda,cpu") == \
         "off (JAX computes on an accelerator)"
+
+
+def test_heap_is_never_trimmed():
+    """A freed block above glibc's largest positive trim threshold (2 GiB) stays in the heap:
+    the threshold is -1, "never". Its pages are never touched, so nothing becomes resident."""
+    code = ("import ctypes, tljax.host_memory as h\n"
+            "libc = ctypes.CDLL(None)\n"
+            "libc.malloc.restype = libc.sbrk.restype = ctypes.c_void_p\n"
+            "libc.malloc.argtypes, libc.free.argtypes = [ctypes.c_size_t], [ctypes.c_void_p]\n"
+            "libc.sbrk.argtypes = [ctypes.c_ssize_t]\n"
+            "p = libc.malloc(5 << 29)\n"
+            "top = libc.sbrk(0)\n"
+            "libc.free(p)\n"
+            "print(h.state(), p is not None, libc.sbrk(0) == top)\n")
+    env = {k: v for k, v in os.environ.items() if k != "TLJAX_KEEP_FREED_MEMORY"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env=dict(env, JAX_PLATFORMS="cpu"), timeout=120, check=True)
+    assert out.stdout.split("\n")[0] == "on (glibc keeps freed memory) True True"

@@ -9,11 +9,15 @@ fine-tune step went from 14.4 to 20.5 images/s and its inference from 141 to 203
 memory was kept (docs/benchmarks.md).
 
 `keep_freed_memory()` makes glibc keep it: one arena for all threads, no `mmap` for large
-blocks, no trimming of the heap. The process's resident memory then stays at its high-water mark,
-as a caching allocator's does (PyTorch's, or XLA's own on GPUs). It only works when called before
-the threads that allocate exist, so `import tljax` calls it, on Linux with glibc when JAX will
-compute on the CPU (no GPU or TPU plugin installed, or `JAX_PLATFORMS=cpu`). Opt out with
-`TLJAX_KEEP_FREED_MEMORY=0` in the environment. `state()` says what was done, for run records.
+blocks, no trimming of the heap (`M_TRIM_THRESHOLD` -1, which glibc reads as "never"; the
+largest positive threshold, 2 GiB, still trimmed ResNet50's heap at 224x224, whose full step
+uses ~1.8 GB of temporaries: 440-460 thousand page faults, +300-400 ms, in 1-3 of the 12
+steps after the first two, against none with -1; docs/benchmarks.md). The process's
+resident memory then stays at its high-water mark, as a caching allocator's does (PyTorch's,
+or XLA's own on GPUs). It only works when called before the threads that allocate exist, so
+`import tljax` calls it, on Linux with glibc when JAX will compute on the CPU (no GPU or TPU
+plugin installed, or `JAX_PLATFORMS=cpu`). Opt out with `TLJAX_KEEP_FREED_MEMORY=0` in the
+environment. `state()` says what was done, for run records.
 """
 
 from __future__ import annotations
@@ -64,7 +68,7 @@ def keep_freed_memory() -> bool:
         _state = "off (the C library is not glibc)"
         return False
     ok = (mallopt(_M_ARENA_MAX, 1) == 1 and mallopt(_M_MMAP_MAX, 0) == 1
-          and mallopt(_M_TRIM_THRESHOLD, 2**31 - 1) == 1)
+          and mallopt(_M_TRIM_THRESHOLD, -1) == 1)
     _state = "on (glibc keeps freed memory)" if ok else "off (mallopt refused)"
     return ok
 
