@@ -33,6 +33,7 @@ def _close(a, b, rtol=1e-5):
     dict(features=6, kernel_size=(3, 3), padding=((3, 3), (1, 1))),  # pad > k - 1: XLA's
     dict(features=6, kernel_size=(3, 3), kernel_dilation=2),
     dict(features=8, kernel_size=(3, 3), feature_group_count=2),
+    dict(features=6, kernel_size=3),  # an int: a 1-D convolution over W, nn.Conv's own
 ])
 def test_conv_equals_flax_conv(options):
     x = jax.random.normal(jax.random.key(0), (2, 9, 7, 8))

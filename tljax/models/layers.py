@@ -237,8 +237,8 @@ class Conv(nn.Conv):
 
     @nn.compact
     def __call__(self, inputs):
-        ks = (self.kernel_size,) * 2 if isinstance(self.kernel_size, int) else self.kernel_size
-        ks = tuple(ks)
+        # An int kernel_size is a 1-D convolution to nn.Conv: left to it.
+        ks = () if isinstance(self.kernel_size, int) else tuple(self.kernel_size)
         pair = lambda v: (v,) * 2 if isinstance(v, int) else tuple(v)  # noqa: E731
         strides, lhs_dilation, rhs_dilation = (
             pair(v or 1) for v in (self.strides, self.input_dilation, self.kernel_dilation))

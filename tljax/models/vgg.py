@@ -42,7 +42,7 @@ class VGGBlock(nn.Module):
     @nn.compact
     def __call__(self, x):
         for j in range(1, self.n + 1):
-            x = nn.Conv(
+            x = layers.Conv(
                 self.width, (3, 3), padding="SAME", dtype=self.dtype,
                 param_dtype=self.param_dtype, name=f"conv{j}",
             )(x)

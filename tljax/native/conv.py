@@ -5,10 +5,9 @@ transposed to (KH, KW, O, I), from a C++ kernel (`conv_cpu.cc`).
 padding `((top, bottom), (left, right))`, stride 1; XLA's own convolution forward, XLA's own
 kernel gradient, and for the input gradient the convolution of dy with that flipped and
 transposed kernel: the same ops as XLA's autodiff, but XLA computes the kernel's reverse +
-transpose inside the input gradient at ~2.4 GB/s, 3.6-3.8 ms per step for each of
-ResNet50's (3, 3, 256, 256) and (3, 3, 512, 512) kernels, and here it is a tiled copy.
-One (16, 4, 4, 512) 3x3 layer's input gradient: 10.3 -> 6.4 ms; (16, 7, 7, 256): 8.4 -> 4.7 ms
-(docs/benchmarks.md).
+transpose inside the input gradient at ~2.4 GB/s (3.8 ms for a (3, 3, 512, 512) kernel), and
+here it is a tiled copy (0.36-0.48 ms). One (16, 4, 4, 512) 3x3 layer's input gradient:
+10.3 -> 6.4 ms; (16, 7, 7, 256): 8.4 -> 4.7 ms (docs/benchmarks.md).
 
 Call it only where `tljax.native.build.available()`; `tljax.models.layers.Conv` decides.
 """
