@@ -87,9 +87,11 @@ def command(framework: str, model: str, args, size: int) -> list[str]:
 # The host-memory policy `import tljax` sets in its own process (tljax/host_memory.py: glibc keeps
 # freed memory instead of page-faulting every step's buffers in again), as environment variables
 # that glibc reads at start: with --peer-malloc same (the default) every peer runs under it too,
-# so that the table compares frameworks, not allocator settings.
+# so that the table compares frameworks, not allocator settings. The trim threshold is SIZE_MAX,
+# "never", as tljax's mallopt(M_TRIM_THRESHOLD, -1) (2**31 - 1 still trims a heap with more than
+# 2 GiB free at its top: a freed 2.5 GiB block moved the program break back).
 SAME_MALLOC = {"MALLOC_ARENA_MAX": "1", "MALLOC_MMAP_MAX_": "0",
-               "MALLOC_TRIM_THRESHOLD_": str(2**31 - 1)}
+               "MALLOC_TRIM_THRESHOLD_": str(2**64 - 1)}
 
 
 def worker_env(framework: str = "tljax", peer_malloc: str = "same") -> dict:
