@@ -253,11 +253,10 @@ class Conv(nn.Conv):
                 if self.use_bias else None)
         x, kernel, bias = self.promote_dtype(inputs, kernel, bias, dtype=self.dtype)
         plain = (groups == 1 and lhs_dilation == rhs_dilation == (1, 1) and cpu_rewrites())
-        if plain and strides == (1, 1) and padding in ("SAME", "VALID"):
-            padding = ([((k - 1) // 2, k - 1 - (k - 1) // 2) for k in ks] if padding == "SAME"
-                       else [(0, 0), (0, 0)])
-        if plain and ks == (1, 1) and (padding in ("SAME", "VALID") or all(
-                tuple(p) == (0, 0) for p in padding)):
+        if plain and isinstance(padding, str):  # 'SAME' or 'VALID' as the pads XLA would use
+            padding = [_same_padding(n, k, s) if padding == "SAME" else (0, 0)
+                       for n, k, s in zip(x.shape[1:3], ks, strides, strict=True)]
+        if plain and ks == (1, 1) and all(tuple(p) == (0, 0) for p in padding):
             x = x[:, ::strides[0], ::strides[1], :]
             y = pointwise(x, *varying_like(x, kernel[0, 0]), self.precision)
         elif (plain and strides == (1, 1) and x.dtype == jnp.float32

@@ -49,8 +49,8 @@ def _conv_bwd(padding, precision, res, dy):
     (top, bottom), (left, right) = padding
     dx = _conv(dy, flip_transpose(kernel),
                ((kh - 1 - top, kh - 1 - bottom), (kw - 1 - left, kw - 1 - right)), precision)
-    _, kernel_vjp = jax.vjp(lambda k: _conv(x, k, padding, precision), kernel)
-    return dx, kernel_vjp(dy)[0]
+    dk, = jax.linear_transpose(lambda k: _conv(x, k, padding, precision), kernel)(dy)
+    return dx, dk
 
 
 def _make():
