@@ -1,9 +1,10 @@
 """tljax's C++ CPU kernels (`tljax.native`): the depthwise convolution and its gradients equal
 XLA's grouped convolution for any padding, kernel size, stride and channel count; stride-1
-convolutions with the C++ flipped and transposed kernel equal XLA's autodiff bit for bit; training
-BatchNorm with its activation equals the formulas (and `tests/test_layers.py`, flax); the library
-is built once per machine and reused; without a compiler tljax warns and falls back to the
-pure-JAX layers with the same numbers; bad arguments get a clear error."""
+convolutions (the C++ direct convolution, the flipped and transposed kernel) equal XLA's
+autodiff, with the same bits on any number of threads; training BatchNorm with its activation
+equals the formulas (and `tests/test_layers.py`, flax); the library is built once per machine
+and reused; without a compiler tljax warns and falls back to the pure-JAX layers with the same
+numbers; bad arguments get a clear error."""
 
 from __future__ import annotations
 
@@ -155,27 +156,65 @@ def test_pointwise_kernel_grad_takes_the_smaller_side_as_rows():
     np.testing.assert_array_equal(native_conv.transpose(kernel), kernel.T)
 
 
-@pytest.mark.parametrize("kernel_shape,padding", [
-    ((3, 3, 16, 24), ((1, 1), (1, 1))),
-    ((3, 3, 8, 8), ((0, 0), (0, 0))),
-    ((1, 7, 12, 5), ((0, 0), (3, 3))),
-    ((5, 3, 6, 9), ((0, 4), (2, 1))),
+@pytest.mark.parametrize("x_shape,kernel_shape,padding", [
+    ((2, 9, 11, 16), (3, 3, 16, 24), ((1, 1), (1, 1))),    # narrow: XLA's forward
+    ((2, 9, 11, 8), (3, 3, 8, 8), ((0, 0), (0, 0))),
+    ((2, 9, 11, 12), (1, 7, 12, 5), ((0, 0), (3, 3))),
+    ((2, 9, 11, 6), (5, 3, 6, 9), ((0, 4), (2, 1))),
+    ((3, 20, 14, 70), (3, 3, 70, 64), ((1, 1), (1, 1))),    # direct forward, a ragged group
+    ((2, 13, 19, 3), (3, 3, 3, 70), ((1, 1), (1, 1))),      # 64 + 6 output channels
+    ((2, 16, 17, 33), (5, 5, 33, 17), ((2, 2), (2, 2))),    # 16 + 1 output channels
+    ((4, 16, 16, 8), (7, 1, 8, 130), ((3, 3), (0, 0))),     # 2 blocks of 64 + 2
+    ((2, 12, 25, 9), (3, 3, 9, 16), ((0, 2), (2, 0))),      # lopsided pads
 ])
-def test_conv_equals_xla_autodiff(kernel_shape, padding):
-    """The same convolutions as XLA's autodiff, so the same bits."""
-    x = jax.random.normal(jax.random.key(0), (2, 9, 11, kernel_shape[2]))
+def test_conv_equals_xla_autodiff(x_shape, kernel_shape, padding):
+    """The forward and both gradients equal XLA's autodiff (to float32 rounding: the direct
+    convolution sums in its own order), for narrow images (XLA's forward), wide ones (the
+    direct forward), output channels that fill 1-4 vectors or leave a ragged one, and
+    kernel gradients summed in one part or several."""
+    x = jax.random.normal(jax.random.key(0), x_shape)
     kernel = jax.random.normal(jax.random.key(1), kernel_shape)
 
     def ref(x, k):
         return jax.lax.conv_general_dilated(x, k, (1, 1), padding,
-                                            dimension_numbers=("NHWC", "HWIO", "NHWC"))
+                                            dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                            precision="highest")
 
     y, vjp = jax.vjp(ref, x, kernel)
     y2, vjp2 = jax.vjp(lambda x, k: native_conv.conv(x, k, padding), x, kernel)
     dy = jax.random.normal(jax.random.key(2), y.shape)
-    np.testing.assert_array_equal(y2, y)
-    jax.tree.map(np.testing.assert_array_equal, vjp2(dy), vjp(dy))
+    _close(y2, y)
+    jax.tree.map(_close, vjp2(dy), vjp(dy))
     assert "tljax_flip_transpose" in str(jax.make_jaxpr(vjp2)(dy))
+    if native_conv.direct_available():
+        assert "tljax_conv_kernel_grad" in str(jax.make_jaxpr(vjp2)(dy))
+        wide = y.shape[2] >= native_conv._DIRECT_MIN_WIDTH
+        fwd = jax.make_jaxpr(lambda x, k: native_conv.conv(x, k, padding))(x, kernel)
+        assert ("tljax_conv_forward" in str(fwd)) == wide
+
+
+def test_direct_conv_does_not_depend_on_the_thread_count():
+    """Each output element is summed in a fixed order: the same bits on one CPU as on all of
+    them (the kernel gradient's parts are added in order)."""
+    code = """
+import os, sys
+os.sched_setaffinity(0, [int(c) for c in sys.argv[2].split(",")])  # before XLA sizes its pool
+import jax, numpy as np
+from tljax.native import conv
+x = jax.random.normal(jax.random.key(0), (6, 30, 28, 40))
+k = jax.random.normal(jax.random.key(1), (3, 3, 40, 72))
+y, vjp = jax.vjp(lambda x, k: conv.conv(x, k, ((1, 1), (1, 1))), x, k)
+dx, dk = vjp(jax.random.normal(jax.random.key(2), y.shape))
+np.save(sys.argv[1], np.concatenate([np.ravel(y), np.ravel(dx), np.ravel(dk)]))
+"""
+    outs = []
+    for cpus in ({min(os.sched_getaffinity(0))}, os.sched_getaffinity(0)):
+        path = f"{os.environ.get('TMPDIR', '/tmp')}/tljax_direct_{os.getpid()}_{len(cpus)}.npy"
+        subprocess.run([sys.executable, "-c", code, path, ",".join(map(str, sorted(cpus)))],
+                       check=True)
+        outs.append(np.load(path))
+        os.remove(path)
+    np.testing.assert_array_equal(outs[0], outs[1])
 
 
 def test_conv_refuses_bad_arguments():

@@ -38,6 +38,8 @@ TARGETS = (
     ("tljax_batchnorm_forward", "TljaxBatchNormForward"),
     ("tljax_batchnorm_backward", "TljaxBatchNormBackward"),
     ("tljax_flip_transpose", "TljaxFlipTranspose"),
+    ("tljax_conv_forward", "TljaxConvForward"),
+    ("tljax_conv_kernel_grad", "TljaxConvKernelGrad"),
 )
 FLAGS = ("-O3", "-march=native", "-std=c++20", "-shared", "-fPIC", "-fno-math-errno",
          "-fno-trapping-math", "-w")

@@ -10,6 +10,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <vector>
 
 #ifdef __AVX__
 #include <immintrin.h>
@@ -19,6 +20,7 @@
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
+using Dims = ffi::Span<const int64_t>;
 
 namespace {
 
@@ -86,6 +88,283 @@ ffi::Error FlipTranspose(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> kernel,
   return ffi::Error::Success();
 }
 
+
+// ---- Direct stride-1 convolution, NHWC x HWIO, float32, AVX-512 register tiles. ----
+//
+// y[n, r, c, o] = sum over (i, j, ci) of x[n, r + i - pt, c + j - pl, ci] * k[i, j, ci, o]
+// (zero padding). The forward keeps a tile of P output pixels x 16*V output channels in
+// registers and, for each tap and input channel, broadcasts P input values against V kernel
+// vectors; the kernel gradient keeps P input channels x 16*V output channels and runs over
+// the pixels. Every output element is a sum in a fixed order: the results do not depend on
+// the number of threads.
+
+#ifdef __AVX512F__
+#define TLJAX_UNROLL _Pragma("GCC unroll 32")  // so that GCC keeps each tile in registers
+
+struct ConvGeom {
+  int64_t n, h, w, ci, kh, kw, co, oh, ow, pt, pl;
+};
+
+// The output channels come in blocks of up to 64 (4 vectors); the last vector of a block
+// is masked to the channels that remain.
+struct ChannelBlock {
+  int64_t o0;
+  int vectors;
+  __mmask16 last;
+};
+
+inline ChannelBlock MakeChannelBlock(int64_t co, int64_t o0) {
+  const int64_t left = std::min<int64_t>(co - o0, 64), vectors = (left + 15) / 16;
+  const int64_t tail = left - 16 * (vectors - 1);
+  return {o0, static_cast<int>(vectors),
+          tail == 16 ? __mmask16(0xFFFF) : __mmask16((1u << tail) - 1)};
+}
+
+// Calls f.template operator()<V>() for the block's vector count.
+template <typename F>
+inline void ForVectors(const ChannelBlock& b, F&& f) {
+  switch (b.vectors) {
+    case 4: f.template operator()<4>(); break;
+    case 3: f.template operator()<3>(); break;
+    case 2: f.template operator()<2>(); break;
+    default: f.template operator()<1>(); break;
+  }
+}
+
+// Calls f.template operator()<P>() for P in 1..6.
+template <typename F>
+inline void ForWidth(int64_t p, F&& f) {
+  switch (p) {
+    case 6: f.template operator()<6>(); break;
+    case 5: f.template operator()<5>(); break;
+    case 4: f.template operator()<4>(); break;
+    case 3: f.template operator()<3>(); break;
+    case 2: f.template operator()<2>(); break;
+    default: f.template operator()<1>(); break;
+  }
+}
+
+constexpr int64_t kTileWidth = 6;  // 6 pixels (or channels) x 4 vectors = 24 accumulators
+
+// Splits [0, count) into ceil(count / 6) runs of near-equal length (7 -> 4 + 3), and calls
+// f(start, length) for each.
+template <typename F>
+inline void ForRuns(int64_t count, F&& f) {
+  const int64_t runs = (count + kTileWidth - 1) / kTileWidth;
+  for (int64_t t = 0, start = 0; t < runs; ++t) {
+    const int64_t len = count / runs + (t < count % runs ? 1 : 0);
+    f(start, len);
+    start += len;
+  }
+}
+
+// The forward of output pixels c0..c0+P-1 of row r of one image, channels of block b.
+template <int V, int P>
+inline void ForwardTile(const ConvGeom& g, const float* x_img, const float* k, float* y_row,
+                        int64_t r, int64_t c0, const ChannelBlock& b, const float* zeros) {
+  __m512 acc[P][V];
+  TLJAX_UNROLL for (int p = 0; p < P; ++p)
+    TLJAX_UNROLL for (int v = 0; v < V; ++v) acc[p][v] = _mm512_setzero_ps();
+  for (int64_t i = 0; i < g.kh; ++i) {
+    const int64_t xr = r + i - g.pt;
+    if (xr < 0 || xr >= g.h) continue;
+    const float* xrow = x_img + xr * g.w * g.ci;
+    for (int64_t j = 0; j < g.kw; ++j) {
+      const float* px[P];
+      TLJAX_UNROLL for (int p = 0; p < P; ++p) {
+        const int64_t xc = c0 + p + j - g.pl;
+        px[p] = (xc >= 0 && xc < g.w) ? xrow + xc * g.ci : zeros;
+      }
+      const float* kp = k + (i * g.kw + j) * g.ci * g.co + b.o0;
+      for (int64_t ci = 0; ci < g.ci; ++ci, kp += g.co) {
+        __m512 kv[V];
+        TLJAX_UNROLL for (int v = 0; v < V - 1; ++v) kv[v] = _mm512_loadu_ps(kp + 16 * v);
+        kv[V - 1] = _mm512_maskz_loadu_ps(b.last, kp + 16 * (V - 1));
+        TLJAX_UNROLL for (int p = 0; p < P; ++p) {
+          const __m512 xv = _mm512_set1_ps(px[p][ci]);
+          TLJAX_UNROLL for (int v = 0; v < V; ++v)
+            acc[p][v] = _mm512_fmadd_ps(xv, kv[v], acc[p][v]);
+        }
+      }
+    }
+  }
+  TLJAX_UNROLL for (int p = 0; p < P; ++p) {
+    float* yp = y_row + (c0 + p) * g.co + b.o0;
+    TLJAX_UNROLL for (int v = 0; v < V - 1; ++v) _mm512_storeu_ps(yp + 16 * v, acc[p][v]);
+    _mm512_mask_storeu_ps(yp + 16 * (V - 1), b.last, acc[p][V - 1]);
+  }
+}
+
+// Output row `row` (= n * OH + r), every channel block.
+void ForwardRow(const ConvGeom& g, const float* x, const float* k, float* y, int64_t row,
+                const float* zeros) {
+  const int64_t n = row / g.oh, r = row % g.oh;
+  const float* x_img = x + n * g.h * g.w * g.ci;
+  float* y_row = y + row * g.ow * g.co;
+  for (int64_t o0 = 0; o0 < g.co; o0 += 64) {
+    const ChannelBlock b = MakeChannelBlock(g.co, o0);
+    ForRuns(g.ow, [&](int64_t c0, int64_t len) {
+      ForVectors(b, [&]<int V>() {
+        ForWidth(len, [&]<int P>() { ForwardTile<V, P>(g, x_img, k, y_row, r, c0, b, zeros); });
+      });
+    });
+  }
+}
+
+// The kernel gradient's tile: input channels ci0..ci0+P-1 x channels of block b of tap
+// (i, j), summed over the output rows [row0, row1) (row = n * OH + r), added to dk (or
+// written, if `first`).
+template <int V, int P>
+inline void KernelGradTile(const ConvGeom& g, const float* x, const float* dy, float* dk,
+                           int64_t i, int64_t j, int64_t ci0, const ChannelBlock& b,
+                           int64_t row0, int64_t row1, bool first) {
+  float* dkp = dk + ((i * g.kw + j) * g.ci + ci0) * g.co + b.o0;
+  __m512 acc[P][V];
+  TLJAX_UNROLL for (int p = 0; p < P; ++p) {
+    TLJAX_UNROLL for (int v = 0; v < V - 1; ++v)
+      acc[p][v] = first ? _mm512_setzero_ps() : _mm512_loadu_ps(dkp + p * g.co + 16 * v);
+    acc[p][V - 1] = first ? _mm512_setzero_ps()
+                          : _mm512_maskz_loadu_ps(b.last, dkp + p * g.co + 16 * (V - 1));
+  }
+  const int64_t c_lo = std::max<int64_t>(0, g.pl - j);
+  const int64_t c_hi = std::min<int64_t>(g.ow, g.w + g.pl - j);
+  for (int64_t row = row0; row < row1; ++row) {
+    const int64_t n = row / g.oh, r = row % g.oh, xr = r + i - g.pt;
+    if (xr < 0 || xr >= g.h) continue;
+    const float* xp = x + ((n * g.h + xr) * g.w + (c_lo + j - g.pl)) * g.ci + ci0;
+    const float* dyp = dy + (row * g.ow + c_lo) * g.co + b.o0;
+    for (int64_t c = c_lo; c < c_hi; ++c, xp += g.ci, dyp += g.co) {
+      __m512 dv[V];
+      TLJAX_UNROLL for (int v = 0; v < V - 1; ++v) dv[v] = _mm512_loadu_ps(dyp + 16 * v);
+      dv[V - 1] = _mm512_maskz_loadu_ps(b.last, dyp + 16 * (V - 1));
+      TLJAX_UNROLL for (int p = 0; p < P; ++p) {
+        const __m512 xv = _mm512_set1_ps(xp[p]);
+        TLJAX_UNROLL for (int v = 0; v < V; ++v)
+          acc[p][v] = _mm512_fmadd_ps(xv, dv[v], acc[p][v]);
+      }
+    }
+  }
+  TLJAX_UNROLL for (int p = 0; p < P; ++p) {
+    TLJAX_UNROLL for (int v = 0; v < V - 1; ++v)
+      _mm512_storeu_ps(dkp + p * g.co + 16 * v, acc[p][v]);
+    _mm512_mask_storeu_ps(dkp + p * g.co + 16 * (V - 1), b.last, acc[p][V - 1]);
+  }
+}
+
+// How the kernel gradient is split: the output rows into `parts` (each summed into its own
+// copy of dk, the copies then added in order), the input channels into groups of
+// kGradGroup, the output channels into blocks of 64; and each part's rows into chunks of
+// about 256 pixels that stay in cache while every tap and channel tile runs over them.
+constexpr int64_t kGradGroup = 8 * kTileWidth;
+constexpr int64_t kPartialBudget = int64_t{1} << 20;  // floats of dk copies at most (4 MiB)
+
+struct GradSplit {
+  int64_t parts, rows_per_part, chunk_rows, groups, oblocks;
+};
+
+GradSplit MakeGradSplit(const ConvGeom& g) {
+  GradSplit s;
+  const int64_t rows = g.n * g.oh, dk_size = g.kh * g.kw * g.ci * g.co;
+  s.groups = (g.ci + kGradGroup - 1) / kGradGroup;
+  s.oblocks = (g.co + 63) / 64;
+  s.chunk_rows = std::max<int64_t>(1, 256 / g.ow);
+  const int64_t want = (16 + s.groups * s.oblocks - 1) / (s.groups * s.oblocks);
+  const int64_t chunks = (rows + s.chunk_rows - 1) / s.chunk_rows;
+  s.parts = std::max<int64_t>(1, std::min({want, chunks, kPartialBudget / dk_size}));
+  s.rows_per_part = (rows + s.parts - 1) / s.parts;
+  s.parts = (rows + s.rows_per_part - 1) / s.rows_per_part;
+  return s;
+}
+
+void KernelGradItem(const ConvGeom& g, const GradSplit& s, const float* x, const float* dy,
+                    float* dk, int64_t row0, int64_t row1, int64_t grp, int64_t ob) {
+  const ChannelBlock b = MakeChannelBlock(g.co, ob * 64);
+  const int64_t ci_lo = grp * kGradGroup, ci_n = std::min(kGradGroup, g.ci - ci_lo);
+  for (int64_t r0 = row0; r0 < row1; r0 += s.chunk_rows) {
+    const int64_t r1 = std::min(r0 + s.chunk_rows, row1);
+    for (int64_t i = 0; i < g.kh; ++i) {
+      for (int64_t j = 0; j < g.kw; ++j) {
+        ForRuns(ci_n, [&](int64_t c0, int64_t len) {
+          ForVectors(b, [&]<int V>() {
+            ForWidth(len, [&]<int P>() {
+              KernelGradTile<V, P>(g, x, dy, dk, i, j, ci_lo + c0, b, r0, r1, r0 == row0);
+            });
+          });
+        });
+      }
+    }
+  }
+}
+#undef TLJAX_UNROLL
+#endif  // __AVX512F__
+
+ffi::Error ConvGeometry(ffi::Buffer<ffi::F32>& x, Dims kdims, Dims ydims, int64_t pt,
+                        int64_t pl, void* out) {
+  const auto xd = x.dimensions();
+  if (xd.size() != 4 || kdims.size() != 4 || ydims.size() != 4 || kdims[2] != xd[3] ||
+      ydims[0] != xd[0] || ydims[3] != kdims[3] || pt < 0 || pl < 0) {
+    return ffi::Error::InvalidArgument("conv: x (N, H, W, I), kernel (KH, KW, I, O), "
+                                       "y (N, H', W', O) and pads >= 0 expected");
+  }
+#ifdef __AVX512F__
+  *static_cast<ConvGeom*>(out) = ConvGeom{xd[0], xd[1], xd[2], xd[3], kdims[0], kdims[1],
+                                          kdims[3], ydims[1], ydims[2], pt, pl};
+#endif
+  return ffi::Error::Success();
+}
+
+ffi::Error DirectForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
+                         ffi::Buffer<ffi::F32> kernel, ffi::ResultBuffer<ffi::F32> y,
+                         int64_t pad_top, int64_t pad_left) {
+#ifdef __AVX512F__
+  ConvGeom g;
+  if (auto e = ConvGeometry(x, kernel.dimensions(), y->dimensions(), pad_top, pad_left, &g);
+      e.failure()) return e;
+  std::vector<float> zeros(g.ci, 0.0f);
+  const float *xs = x.typed_data(), *ks = kernel.typed_data();
+  float* ys = y->typed_data();
+  tljax::ParallelFor(pool, g.n * g.oh,
+                     [&](int64_t row) { ForwardRow(g, xs, ks, ys, row, zeros.data()); });
+  return ffi::Error::Success();
+#else
+  return ffi::Error::Internal("conv: the direct convolution needs AVX-512");
+#endif
+}
+
+ffi::Error DirectKernelGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
+                            ffi::Buffer<ffi::F32> dy, ffi::ResultBuffer<ffi::F32> dk,
+                            int64_t pad_top, int64_t pad_left) {
+#ifdef __AVX512F__
+  ConvGeom g;
+  if (auto e = ConvGeometry(x, dk->dimensions(), dy.dimensions(), pad_top, pad_left, &g);
+      e.failure()) return e;
+  const float *xs = x.typed_data(), *dys = dy.typed_data();
+  float* dks = dk->typed_data();
+  const GradSplit s = MakeGradSplit(g);
+  const int64_t dk_size = g.kh * g.kw * g.ci * g.co, rows = g.n * g.oh;
+  std::vector<float> partials((s.parts - 1) * dk_size);  // part 0 sums into dk itself
+  tljax::ParallelFor(pool, s.parts * s.groups * s.oblocks, [&](int64_t item) {
+    const int64_t ob = item % s.oblocks, grp = (item / s.oblocks) % s.groups;
+    const int64_t q = item / (s.oblocks * s.groups);
+    float* out = q == 0 ? dks : partials.data() + (q - 1) * dk_size;
+    KernelGradItem(g, s, xs, dys, out, q * s.rows_per_part,
+                   std::min(rows, (q + 1) * s.rows_per_part), grp, ob);
+  });
+  if (s.parts > 1) {
+    constexpr int64_t kSpan = 16384;
+    tljax::ParallelFor(pool, (dk_size + kSpan - 1) / kSpan, [&](int64_t item) {
+      const int64_t e0 = item * kSpan, e1 = std::min(e0 + kSpan, dk_size);
+      for (int64_t q = 1; q < s.parts; ++q) {
+        const float* part = partials.data() + (q - 1) * dk_size;
+        for (int64_t e = e0; e < e1; ++e) dks[e] += part[e];
+      }
+    });
+  }
+  return ffi::Error::Success();
+#else
+  return ffi::Error::Internal("conv: the direct convolution needs AVX-512");
+#endif
+}
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(TljaxFlipTranspose, FlipTranspose,
@@ -93,3 +372,25 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(TljaxFlipTranspose, FlipTranspose,
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
+
+#define TLJAX_DIRECT_CONV_BINDING                       \
+  ffi::Ffi::Bind()                                      \
+      .Ctx<ffi::ThreadPool>()                           \
+      .Arg<ffi::Buffer<ffi::F32>>()                     \
+      .Arg<ffi::Buffer<ffi::F32>>()                     \
+      .Ret<ffi::Buffer<ffi::F32>>()                     \
+      .Attr<int64_t>("pad_top")                         \
+      .Attr<int64_t>("pad_left")
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(TljaxConvForward, DirectForward, TLJAX_DIRECT_CONV_BINDING);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(TljaxConvKernelGrad, DirectKernelGrad,
+                              TLJAX_DIRECT_CONV_BINDING);
+
+// 1 where this library has the direct convolution (built for a CPU with AVX-512), else 0.
+extern "C" int TljaxDirectConvAvailable() {
+#ifdef __AVX512F__
+  return 1;
+#else
+  return 0;
+#endif
+}
