@@ -144,52 +144,63 @@ def test_flip_transpose(shape):
                                   jnp.flip(kernel, (0, 1)).swapaxes(2, 3))
 
 
-def test_pointwise_kernel_grad_takes_the_smaller_side_as_rows():
-    """F < C: the (F, C) product, transposed by the C++ kernel; the same values as x^T dy."""
+@pytest.mark.parametrize("c,f,target", [(96, 40, "tljax_flip_transpose"),
+                                         (160, 64, "tljax_conv_kernel_grad")])
+def test_pointwise_kernel_grad_of_a_reducing_layer(c, f, target):
+    """F < C: the direct kernel gradient where F >= 64 (and AVX-512), else the (F, C) product
+    transposed by the C++ kernel; the same values as x^T dy."""
     from tljax.models import layers
-    x = jax.random.normal(jax.random.key(0), (2, 5, 7, 96))
-    kernel = jax.random.normal(jax.random.key(1), (96, 40))
-    dy = jax.random.normal(jax.random.key(2), (2, 5, 7, 40))
+    if target == "tljax_conv_kernel_grad" and not native_conv.direct_available():
+        target = "tljax_flip_transpose"
+    x = jax.random.normal(jax.random.key(0), (2, 5, 7, c))
+    kernel = jax.random.normal(jax.random.key(1), (c, f))
+    dy = jax.random.normal(jax.random.key(2), (2, 5, 7, f))
     _, vjp = jax.vjp(lambda k: layers.pointwise(x, k, None), kernel)
-    _close(vjp(dy)[0], x.reshape(-1, 96).T @ dy.reshape(-1, 40))
-    assert "tljax_flip_transpose" in str(jax.make_jaxpr(vjp)(dy))
+    _close(vjp(dy)[0], x.reshape(-1, c).T @ dy.reshape(-1, f))
+    assert target in str(jax.make_jaxpr(vjp)(dy))
     np.testing.assert_array_equal(native_conv.transpose(kernel), kernel.T)
 
 
-@pytest.mark.parametrize("x_shape,kernel_shape,padding", [
-    ((2, 9, 11, 16), (3, 3, 16, 24), ((1, 1), (1, 1))),    # narrow: XLA's forward
-    ((2, 9, 11, 8), (3, 3, 8, 8), ((0, 0), (0, 0))),
-    ((2, 9, 11, 12), (1, 7, 12, 5), ((0, 0), (3, 3))),
-    ((2, 9, 11, 6), (5, 3, 6, 9), ((0, 4), (2, 1))),
-    ((3, 20, 14, 70), (3, 3, 70, 64), ((1, 1), (1, 1))),    # direct forward, a ragged group
-    ((2, 13, 19, 3), (3, 3, 3, 70), ((1, 1), (1, 1))),      # 64 + 6 output channels
-    ((2, 16, 17, 33), (5, 5, 33, 17), ((2, 2), (2, 2))),    # 16 + 1 output channels
-    ((4, 16, 16, 8), (7, 1, 8, 130), ((3, 3), (0, 0))),     # 2 blocks of 64 + 2
-    ((2, 12, 25, 9), (3, 3, 9, 16), ((0, 2), (2, 0))),      # lopsided pads
+@pytest.mark.parametrize("x_shape,kernel_shape,padding,strides", [
+    ((2, 9, 11, 16), (3, 3, 16, 24), ((1, 1), (1, 1)), (1, 1)),  # narrow: XLA's forward
+    ((2, 9, 11, 8), (3, 3, 8, 8), ((0, 0), (0, 0)), (1, 1)),
+    ((2, 9, 11, 12), (1, 7, 12, 5), ((0, 0), (3, 3)), (1, 1)),
+    ((2, 9, 11, 6), (5, 3, 6, 9), ((0, 4), (2, 1)), (1, 1)),
+    ((3, 20, 14, 70), (3, 3, 70, 64), ((1, 1), (1, 1)), (1, 1)),  # direct forward, a ragged group
+    ((2, 13, 19, 3), (3, 3, 3, 70), ((1, 1), (1, 1)), (1, 1)),  # 64 + 6 output channels
+    ((2, 16, 17, 33), (5, 5, 33, 17), ((2, 2), (2, 2)), (1, 1)),  # 16 + 1 output channels
+    ((4, 16, 16, 8), (7, 1, 8, 130), ((3, 3), (0, 0)), (1, 1)),  # 2 blocks of 64 + 2
+    ((2, 12, 25, 9), (3, 3, 9, 16), ((0, 2), (2, 0)), (1, 1)),  # lopsided pads
+    ((2, 35, 37, 3), (7, 7, 3, 20), ((0, 0), (0, 0)), (2, 2)),  # a stem, direct forward
+    ((2, 17, 18, 8), (3, 3, 8, 24), ((1, 1), (1, 1)), (2, 2)),  # narrow: XLA's forward
+    ((2, 30, 40, 5), (3, 5, 5, 16), ((1, 0), (2, 1)), (2, 3)),
 ])
-def test_conv_equals_xla_autodiff(x_shape, kernel_shape, padding):
+def test_conv_equals_xla_autodiff(x_shape, kernel_shape, padding, strides):
     """The forward and both gradients equal XLA's autodiff (to float32 rounding: the direct
     convolution sums in its own order), for narrow images (XLA's forward), wide ones (the
-    direct forward), output channels that fill 1-4 vectors or leave a ragged one, and
-    kernel gradients summed in one part or several."""
+    direct forward), output channels that fill 1-4 vectors or leave a ragged one, kernel
+    gradients summed in one part or several, and strides (XLA's input gradient)."""
     x = jax.random.normal(jax.random.key(0), x_shape)
     kernel = jax.random.normal(jax.random.key(1), kernel_shape)
 
     def ref(x, k):
-        return jax.lax.conv_general_dilated(x, k, (1, 1), padding,
+        return jax.lax.conv_general_dilated(x, k, strides, padding,
                                             dimension_numbers=("NHWC", "HWIO", "NHWC"),
                                             precision="highest")
 
+    def ours(x, k):
+        return native_conv.conv(x, k, padding, strides)
+
     y, vjp = jax.vjp(ref, x, kernel)
-    y2, vjp2 = jax.vjp(lambda x, k: native_conv.conv(x, k, padding), x, kernel)
+    y2, vjp2 = jax.vjp(ours, x, kernel)
     dy = jax.random.normal(jax.random.key(2), y.shape)
     _close(y2, y)
     jax.tree.map(_close, vjp2(dy), vjp(dy))
-    assert "tljax_flip_transpose" in str(jax.make_jaxpr(vjp2)(dy))
+    assert ("tljax_flip_transpose" in str(jax.make_jaxpr(vjp2)(dy))) == (strides == (1, 1))
     if native_conv.direct_available():
         assert "tljax_conv_kernel_grad" in str(jax.make_jaxpr(vjp2)(dy))
         wide = y.shape[2] >= native_conv._DIRECT_MIN_WIDTH
-        fwd = jax.make_jaxpr(lambda x, k: native_conv.conv(x, k, padding))(x, kernel)
+        fwd = jax.make_jaxpr(ours)(x, kernel)
         assert ("tljax_conv_forward" in str(fwd)) == wide
 
 
@@ -225,6 +236,8 @@ def test_conv_refuses_bad_arguments():
         native_conv.conv(x.astype(jnp.bfloat16), kernel, ((1, 1), (1, 1)))
     with pytest.raises(ValueError, match="kernel"):
         native_conv.conv(x, jnp.ones((3, 3, 2, 4)), ((1, 1), (1, 1)))
+    with pytest.raises(ValueError, match="strides"):
+        native_conv.conv(x, kernel, ((1, 1), (1, 1)), (0, 1))
 
 
 def test_library_is_built_once_and_reused(tmp_path, monkeypatch):

@@ -228,9 +228,10 @@ class Conv(nn.Conv):
       channels). XLA:CPU lowers a 1x1 convolution to its convolution kernels; as a
       `dot_general` it reaches the matmul rate instead. ResNet50's 1x1 layers at batch 16
       (docs/benchmarks.md): forward 1.5-5x and forward + both gradients 2-11x faster.
-    - a larger float32 kernel at stride 1 with the C++ kernels built: `tljax.native.conv`,
-      XLA's convolutions with the input gradient's flipped and transposed kernel from C++.
-    Anything else (strides, dilations, groups beyond these cases) runs XLA's convolution with
+    - a larger float32 kernel with the C++ kernels built: `tljax.native.conv`, the C++ direct
+      convolution and kernel gradient (AVX-512), the input gradient at stride 1 from the
+      flipped and transposed kernel; 5-10% faster whole steps (docs/benchmarks.md).
+    Anything else (dilations, groups, other dtypes) runs XLA's convolution with
     the arguments `nn.Conv` gives it; masks, unshared weights, inputs that are not 4-D and
     the circular, reflect or causal paddings go to `nn.Conv` itself.
     """
@@ -259,9 +260,9 @@ class Conv(nn.Conv):
         if plain and ks == (1, 1) and all(tuple(p) == (0, 0) for p in padding):
             x = x[:, ::strides[0], ::strides[1], :]
             y = pointwise(x, *varying_like(x, kernel[0, 0]), self.precision)
-        elif (plain and strides == (1, 1) and x.dtype == jnp.float32
-              and native_conv.supports(ks, padding) and native_build.available()):
-            y = native_conv.conv(x, *varying_like(x, kernel), padding, self.precision)
+        elif (plain and x.dtype == jnp.float32 and native_conv.supports(ks, padding)
+              and native_build.available()):
+            y = native_conv.conv(x, *varying_like(x, kernel), padding, strides, self.precision)
         else:
             y = jax.lax.conv_general_dilated(
                 x, kernel, strides, padding, lhs_dilation=lhs_dilation,
@@ -276,18 +277,26 @@ def _pointwise(x, kernel, precision):
 
 
 def _pointwise_bwd(precision, res, dy):
-    """Input gradient dy kernel^T; kernel gradient as the product over the flattened batch
-    and space with the smaller of C and F as its rows.
-
-    Autodiff's x^T dy contracts the long leading axis of both operands; written as
-    (dy^T x)^T it once ran without a copy of dy into a transposed layout (whole train step at
-    112x112, batch 16: ResNet50 1190 -> 948 ms, EfficientNet-B0 351 -> 312 ms;
-    docs/benchmarks.md). XLA now folds that transpose into the product, which then has C
-    rows; with F < C (ResNet's conv1 layers, EfficientNet's projections) the (F, C) product
-    is faster, and its transpose is taken by the C++ kernel, which XLA cannot fold: at
-    (12544, 256) x (12544, 64) 5.0 -> 3.6 ms, at (3136, 512) x (3136, 128) 4.5 -> 3.1 ms."""
+    """Input gradient dy kernel^T; kernel gradient x^T dy over the flattened batch and space:
+    - where F < C and F >= 64 (ResNet's and EfficientNet's reducing 1x1 layers) and the C++
+      direct convolution is built, its kernel gradient (`tljax.native.conv.kernel_grad`). It
+      re-reads dy once per 48 input channels, cheap when dy is the smaller side, and below 64
+      output channels its tiles run partly empty. (12544, 256) x (12544, 64): 4.8 -> 4.0 ms;
+      (784, 1024) x (784, 256): 3.0 -> 2.5 ms; ResNet50 full step at 112: 618 -> 591 ms.
+    - else the product with the smaller of C and F as its rows. Autodiff's x^T dy contracts
+      the long leading axis of both operands; written as (dy^T x)^T it once ran without a
+      copy of dy into a transposed layout (whole train step at 112x112, batch 16: ResNet50
+      1190 -> 948 ms, EfficientNet-B0 351 -> 312 ms; docs/benchmarks.md). XLA now folds that
+      transpose into the product, which then has C rows; with F < C the (F, C) product is
+      faster, and its transpose is taken by the C++ kernel, which XLA cannot fold: at
+      (12544, 256) x (12544, 64) 5.0 -> 3.6 ms, at (3136, 512) x (3136, 128) 4.5 -> 3.1 ms."""
     x, kernel = res
     dx = jax.lax.dot_general(dy, kernel, (((3,), (1,)), ((), ())), precision=precision)
+    c, f = kernel.shape
+    if (c > f >= 64 and x.ndim == 4 and x.dtype == jnp.float32 and native_build.available()
+            and native_conv.direct_available()):
+        dk = native_conv.kernel_grad(x, dy, (1, 1, c, f), ((0, 0), (0, 0)))
+        return dx, dk[0, 0]
     x2, dy2 = x.reshape(-1, x.shape[-1]), dy.reshape(-1, dy.shape[-1])
     dk_t = jnp.matmul(dy2.T, x2, precision=precision)
     if dy2.shape[1] < x2.shape[1] and dk_t.dtype == jnp.float32 and native_build.available():

@@ -1,13 +1,19 @@
-"""Stride-1 convolutions on CPU whose input gradient takes its kernel, flipped in space and
-transposed to (KH, KW, O, I), from a C++ kernel (`conv_cpu.cc`).
+"""Convolutions on CPU from C++ kernels (`conv_cpu.cc`), for `tljax.models.layers.Conv`.
 
-`conv(x, kernel, padding, precision)`: NHWC float32 `x`, an HWIO `kernel`, explicit zero
-padding `((top, bottom), (left, right))`, stride 1; XLA's own convolution forward, XLA's own
-kernel gradient, and for the input gradient the convolution of dy with that flipped and
-transposed kernel: the same ops as XLA's autodiff, but XLA computes the kernel's reverse +
-transpose inside the input gradient at ~2.4 GB/s (3.8 ms for a (3, 3, 512, 512) kernel), and
-here it is a tiled copy (0.36-0.48 ms). One (16, 4, 4, 512) 3x3 layer's input gradient:
-10.3 -> 6.4 ms; (16, 7, 7, 256): 8.4 -> 4.7 ms (docs/benchmarks.md).
+`conv(x, kernel, padding, strides, precision)`: NHWC float32 `x`, an HWIO `kernel`, explicit
+zero padding `((top, bottom), (left, right))`, differentiable in both arguments:
+- the forward is the direct convolution (AVX-512 register tiles of up to 6 output pixels x
+  64 output channels), where the output is at least `_DIRECT_MIN_WIDTH` pixels wide and the
+  library was built for a CPU with AVX-512; else XLA's convolution;
+- the input gradient, at stride 1, is that same forward on dy with the kernel flipped in space
+  and transposed to (KH, KW, O, I) by a C++ tiled copy (XLA computes that kernel inside its
+  input gradient at ~2.4 GB/s: 3.8 ms for (3, 3, 512, 512), here 0.36-0.48 ms); strided, it
+  is XLA's transpose of its convolution;
+- the kernel gradient is the direct kernel gradient (tiles of 6 input x 64 output channels,
+  summed over chunks of ~256 pixels), else XLA's.
+XLA:CPU runs these convolutions at 150-185 GFLOP/s on 2 cores of an AVX-512 EPYC, the direct
+kernels at 200-220 (the FMA peak is ~230): ResNet50's full step at 112, 715 -> 664 ms
+(docs/benchmarks.md). `kernel_grad` also serves 1x1 convolutions (`layers.pointwise`).
 
 Call it only where `tljax.native.build.available()`; `tljax.models.layers.Conv` decides.
 """
@@ -36,60 +42,78 @@ def transpose(matrix):
     return flip_transpose(matrix[None, None])[0, 0]
 
 
-# The direct convolution's forward (and so the input gradient, the same convolution with the
-# flipped and transposed kernel) runs as one task per output row with tiles of up to six pixels
-# along it; below this output width XLA's convolution is as fast or faster (at 7 and 8 pixels
-# wide, 3-30% faster), so it keeps those. The kernel gradient runs over all pixels and is
-# faster at every measured shape.
+# The direct forward runs one task per output row, in tiles of up to six pixels along it;
+# below this output width XLA's convolution is as fast or faster (at 7 and 8 pixels wide,
+# 3-30% faster), so it keeps those. The kernel gradient runs over all the pixels at once and
+# is faster at every measured shape.
 _DIRECT_MIN_WIDTH = 12
 
 
 @functools.cache
 def direct_available() -> bool:
-    """Whether the direct convolution is built in: the library was built for a CPU with
-    AVX-512. Call only where `build.available()`."""
+    """Whether the library has the direct convolution: it was built for a CPU with AVX-512.
+    Call only where `build.available()`."""
     return bool(build.library().TljaxDirectConvAvailable())
 
 
-def _out_size(n, k, pads):
-    return n + pads[0] + pads[1] - k + 1
+def _out_size(n, k, pads, s):
+    return (n + pads[0] + pads[1] - k) // s + 1
 
 
-def _conv(x, kernel, padding, precision):
-    """The forward: the direct convolution where it is faster, else XLA's."""
+def _attributes(padding, strides):
+    return dict(pad_top=np.int64(padding[0][0]), pad_left=np.int64(padding[1][0]),
+                stride_h=np.int64(strides[0]), stride_w=np.int64(strides[1]))
+
+
+def forward(x, kernel, padding, strides=(1, 1), precision=None):
+    """The convolution: the direct one where it is faster, else XLA's."""
     kh, kw = kernel.shape[:2]
-    ow = _out_size(x.shape[2], kw, padding[1])
+    ow = _out_size(x.shape[2], kw, padding[1], strides[1])
     if ow >= _DIRECT_MIN_WIDTH and direct_available():
-        shape = (x.shape[0], _out_size(x.shape[1], kh, padding[0]), ow, kernel.shape[3])
+        shape = (x.shape[0], _out_size(x.shape[1], kh, padding[0], strides[0]), ow,
+                 kernel.shape[3])
         return build.call("tljax_conv_forward", [shape], x, kernel,
-                          pad_top=np.int64(padding[0][0]), pad_left=np.int64(padding[1][0]))[0]
-    return jax.lax.conv_general_dilated(x, kernel, (1, 1), padding,
+                          **_attributes(padding, strides))[0]
+    return jax.lax.conv_general_dilated(x, kernel, strides, padding,
                                         dimension_numbers=_DIMENSIONS, precision=precision)
 
 
-def _conv_fwd(x, kernel, padding, precision):
-    return _conv(x, kernel, padding, precision), (x, kernel)
+def kernel_grad(x, dy, kernel_shape, padding, strides=(1, 1), precision=None):
+    """The gradient of `forward(x, kernel, ...)` with respect to a kernel of `kernel_shape`,
+    given the output's gradient dy."""
+    if direct_available():
+        return build.call("tljax_conv_kernel_grad", [tuple(kernel_shape)], x, dy,
+                          **_attributes(padding, strides))[0]
+    kernel = jax.ShapeDtypeStruct(tuple(kernel_shape), dy.dtype)
+    dk, = jax.linear_transpose(
+        lambda k: jax.lax.conv_general_dilated(x, k, strides, padding,
+                                               dimension_numbers=_DIMENSIONS,
+                                               precision=precision), kernel)(dy)
+    return dk
 
 
-def _conv_bwd(padding, precision, res, dy):
+def _conv_fwd(x, kernel, padding, strides, precision):
+    return forward(x, kernel, padding, strides, precision), (x, kernel)
+
+
+def _conv_bwd(padding, strides, precision, res, dy):
     x, kernel = res
     kh, kw = kernel.shape[:2]
     (top, bottom), (left, right) = padding
-    dx = _conv(dy, flip_transpose(kernel),
-               ((kh - 1 - top, kh - 1 - bottom), (kw - 1 - left, kw - 1 - right)), precision)
-    if direct_available():
-        dk = build.call("tljax_conv_kernel_grad", [kernel.shape], x, dy,
-                        pad_top=np.int64(top), pad_left=np.int64(left))[0]
+    if strides == (1, 1):
+        dx = forward(dy, flip_transpose(kernel),
+                     ((kh - 1 - top, kh - 1 - bottom), (kw - 1 - left, kw - 1 - right)),
+                     precision=precision)
     else:
-        dk, = jax.linear_transpose(
-            lambda k: jax.lax.conv_general_dilated(x, k, (1, 1), padding,
+        dx, = jax.linear_transpose(
+            lambda x: jax.lax.conv_general_dilated(x, kernel, strides, padding,
                                                    dimension_numbers=_DIMENSIONS,
-                                                   precision=precision), kernel)(dy)
-    return dx, dk
+                                                   precision=precision), x)(dy)
+    return dx, kernel_grad(x, dy, kernel.shape, padding, strides, precision)
 
 
 def _make():
-    f = jax.custom_vjp(_conv, nondiff_argnums=(2, 3))
+    f = jax.custom_vjp(forward, nondiff_argnums=(2, 3, 4))
     f.defvjp(_conv_fwd, _conv_bwd)
     return f
 
@@ -104,10 +128,12 @@ def supports(kernel_shape, padding) -> bool:
                for p in pair)
 
 
-def conv(x, kernel, padding, precision=None):
-    """(N, H, W, I) x (KH, KW, I, O) -> (N, H', W', O), stride 1, zero padding
-    `((top, bottom), (left, right))`, differentiable in both arguments."""
+def conv(x, kernel, padding, strides=(1, 1), precision=None):
+    """(N, H, W, I) x (KH, KW, I, O) -> (N, H', W', O), zero padding
+    `((top, bottom), (left, right))`, `strides` (rows, columns), differentiable in both
+    arguments."""
     padding = tuple(tuple(int(p) for p in pair) for pair in padding)
+    strides = tuple(int(s) for s in strides)
     if x.ndim != 4 or kernel.ndim != 4 or kernel.shape[2] != x.shape[3]:
         raise ValueError(f"conv: x must be (N, H, W, I) and kernel (KH, KW, I, O), got "
                          f"{x.shape} and {kernel.shape}")
@@ -116,4 +142,6 @@ def conv(x, kernel, padding, precision=None):
     if not supports(kernel.shape, padding):
         raise ValueError(f"conv: each pad must lie in [0, kernel extent - 1], got {padding} "
                          f"for a {kernel.shape[:2]} kernel")
-    return _conv_vjp(x, kernel, padding, precision)
+    if len(strides) != 2 or min(strides) < 1:
+        raise ValueError(f"conv: strides must be two integers >= 1, got {strides}")
+    return _conv_vjp(x, kernel, padding, strides, precision)

@@ -102,7 +102,7 @@ ffi::Error FlipTranspose(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> kernel,
 #define TLJAX_UNROLL _Pragma("GCC unroll 32")  // so that GCC keeps each tile in registers
 
 struct ConvGeom {
-  int64_t n, h, w, ci, kh, kw, co, oh, ow, pt, pl;
+  int64_t n, h, w, ci, kh, kw, co, oh, ow, pt, pl, sh, sw;
 };
 
 // The output channels come in blocks of up to 64 (4 vectors); the last vector of a block
@@ -166,13 +166,13 @@ inline void ForwardTile(const ConvGeom& g, const float* x_img, const float* k, f
   TLJAX_UNROLL for (int p = 0; p < P; ++p)
     TLJAX_UNROLL for (int v = 0; v < V; ++v) acc[p][v] = _mm512_setzero_ps();
   for (int64_t i = 0; i < g.kh; ++i) {
-    const int64_t xr = r + i - g.pt;
+    const int64_t xr = r * g.sh + i - g.pt;
     if (xr < 0 || xr >= g.h) continue;
     const float* xrow = x_img + xr * g.w * g.ci;
     for (int64_t j = 0; j < g.kw; ++j) {
       const float* px[P];
       TLJAX_UNROLL for (int p = 0; p < P; ++p) {
-        const int64_t xc = c0 + p + j - g.pl;
+        const int64_t xc = (c0 + p) * g.sw + j - g.pl;
         px[p] = (xc >= 0 && xc < g.w) ? xrow + xc * g.ci : zeros;
       }
       const float* kp = k + (i * g.kw + j) * g.ci * g.co + b.o0;
@@ -226,14 +226,16 @@ inline void KernelGradTile(const ConvGeom& g, const float* x, const float* dy, f
     acc[p][V - 1] = first ? _mm512_setzero_ps()
                           : _mm512_maskz_loadu_ps(b.last, dkp + p * g.co + 16 * (V - 1));
   }
-  const int64_t c_lo = std::max<int64_t>(0, g.pl - j);
-  const int64_t c_hi = std::min<int64_t>(g.ow, g.w + g.pl - j);
+  // Output columns c whose input column c * sw + j - pl lies in [0, W).
+  const int64_t c_lo = std::max<int64_t>(0, (g.pl - j + g.sw - 1) / g.sw);
+  const int64_t c_hi = std::min<int64_t>(g.ow, (g.w - 1 + g.pl - j) / g.sw + 1);
   for (int64_t row = row0; row < row1; ++row) {
-    const int64_t n = row / g.oh, r = row % g.oh, xr = r + i - g.pt;
-    if (xr < 0 || xr >= g.h) continue;
-    const float* xp = x + ((n * g.h + xr) * g.w + (c_lo + j - g.pl)) * g.ci + ci0;
+    const int64_t n = row / g.oh, r = row % g.oh, xr = r * g.sh + i - g.pt;
+    if (xr < 0 || xr >= g.h || c_lo >= c_hi) continue;
+    const float* xp = x + ((n * g.h + xr) * g.w + (c_lo * g.sw + j - g.pl)) * g.ci + ci0;
     const float* dyp = dy + (row * g.ow + c_lo) * g.co + b.o0;
-    for (int64_t c = c_lo; c < c_hi; ++c, xp += g.ci, dyp += g.co) {
+    const int64_t x_step = g.sw * g.ci;
+    for (int64_t c = c_lo; c < c_hi; ++c, xp += x_step, dyp += g.co) {
       __m512 dv[V];
       TLJAX_UNROLL for (int v = 0; v < V - 1; ++v) dv[v] = _mm512_loadu_ps(dyp + 16 * v);
       dv[V - 1] = _mm512_maskz_loadu_ps(b.last, dyp + 16 * (V - 1));
@@ -252,23 +254,22 @@ inline void KernelGradTile(const ConvGeom& g, const float* x, const float* dy, f
 }
 
 // How the kernel gradient is split: the output rows into `parts` (each summed into its own
-// copy of dk, the copies then added in order), the input channels into groups of
-// kGradGroup, the output channels into blocks of 64; and each part's rows into chunks of
-// about 256 pixels that stay in cache while every tap and channel tile runs over them.
+// copy of dk, the copies then added in order) and the input channels into `groups` of near
+// equal size (at most kGradGroup); each part's rows go in chunks of about 256 pixels that stay
+// in cache while every output channel block, tap and channel tile runs over them.
 constexpr int64_t kGradGroup = 8 * kTileWidth;
 constexpr int64_t kPartialBudget = int64_t{1} << 20;  // floats of dk copies at most (4 MiB)
 
 struct GradSplit {
-  int64_t parts, rows_per_part, chunk_rows, groups, oblocks;
+  int64_t parts, rows_per_part, chunk_rows, groups;
 };
 
 GradSplit MakeGradSplit(const ConvGeom& g) {
   GradSplit s;
   const int64_t rows = g.n * g.oh, dk_size = g.kh * g.kw * g.ci * g.co;
   s.groups = (g.ci + kGradGroup - 1) / kGradGroup;
-  s.oblocks = (g.co + 63) / 64;
   s.chunk_rows = std::max<int64_t>(1, 256 / g.ow);
-  const int64_t want = (16 + s.groups * s.oblocks - 1) / (s.groups * s.oblocks);
+  const int64_t want = (16 + s.groups - 1) / s.groups;  // work items for the threads
   const int64_t chunks = (rows + s.chunk_rows - 1) / s.chunk_rows;
   s.parts = std::max<int64_t>(1, std::min({want, chunks, kPartialBudget / dk_size}));
   s.rows_per_part = (rows + s.parts - 1) / s.parts;
@@ -276,21 +277,25 @@ GradSplit MakeGradSplit(const ConvGeom& g) {
   return s;
 }
 
+// Input channels of group `grp` (of s.groups near-equal runs) x every output channel, summed
+// over the output rows [row0, row1), written to dk.
 void KernelGradItem(const ConvGeom& g, const GradSplit& s, const float* x, const float* dy,
-                    float* dk, int64_t row0, int64_t row1, int64_t grp, int64_t ob) {
-  const ChannelBlock b = MakeChannelBlock(g.co, ob * 64);
-  const int64_t ci_lo = grp * kGradGroup, ci_n = std::min(kGradGroup, g.ci - ci_lo);
+                    float* dk, int64_t row0, int64_t row1, int64_t grp) {
+  const int64_t ci_lo = grp * g.ci / s.groups, ci_n = (grp + 1) * g.ci / s.groups - ci_lo;
   for (int64_t r0 = row0; r0 < row1; r0 += s.chunk_rows) {
     const int64_t r1 = std::min(r0 + s.chunk_rows, row1);
-    for (int64_t i = 0; i < g.kh; ++i) {
-      for (int64_t j = 0; j < g.kw; ++j) {
-        ForRuns(ci_n, [&](int64_t c0, int64_t len) {
-          ForVectors(b, [&]<int V>() {
-            ForWidth(len, [&]<int P>() {
-              KernelGradTile<V, P>(g, x, dy, dk, i, j, ci_lo + c0, b, r0, r1, r0 == row0);
+    for (int64_t o0 = 0; o0 < g.co; o0 += 64) {
+      const ChannelBlock b = MakeChannelBlock(g.co, o0);
+      for (int64_t i = 0; i < g.kh; ++i) {
+        for (int64_t j = 0; j < g.kw; ++j) {
+          ForRuns(ci_n, [&](int64_t c0, int64_t len) {
+            ForVectors(b, [&]<int V>() {
+              ForWidth(len, [&]<int P>() {
+                KernelGradTile<V, P>(g, x, dy, dk, i, j, ci_lo + c0, b, r0, r1, r0 == row0);
+              });
             });
           });
-        });
+        }
       }
     }
   }
@@ -299,26 +304,30 @@ void KernelGradItem(const ConvGeom& g, const GradSplit& s, const float* x, const
 #endif  // __AVX512F__
 
 ffi::Error ConvGeometry(ffi::Buffer<ffi::F32>& x, Dims kdims, Dims ydims, int64_t pt,
-                        int64_t pl, void* out) {
+                        int64_t pl, int64_t sh, int64_t sw, void* out) {
   const auto xd = x.dimensions();
   if (xd.size() != 4 || kdims.size() != 4 || ydims.size() != 4 || kdims[2] != xd[3] ||
-      ydims[0] != xd[0] || ydims[3] != kdims[3] || pt < 0 || pl < 0) {
+      ydims[0] != xd[0] || ydims[3] != kdims[3] || pt < 0 || pl < 0 || sh < 1 ||
+      sw < 1) {
     return ffi::Error::InvalidArgument("conv: x (N, H, W, I), kernel (KH, KW, I, O), "
-                                       "y (N, H', W', O) and pads >= 0 expected");
+                                       "y (N, H', W', O), pads >= 0 and strides >= 1 "
+                                       "expected");
   }
 #ifdef __AVX512F__
   *static_cast<ConvGeom*>(out) = ConvGeom{xd[0], xd[1], xd[2], xd[3], kdims[0], kdims[1],
-                                          kdims[3], ydims[1], ydims[2], pt, pl};
+                                          kdims[3], ydims[1], ydims[2], pt, pl, sh, sw};
 #endif
   return ffi::Error::Success();
 }
 
 ffi::Error DirectForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
                          ffi::Buffer<ffi::F32> kernel, ffi::ResultBuffer<ffi::F32> y,
-                         int64_t pad_top, int64_t pad_left) {
+                         int64_t pad_top, int64_t pad_left, int64_t stride_h,
+                         int64_t stride_w) {
 #ifdef __AVX512F__
   ConvGeom g;
-  if (auto e = ConvGeometry(x, kernel.dimensions(), y->dimensions(), pad_top, pad_left, &g);
+  if (auto e = ConvGeometry(x, kernel.dimensions(), y->dimensions(), pad_top, pad_left, stride_h,
+                              stride_w, &g);
       e.failure()) return e;
   std::vector<float> zeros(g.ci, 0.0f);
   const float *xs = x.typed_data(), *ks = kernel.typed_data();
@@ -333,22 +342,23 @@ ffi::Error DirectForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
 
 ffi::Error DirectKernelGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
                             ffi::Buffer<ffi::F32> dy, ffi::ResultBuffer<ffi::F32> dk,
-                            int64_t pad_top, int64_t pad_left) {
+                            int64_t pad_top, int64_t pad_left, int64_t stride_h,
+                            int64_t stride_w) {
 #ifdef __AVX512F__
   ConvGeom g;
-  if (auto e = ConvGeometry(x, dk->dimensions(), dy.dimensions(), pad_top, pad_left, &g);
+  if (auto e = ConvGeometry(x, dk->dimensions(), dy.dimensions(), pad_top, pad_left, stride_h,
+                              stride_w, &g);
       e.failure()) return e;
   const float *xs = x.typed_data(), *dys = dy.typed_data();
   float* dks = dk->typed_data();
   const GradSplit s = MakeGradSplit(g);
   const int64_t dk_size = g.kh * g.kw * g.ci * g.co, rows = g.n * g.oh;
   std::vector<float> partials((s.parts - 1) * dk_size);  // part 0 sums into dk itself
-  tljax::ParallelFor(pool, s.parts * s.groups * s.oblocks, [&](int64_t item) {
-    const int64_t ob = item % s.oblocks, grp = (item / s.oblocks) % s.groups;
-    const int64_t q = item / (s.oblocks * s.groups);
+  tljax::ParallelFor(pool, s.parts * s.groups, [&](int64_t item) {
+    const int64_t grp = item % s.groups, q = item / s.groups;
     float* out = q == 0 ? dks : partials.data() + (q - 1) * dk_size;
     KernelGradItem(g, s, xs, dys, out, q * s.rows_per_part,
-                   std::min(rows, (q + 1) * s.rows_per_part), grp, ob);
+                   std::min(rows, (q + 1) * s.rows_per_part), grp);
   });
   if (s.parts > 1) {
     constexpr int64_t kSpan = 16384;
@@ -380,7 +390,9 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(TljaxFlipTranspose, FlipTranspose,
       .Arg<ffi::Buffer<ffi::F32>>()                     \
       .Ret<ffi::Buffer<ffi::F32>>()                     \
       .Attr<int64_t>("pad_top")                         \
-      .Attr<int64_t>("pad_left")
+      .Attr<int64_t>("pad_left")                        \
+      .Attr<int64_t>("stride_h")                        \
+      .Attr<int64_t>("stride_w")
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(TljaxConvForward, DirectForward, TLJAX_DIRECT_CONV_BINDING);
 XLA_FFI_DEFINE_HANDLER_SYMBOL(TljaxConvKernelGrad, DirectKernelGrad,
