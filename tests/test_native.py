@@ -1,10 +1,10 @@
 """tljax's C++ CPU kernels (`tljax.native`): the depthwise convolution and its gradients equal
-XLA's grouped convolution for any padding, kernel size, stride and channel count; stride-1
-convolutions (the C++ direct convolution, the flipped and transposed kernel) equal XLA's
-autodiff, with the same bits on any number of threads; training BatchNorm with its activation
-equals the formulas (and `tests/test_layers.py`, flax); the library is built once per machine
-and reused; without a compiler tljax warns and falls back to the pure-JAX layers with the same
-numbers; bad arguments get a clear error."""
+XLA's grouped convolution for any padding, kernel size, stride and channel count; convolutions
+(the C++ direct convolution, the flipped and transposed kernel) equal XLA's autodiff, with the
+same bits on any number of threads; max pooling equals `reduce_window` and its gradient;
+training BatchNorm with its activation equals the formulas (and `tests/test_layers.py`, flax);
+the library is built once per machine and reused; without a compiler tljax warns and falls
+back to the pure-JAX layers with the same numbers; bad arguments get a clear error."""
 
 from __future__ import annotations
 
@@ -204,19 +204,22 @@ def test_conv_equals_xla_autodiff(x_shape, kernel_shape, padding, strides):
         assert ("tljax_conv_forward" in str(fwd)) == wide
 
 
-def test_direct_conv_does_not_depend_on_the_thread_count():
+def test_direct_conv_and_pool_do_not_depend_on_the_thread_count():
     """Each output element is summed in a fixed order: the same bits on one CPU as on all of
-    them (the kernel gradient's parts are added in order)."""
+    them (the kernel gradient's parts are added in order), for the direct convolution and the
+    max pool's gradient."""
     code = """
 import os, sys
 os.sched_setaffinity(0, [int(c) for c in sys.argv[2].split(",")])  # before XLA sizes its pool
 import jax, numpy as np
-from tljax.native import conv
+from tljax.native import conv, pool
 x = jax.random.normal(jax.random.key(0), (6, 30, 28, 40))
 k = jax.random.normal(jax.random.key(1), (3, 3, 40, 72))
 y, vjp = jax.vjp(lambda x, k: conv.conv(x, k, ((1, 1), (1, 1))), x, k)
 dx, dk = vjp(jax.random.normal(jax.random.key(2), y.shape))
-np.save(sys.argv[1], np.concatenate([np.ravel(y), np.ravel(dx), np.ravel(dk)]))
+p, vjp = jax.vjp(lambda x: pool.max_pool(x, 3, 2), jax.nn.relu(x))
+dp, = vjp(jax.random.normal(jax.random.key(3), p.shape))
+np.save(sys.argv[1], np.concatenate([np.ravel(a) for a in (y, dx, dk, p, dp)]))
 """
     outs = []
     for cpus in ({min(os.sched_getaffinity(0))}, os.sched_getaffinity(0)):
@@ -226,6 +229,36 @@ np.save(sys.argv[1], np.concatenate([np.ravel(y), np.ravel(dx), np.ravel(dk)]))
         outs.append(np.load(path))
         os.remove(path)
     np.testing.assert_array_equal(outs[0], outs[1])
+
+
+@pytest.mark.parametrize("shape,window,stride", [((2, 15, 16, 70), 3, 2), ((3, 9, 10, 16), 3, 1),
+                                                 ((2, 8, 9, 5), 2, 2), ((1, 7, 7, 33), 5, 3)])
+def test_max_pool_equals_reduce_window_and_its_gradient(shape, window, stride):
+    """The maxima of `reduce_window` and the gradient of its `select_and_scatter` (each output's
+    dy to the first maximum of its window), ties (ReLU zeros) included; NaN propagates."""
+    from tljax.native import pool
+    x = jax.nn.relu(jax.random.normal(jax.random.key(0), shape))
+
+    def ref(x):
+        return jax.lax.reduce_window(x, -jnp.inf, jax.lax.max, (1, window, window, 1),
+                                     (1, stride, stride, 1), "VALID")
+
+    y, vjp = jax.vjp(ref, x)
+    y2, vjp2 = jax.vjp(lambda x: pool.max_pool(x, window, stride), x)
+    dy = jax.random.normal(jax.random.key(1), y.shape)
+    np.testing.assert_array_equal(y2, y)
+    _close(vjp2(dy)[0], vjp(dy)[0], rtol=1e-6)
+    assert "tljax_max_pool_backward" in str(jax.make_jaxpr(vjp2)(dy))
+    assert np.isnan(np.asarray(pool.max_pool(x.at[0, 0, 0, 0].set(jnp.nan), window, stride))
+                    [0, 0, 0, 0])
+
+
+def test_max_pool_refuses_bad_arguments():
+    from tljax.native import pool
+    with pytest.raises(ValueError, match="float32"):
+        pool.max_pool(jnp.ones((1, 5, 5, 3), jnp.bfloat16), 3, 2)
+    with pytest.raises(ValueError, match="at least a window"):
+        pool.max_pool(jnp.ones((1, 2, 5, 3)), 3, 2)
 
 
 def test_conv_refuses_bad_arguments():

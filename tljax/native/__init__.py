@@ -4,7 +4,8 @@
 per-machine cache and registers them with JAX; without a C++ compiler, or with
 `TLJAX_NATIVE=0`, the models fall back to their pure-JAX form (`tljax.models.layers`), with
 the same numbers and slower training. `depthwise` holds the depthwise convolution and its
-gradients, `batchnorm` training BatchNorm with the activation that follows it, `conv` the
-flipped, transposed kernel of a convolution's input gradient (and a matrix transpose that XLA
-cannot fold into the product before it).
+gradients, `batchnorm` training BatchNorm with the activation that follows it, `conv` a direct
+convolution (forward and kernel gradient, AVX-512) with the flipped, transposed kernel of its
+input gradient (and a matrix transpose that XLA cannot fold into the product before it), `pool`
+max pooling and its gradient.
 """

@@ -28,7 +28,7 @@ import jax.numpy as jnp
 
 from tljax.varying import vary_as
 
-SOURCES = ("depthwise_cpu.cc", "batchnorm_cpu.cc", "conv_cpu.cc")
+SOURCES = ("depthwise_cpu.cc", "batchnorm_cpu.cc", "conv_cpu.cc", "pool_cpu.cc")
 HEADERS = ("parallel_for.h",)
 # (FFI target name, exported symbol) registered for the CPU platform.
 TARGETS = (
@@ -40,6 +40,8 @@ TARGETS = (
     ("tljax_flip_transpose", "TljaxFlipTranspose"),
     ("tljax_conv_forward", "TljaxConvForward"),
     ("tljax_conv_kernel_grad", "TljaxConvKernelGrad"),
+    ("tljax_max_pool_forward", "TljaxMaxPoolForward"),
+    ("tljax_max_pool_backward", "TljaxMaxPoolBackward"),
 )
 FLAGS = ("-O3", "-march=native", "-std=c++20", "-shared", "-fPIC", "-fno-math-errno",
          "-fno-trapping-math", "-w")
@@ -155,7 +157,7 @@ def _built() -> bool:
         library()
     except BuildError as e:
         warnings.warn(f"{e}\ntljax falls back to its pure-JAX layers (depthwise convolutions, "
-                      "training BatchNorm, convolution gradients): the same numbers, slower "
+                      "training BatchNorm, convolutions, max pooling): the same numbers, slower "
                       "training on CPU. Set TLJAX_NATIVE=0 to silence this.", RuntimeWarning,
                       stacklevel=2)
         return False
