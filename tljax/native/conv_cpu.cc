@@ -1,12 +1,16 @@
-// The kernel a convolution's input gradient convolves with, on CPU as an XLA FFI custom call:
-// a (KH, KW, I, O) kernel flipped in space and transposed to (KH, KW, O, I), float32.
+// Convolutions on CPU as XLA FFI custom calls, float32, for tljax.native.conv:
 //
-// XLA:CPU's autodiff of a convolution computes this inside the input gradient as a fused
-// reverse + transpose at ~2.4 GB/s: 3.8 ms for a (3, 3, 512, 512) kernel, about 40% of that
-// layer's input gradient at 112x112 (docs/benchmarks.md). Here each tap's (I, O) matrix is
-// transposed in 32x32 tiles that stay in L1 (8x8 blocks in AVX registers), split over XLA's
-// intra-op pool by tap and tile row: 0.36-0.48 ms, the time of a copy. A copy: the result
-// does not depend on the number of threads.
+// - tljax_flip_transpose: the kernel a convolution's input gradient convolves with, a
+//   (KH, KW, I, O) kernel flipped in space and transposed to (KH, KW, O, I). XLA:CPU's
+//   autodiff computes it inside the input gradient as a fused reverse + transpose at
+//   ~2.4 GB/s: 3.8 ms for a (3, 3, 512, 512) kernel. Here each tap's (I, O) matrix is
+//   transposed in 32x32 tiles that stay in L1 (8x8 blocks in AVX registers), split over XLA's
+//   intra-op pool by tap and tile row: 0.36-0.48 ms, the time of a copy.
+// - tljax_conv_forward, tljax_conv_kernel_grad: a direct convolution, NHWC x HWIO, any kernel
+//   size, stride and zero padding, and its kernel gradient, in AVX-512 register tiles (below).
+//
+// Every output element is computed in a fixed order: the results do not depend on the number
+// of threads.
 
 #include <algorithm>
 #include <cstdint>
@@ -89,21 +93,21 @@ ffi::Error FlipTranspose(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> kernel,
 }
 
 
-// ---- Direct stride-1 convolution, NHWC x HWIO, float32, AVX-512 register tiles. ----
+// ---- Direct convolution, NHWC x HWIO, float32, AVX-512 register tiles. ----
 //
-// y[n, r, c, o] = sum over (i, j, ci) of x[n, r + i - pt, c + j - pl, ci] * k[i, j, ci, o]
+// y[n, r, c, o] = sum over (i, j, ci) of x[n, r*sh + i - pt, c*sw + j - pl, ci] * k[i, j, ci, o]
 // (zero padding). The forward keeps a tile of P output pixels x 16*V output channels in
 // registers and, for each tap and input channel, broadcasts P input values against V kernel
 // vectors; the kernel gradient keeps P input channels x 16*V output channels and runs over
-// the pixels. Every output element is a sum in a fixed order: the results do not depend on
-// the number of threads.
-
-#ifdef __AVX512F__
-#define TLJAX_UNROLL _Pragma("GCC unroll 32")  // so that GCC keeps each tile in registers
+// the pixels. With P = 6 and V = 4, 24 FMAs per 10 loads: 200-220 GFLOP/s on 2 cores whose
+// FMA peak is ~230 (XLA:CPU's convolutions: 150-185; docs/benchmarks.md).
 
 struct ConvGeom {
   int64_t n, h, w, ci, kh, kw, co, oh, ow, pt, pl, sh, sw;
 };
+
+#ifdef __AVX512F__
+#define TLJAX_UNROLL _Pragma("GCC unroll 32")  // so that GCC keeps each tile in registers
 
 // The output channels come in blocks of up to 64 (4 vectors); the last vector of a block
 // is masked to the channels that remain.
@@ -304,7 +308,7 @@ void KernelGradItem(const ConvGeom& g, const GradSplit& s, const float* x, const
 #endif  // __AVX512F__
 
 ffi::Error ConvGeometry(ffi::Buffer<ffi::F32>& x, Dims kdims, Dims ydims, int64_t pt,
-                        int64_t pl, int64_t sh, int64_t sw, void* out) {
+                        int64_t pl, int64_t sh, int64_t sw, ConvGeom* g) {
   const auto xd = x.dimensions();
   if (xd.size() != 4 || kdims.size() != 4 || ydims.size() != 4 || kdims[2] != xd[3] ||
       ydims[0] != xd[0] || ydims[3] != kdims[3] || pt < 0 || pl < 0 || sh < 1 ||
@@ -313,10 +317,8 @@ ffi::Error ConvGeometry(ffi::Buffer<ffi::F32>& x, Dims kdims, Dims ydims, int64_
                                        "y (N, H', W', O), pads >= 0 and strides >= 1 "
                                        "expected");
   }
-#ifdef __AVX512F__
-  *static_cast<ConvGeom*>(out) = ConvGeom{xd[0], xd[1], xd[2], xd[3], kdims[0], kdims[1],
-                                          kdims[3], ydims[1], ydims[2], pt, pl, sh, sw};
-#endif
+  *g = ConvGeom{xd[0], xd[1], xd[2], xd[3], kdims[0], kdims[1], kdims[3], ydims[1], ydims[2],
+                pt, pl, sh, sw};
   return ffi::Error::Success();
 }
 
