@@ -204,6 +204,30 @@ def test_conv_equals_xla_autodiff(x_shape, kernel_shape, padding, strides):
         assert ("tljax_conv_forward" in str(fwd)) == wide
 
 
+@pytest.mark.parametrize("x_shape,kernel_shape,padding,strides", [
+    ((2, 20, 14, 16), (3, 3, 16, 24), ((1, 1), (1, 1)), (1, 1)),
+    ((2, 35, 37, 3), (7, 7, 3, 20), ((0, 0), (0, 0)), (2, 2)),
+])
+def test_conv_without_the_direct_kernels_is_xlas_autodiff(monkeypatch, x_shape, kernel_shape,
+                                                          padding, strides):
+    """A CPU without AVX-512: XLA's forward and kernel gradient, the C++ flipped kernel for the
+    stride-1 input gradient: the same ops as XLA's autodiff, so the same bits."""
+    monkeypatch.setattr(native_conv, "direct_available", lambda: False)
+    x = jax.random.normal(jax.random.key(0), x_shape)
+    kernel = jax.random.normal(jax.random.key(1), kernel_shape)
+
+    def ref(x, k):
+        return jax.lax.conv_general_dilated(x, k, strides, padding,
+                                            dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+    y, vjp = jax.vjp(ref, x, kernel)
+    y2, vjp2 = jax.vjp(lambda x, k: native_conv.conv(x, k, padding, strides), x, kernel)
+    dy = jax.random.normal(jax.random.key(2), y.shape)
+    np.testing.assert_array_equal(y2, y)
+    jax.tree.map(np.testing.assert_array_equal, vjp2(dy), vjp(dy))
+    assert "tljax_conv_" not in str(jax.make_jaxpr(vjp2)(dy))
+
+
 def test_direct_conv_and_pool_do_not_depend_on_the_thread_count():
     """Each output element is summed in a fixed order: the same bits on one CPU as on all of
     them (the kernel gradient's parts are added in order), for the direct convolution and the

@@ -60,6 +60,11 @@ def _out_size(n, k, pads, s):
     return (n + pads[0] + pads[1] - k) // s + 1
 
 
+def _xla_conv(x, kernel, padding, strides, precision):
+    return jax.lax.conv_general_dilated(x, kernel, strides, padding,
+                                        dimension_numbers=_DIMENSIONS, precision=precision)
+
+
 def _attributes(padding, strides):
     return dict(pad_top=np.int64(padding[0][0]), pad_left=np.int64(padding[1][0]),
                 stride_h=np.int64(strides[0]), stride_w=np.int64(strides[1]))
@@ -74,8 +79,7 @@ def forward(x, kernel, padding, strides=(1, 1), precision=None):
                  kernel.shape[3])
         return build.call("tljax_conv_forward", [shape], x, kernel,
                           **_attributes(padding, strides))[0]
-    return jax.lax.conv_general_dilated(x, kernel, strides, padding,
-                                        dimension_numbers=_DIMENSIONS, precision=precision)
+    return _xla_conv(x, kernel, padding, strides, precision)
 
 
 def kernel_grad(x, dy, kernel_shape, padding, strides=(1, 1), precision=None):
@@ -85,10 +89,8 @@ def kernel_grad(x, dy, kernel_shape, padding, strides=(1, 1), precision=None):
         return build.call("tljax_conv_kernel_grad", [tuple(kernel_shape)], x, dy,
                           **_attributes(padding, strides))[0]
     kernel = jax.ShapeDtypeStruct(tuple(kernel_shape), dy.dtype)
-    dk, = jax.linear_transpose(
-        lambda k: jax.lax.conv_general_dilated(x, k, strides, padding,
-                                               dimension_numbers=_DIMENSIONS,
-                                               precision=precision), kernel)(dy)
+    dk, = jax.linear_transpose(lambda k: _xla_conv(x, k, padding, strides, precision),
+                               kernel)(dy)
     return dk
 
 
@@ -106,9 +108,7 @@ def _conv_bwd(padding, strides, precision, res, dy):
                      precision=precision)
     else:
         dx, = jax.linear_transpose(
-            lambda x: jax.lax.conv_general_dilated(x, kernel, strides, padding,
-                                                   dimension_numbers=_DIMENSIONS,
-                                                   precision=precision), x)(dy)
+            lambda x: _xla_conv(x, kernel, padding, strides, precision), x)(dy)
     return dx, kernel_grad(x, dy, kernel.shape, padding, strides, precision)
 
 
