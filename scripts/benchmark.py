@@ -41,6 +41,7 @@ import os
 import platform
 import queue
 import re
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -234,6 +235,22 @@ def add_derived(results: list[dict]) -> None:
             r[kind]["images_per_s"] = img_s(r, kind)
             if ref and kind in ref and ref[kind].get("flops") and ref.get("peak_flops"):
                 r[kind]["mfu"] = ref[kind]["flops"] / r[kind]["median_s"] / ref["peak_flops"]
+            if ref and r is not ref and kind in ref:
+                ratio = paired_ratio(ref[kind]["times_s"], r[kind]["times_s"])
+                if ratio is not None:
+                    r[kind]["tljax_speedup_paired"] = ratio
+
+
+def paired_ratio(tljax_times: list[float], peer_times: list[float]) -> float | None:
+    """tljax's speed over a peer's as the median of per-round ratios: round i timed one call of
+    each framework back to back (`run_model`), so both calls of a pair saw the machine at the
+    same speed. This machine switches between two speeds for seconds at a time (a fixed numpy
+    matmul loop: 70 ms in one spell, 132 ms in the next, with no steal time reported), which
+    moves each framework's median with how its calls fell on the spells; a ratio within a round
+    does not move with them."""
+    if not tljax_times or len(tljax_times) != len(peer_times):
+        return None
+    return statistics.median(p / t for t, p in zip(tljax_times, peer_times, strict=True))
 
 
 def print_table(results: list[dict], frameworks: list[str]) -> None:
@@ -267,6 +284,21 @@ def print_table(results: list[dict], frameworks: list[str]) -> None:
                 for p in targets:
                     line += (f"{t / ips[p]:.2f}x" if p in ips else "-").rjust(len(p) + 8)
             print(line)
+    if peers:
+        print("\ntljax / peer, median of per-round ratios (each round times one call of every "
+              "framework back to back, so a slow spell of the machine falls on both calls of a "
+              "ratio)")
+        print(f"{'model':<16}{'kind':<12}" + "".join(p.rjust(w[p]) for p in peers)
+              + "  " + "slowest ratio")
+        for model in models:
+            for kind in KINDS:
+                got = {p: table[(model, p)][kind]["tljax_speedup_paired"] for p in peers
+                       if "tljax_speedup_paired" in table.get((model, p), {}).get(kind, {})}
+                if got:
+                    low = min(got, key=got.get)
+                    print(f"{model:<16}{kind:<12}" + "".join(
+                        (f"{got[p]:.2f}x" if p in got else "-").rjust(w[p]) for p in peers)
+                        + f"  {got[low]:.2f}x ({low})")
     print("\nfirst call s (compilation included)")
     print(f"{'model':<16}{'kind':<12}" + "".join(f.rjust(w[f]) for f in ran))
     for model in models:

@@ -7,6 +7,7 @@ import importlib.util
 import json
 import os
 
+import numpy as np
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -48,6 +49,14 @@ def test_benchmark_runs_tljax_beside_torch(tmp_path, capsys):
     assert len(paired["ratios"]) == 3 and all(x > 0 for x in paired["ratios"])
     assert "paired" not in results["torch"]
     assert "tljax/fastest" in printed and "back-to-back pairs" in printed
+    # Each peer row also carries tljax's speed over it as the median of per-round ratios.
+    for kind in bench.KINDS:
+        ratios = [p / q for q, p in zip(t[kind]["times_s"], results["torch"][kind]["times_s"],
+                                        strict=True)]
+        assert results["torch"][kind]["tljax_speedup_paired"] == pytest.approx(
+            float(np.median(ratios)))
+        assert "tljax_speedup_paired" not in t[kind]
+    assert "median of per-round ratios" in printed
     assert png.stat().st_size > 10_000
 
 
