@@ -161,6 +161,43 @@ def test_pointwise_kernel_grad_of_a_reducing_layer(c, f, target):
     np.testing.assert_array_equal(native_conv.transpose(kernel), kernel.T)
 
 
+@pytest.mark.parametrize("x_shape,f", [
+    ((1, 1), 1), ((5, 3), 17), ((2, 5, 7, 24), 144),  # tiles of 5 and 6 rows, ragged vectors
+    ((97, 64), 64), ((300, 40), 130),  # 2 blocks of 64 + 2 columns
+    ((2, 4, 4, 200), 1000),  # few rows: the columns split between items
+    ((2, 17, 13, 70), 64),  # several row items, one with a short last tile
+])
+def test_matmul_equals_dot(x_shape, f):
+    """The C++ product (a 1x1 convolution's forward) equals x @ kernel to float32 rounding,
+    for rows that fill whole 6-row tiles or not, columns that fill 1-4 vectors of a 64-column
+    panel or leave a ragged one, and splits by rows or by columns."""
+    if not native_conv.direct_available():
+        pytest.skip("the C++ product needs AVX-512")
+    x = jax.random.normal(jax.random.key(0), x_shape)
+    kernel = jax.random.normal(jax.random.key(1), (x_shape[-1], f))
+    _close(native_conv.matmul(x, kernel), jnp.matmul(x, kernel, precision="highest"))
+
+
+def test_pointwise_forward_is_the_cpp_product_where_faster():
+    """`layers.pointwise` runs the C++ product for a kernel of up to 2**19 floats or 2048 rows
+    and more, XLA's dot for a larger kernel over fewer rows; both give x @ kernel, and the
+    gradients are unchanged."""
+    from tljax.models import layers
+    for rows, c, f, native in ((8, 64, 256, True), (8, 1024, 1024, False),
+                               (2048, 1024, 1024, True)):
+        x = jax.random.normal(jax.random.key(0), (2, rows // 2, 1, c))
+        kernel = jax.random.normal(jax.random.key(1), (c, f)) / 32
+        y, vjp = jax.vjp(lambda x, k: layers.pointwise(x, k, None), x, kernel)
+        _close(y, jnp.matmul(x, kernel, precision="highest"))
+        dy = jax.random.normal(jax.random.key(2), y.shape)
+        dx, dk = vjp(dy)
+        _close(dx, jnp.matmul(dy, kernel.T, precision="highest"))
+        _close(dk, jnp.einsum("nhwc,nhwf->cf", x, dy, precision="highest"))
+        jaxpr = jax.make_jaxpr(lambda x, k: layers.pointwise(x, k, None))(x, kernel)
+        used = "tljax_matmul" in str(jaxpr)
+        assert used == (native and native_conv.direct_available())
+
+
 @pytest.mark.parametrize("x_shape,kernel_shape,padding,strides", [
     ((2, 9, 11, 16), (3, 3, 16, 24), ((1, 1), (1, 1)), (1, 1)),  # narrow: XLA's forward
     ((2, 9, 11, 8), (3, 3, 8, 8), ((0, 0), (0, 0)), (1, 1)),
@@ -230,8 +267,8 @@ def test_conv_without_the_direct_kernels_is_xlas_autodiff(monkeypatch, x_shape, 
 
 def test_direct_conv_and_pool_do_not_depend_on_the_thread_count():
     """Each output element is summed in a fixed order: the same bits on one CPU as on all of
-    them (the kernel gradient's parts are added in order), for the direct convolution and the
-    max pool's gradient."""
+    them (the kernel gradient's parts are added in order), for the direct convolution, the
+    C++ product and the max pool's gradient."""
     code = """
 import os, sys
 os.sched_setaffinity(0, [int(c) for c in sys.argv[2].split(",")])  # before XLA sizes its pool
@@ -243,7 +280,8 @@ y, vjp = jax.vjp(lambda x, k: conv.conv(x, k, ((1, 1), (1, 1))), x, k)
 dx, dk = vjp(jax.random.normal(jax.random.key(2), y.shape))
 p, vjp = jax.vjp(lambda x: pool.max_pool(x, 3, 2), jax.nn.relu(x))
 dp, = vjp(jax.random.normal(jax.random.key(3), p.shape))
-np.save(sys.argv[1], np.concatenate([np.ravel(a) for a in (y, dx, dk, p, dp)]))
+m = conv.matmul(x, k[0, 0])
+np.save(sys.argv[1], np.concatenate([np.ravel(a) for a in (y, dx, dk, p, dp, m)]))
 """
     outs = []
     for cpus in ({min(os.sched_getaffinity(0))}, os.sched_getaffinity(0)):
@@ -295,6 +333,10 @@ def test_conv_refuses_bad_arguments():
         native_conv.conv(x, jnp.ones((3, 3, 2, 4)), ((1, 1), (1, 1)))
     with pytest.raises(ValueError, match="strides"):
         native_conv.conv(x, kernel, ((1, 1), (1, 1)), (0, 1))
+    with pytest.raises(ValueError, match=r"\(C, F\)"):
+        native_conv.matmul(x, jnp.ones((4, 2)))
+    with pytest.raises(ValueError, match="float32"):
+        native_conv.matmul(x.astype(jnp.bfloat16), jnp.ones((3, 2), jnp.bfloat16))
 
 
 def test_library_is_built_once_and_reused(tmp_path, monkeypatch):

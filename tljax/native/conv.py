@@ -11,6 +11,8 @@ zero padding `((top, bottom), (left, right))`, differentiable in both arguments:
   is XLA's transpose of its convolution;
 - the kernel gradient is the direct kernel gradient (tiles of 6 input x 64 output channels,
   summed over chunks of ~256 pixels), else XLA's.
+`matmul(x, kernel)`: a 1x1 convolution's forward, x (..., C) times kernel (C, F), in the same
+register tiles over the rows, the kernel packed into contiguous panels of 64 columns.
 XLA:CPU runs these convolutions at 150-185 GFLOP/s on 2 cores of an AVX-512 EPYC, the direct
 kernels at 200-220 (the FMA peak is ~230): ResNet50's full step at 112, 715 -> 664 ms
 (docs/benchmarks.md). `kernel_grad` also serves 1x1 convolutions (`layers.pointwise`).
@@ -80,6 +82,19 @@ def forward(x, kernel, padding, strides=(1, 1), precision=None):
         return build.call("tljax_conv_forward", [shape], x, kernel,
                           **_attributes(padding, strides))[0]
     return _xla_conv(x, kernel, padding, strides, precision)
+
+
+def matmul(x, kernel):
+    """`x @ kernel` for float32 x (..., C) and kernel (C, F): the C++ product in register
+    tiles of 6 rows x 64 columns (a 1x1 convolution's forward). Call only where
+    `direct_available()`."""
+    if x.ndim < 1 or kernel.ndim != 2 or x.shape[-1] != kernel.shape[0]:
+        raise ValueError(f"matmul: x must be (..., C) and kernel (C, F), got {x.shape} and "
+                         f"{kernel.shape}")
+    if x.dtype != np.float32 or kernel.dtype != np.float32:
+        raise ValueError(f"matmul: the CPU kernel takes float32, got {x.dtype} and "
+                         f"{kernel.dtype}")
+    return build.call("tljax_matmul", [x.shape[:-1] + kernel.shape[1:]], x, kernel)[0]
 
 
 def kernel_grad(x, dy, kernel_shape, padding, strides=(1, 1), precision=None):

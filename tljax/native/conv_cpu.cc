@@ -304,6 +304,48 @@ void KernelGradItem(const ConvGeom& g, const GradSplit& s, const float* x, const
     }
   }
 }
+// The 1x1 convolution as a product y (M, F) = x (M, C) k (C, F) over the batch's M pixels:
+// tiles of up to 6 rows x 64 columns as the direct forward's. k is first packed into panels
+// of up to 64 columns, each (C, 16 V) and contiguous, so that a tile's loop over C reads one
+// panel in order (k's own rows, F floats apart, fall into a few L1 sets and evict each other).
+template <int V, int P>
+inline void MatmulTile(const float* x, int64_t c, const float* panel, float* y, int64_t f,
+                       const ChannelBlock& b) {
+  __m512 acc[P][V];
+  TLJAX_UNROLL for (int p = 0; p < P; ++p)
+    TLJAX_UNROLL for (int v = 0; v < V; ++v) acc[p][v] = _mm512_setzero_ps();
+  for (int64_t ci = 0; ci < c; ++ci, panel += 16 * V) {
+    __m512 kv[V];
+    TLJAX_UNROLL for (int v = 0; v < V; ++v) kv[v] = _mm512_loadu_ps(panel + 16 * v);
+    TLJAX_UNROLL for (int p = 0; p < P; ++p) {
+      const __m512 xv = _mm512_set1_ps(x[p * c + ci]);
+      TLJAX_UNROLL for (int v = 0; v < V; ++v) acc[p][v] = _mm512_fmadd_ps(xv, kv[v], acc[p][v]);
+    }
+  }
+  TLJAX_UNROLL for (int p = 0; p < P; ++p) {
+    float* yp = y + p * f + b.o0;
+    TLJAX_UNROLL for (int v = 0; v < V - 1; ++v) _mm512_storeu_ps(yp + 16 * v, acc[p][v]);
+    _mm512_mask_storeu_ps(yp + 16 * (V - 1), b.last, acc[p][V - 1]);
+  }
+}
+
+// Work items: chunks of up to 8 row tiles x groups of column blocks, at least ~16 items for
+// the threads; with few rows the columns are split, so that each item reads only its own
+// panels (k is the larger operand then, and read once per item).
+struct MatmulSplit {
+  int64_t rows, row_items, blocks_per_item, col_items;
+};
+
+inline MatmulSplit MakeMatmulSplit(int64_t m, int64_t blocks) {
+  MatmulSplit s;
+  s.rows = 8 * kTileWidth;
+  s.row_items = (m + s.rows - 1) / s.rows;
+  const int64_t want_cols = std::clamp<int64_t>((16 + s.row_items - 1) / s.row_items, 1, blocks);
+  s.blocks_per_item = (blocks + want_cols - 1) / want_cols;
+  s.col_items = (blocks + s.blocks_per_item - 1) / s.blocks_per_item;
+  return s;
+}
+
 #undef TLJAX_UNROLL
 #endif  // __AVX512F__
 
@@ -339,6 +381,51 @@ ffi::Error DirectForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   return ffi::Error::Success();
 #else
   return ffi::Error::Internal("conv: the direct convolution needs AVX-512");
+#endif
+}
+
+ffi::Error Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> kernel,
+                  ffi::ResultBuffer<ffi::F32> y) {
+#ifdef __AVX512F__
+  const auto xd = x.dimensions(), kd = kernel.dimensions(), yd = y->dimensions();
+  if (xd.size() < 1 || kd.size() != 2 || yd.size() != xd.size() || kd[0] != xd.back() ||
+      yd.back() != kd[1]) {
+    return ffi::Error::InvalidArgument("matmul: x (..., C), kernel (C, F), y (..., F) expected");
+  }
+  const int64_t c = kd[0], f = kd[1], m = x.element_count() / std::max<int64_t>(c, 1);
+  const float *xs = x.typed_data(), *ks = kernel.typed_data();
+  float* ys = y->typed_data();
+  const int64_t blocks = (f + 63) / 64;
+  // Panel q holds columns 64 q .. of k, (C, 16 V) with V its vector count, zero padded.
+  std::vector<float> packed(c * 16 * ((f + 15) / 16));
+  tljax::ParallelFor(pool, blocks, [&](int64_t q) {
+    const ChannelBlock b = MakeChannelBlock(f, 64 * q);
+    const int64_t width = 16 * b.vectors, used = std::min<int64_t>(64, f - b.o0);
+    float* panel = packed.data() + c * 64 * q;
+    for (int64_t ci = 0; ci < c; ++ci) {
+      std::copy_n(ks + ci * f + b.o0, used, panel + ci * width);
+      std::fill(panel + ci * width + used, panel + (ci + 1) * width, 0.0f);
+    }
+  });
+  const MatmulSplit sp = MakeMatmulSplit(m, blocks);
+  tljax::ParallelFor(pool, sp.row_items * sp.col_items, [&](int64_t item) {
+    const int64_t r0 = (item / sp.col_items) * sp.rows, rows = std::min(sp.rows, m - r0);
+    const int64_t q0 = (item % sp.col_items) * sp.blocks_per_item;
+    for (int64_t q = q0; q < std::min(blocks, q0 + sp.blocks_per_item); ++q) {
+      const ChannelBlock b = MakeChannelBlock(f, 64 * q);
+      const float* panel = packed.data() + c * 64 * q;
+      ForRuns(rows, [&](int64_t t0, int64_t len) {
+        ForVectors(b, [&]<int V>() {
+          ForWidth(len, [&]<int P>() {
+            MatmulTile<V, P>(xs + (r0 + t0) * c, c, panel, ys + (r0 + t0) * f, f, b);
+          });
+        });
+      });
+    }
+  });
+  return ffi::Error::Success();
+#else
+  return ffi::Error::Internal("matmul: needs AVX-512");
 #endif
 }
 
@@ -399,6 +486,13 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(TljaxFlipTranspose, FlipTranspose,
 XLA_FFI_DEFINE_HANDLER_SYMBOL(TljaxConvForward, DirectForward, TLJAX_DIRECT_CONV_BINDING);
 XLA_FFI_DEFINE_HANDLER_SYMBOL(TljaxConvKernelGrad, DirectKernelGrad,
                               TLJAX_DIRECT_CONV_BINDING);
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(TljaxMatmul, Matmul,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
 
 // 1 where this library has the direct convolution (built for a CPU with AVX-512), else 0.
 extern "C" int TljaxDirectConvAvailable() {
