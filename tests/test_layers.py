@@ -197,6 +197,67 @@ def test_training_batchnorm_equals_flax(use_scale, shape, activation, form, monk
     _close(through_stats(ours.apply), through_stats(ref_apply))
 
 
+class _ConvBN(nn.Module):
+    """A convolution and a BatchNorm with its activation, through `layers.conv_bn` (ours) or
+    flax's modules one after the other (ref), with the same parameter paths."""
+    kernel: tuple
+    activation: object
+    ours: bool = True
+    training: bool = False
+
+    @nn.compact
+    def __call__(self, x):
+        opts = dict(epsilon=1e-3, use_fast_variance=False, name="bn")
+        if self.ours:
+            conv = layers.Conv(24, self.kernel, use_bias=False, name="conv")
+            norm = layers.BatchNorm(use_running_average=None, training=self.training,
+                                    activation=self.activation, **opts)
+            return layers.conv_bn(conv, norm, x)
+        y = nn.Conv(24, self.kernel, use_bias=False, name="conv")(x)
+        y = nn.BatchNorm(use_running_average=not self.training, **opts)(y)
+        return y if self.activation is None else self.activation(y)
+
+
+def _relu6(x):
+    return jnp.minimum(jax.nn.relu(x), 6.0)
+
+
+@pytest.mark.parametrize("kernel,activation,training,fused", [
+    ((1, 1), jax.nn.silu, False, True),  # EfficientNet's expand and top layers
+    ((1, 1), None, False, True),  # its project layers
+    ((1, 1), jax.nn.relu, False, True),
+    ((1, 1), _relu6, False, False),  # EfficientNet-Lite's activation: not in the epilogue
+    ((3, 3), jax.nn.silu, False, False),  # not a 1x1: the formula after the convolution
+    ((1, 1), jax.nn.silu, True, False),  # training BatchNorm: not folded
+])
+def test_conv_bn_equals_conv_then_batchnorm(kernel, activation, training, fused):
+    """`layers.conv_bn` folds an inference BatchNorm and its activation into the C++ product
+    of a 1x1 convolution (on CPU with AVX-512); everywhere its outputs, variables and
+    gradients are flax's convolution, then BatchNorm, then the activation."""
+    from tljax.native import conv as native_conv
+
+    x = jax.random.normal(jax.random.key(0), (2, 9, 7, 40))
+    ours, ref = (_ConvBN(kernel, activation, o, training) for o in (True, False))
+    v = ref.init(jax.random.key(1), x)
+    jax.tree.map(np.testing.assert_array_equal, ours.init(jax.random.key(1), x), v)
+    v = jax.tree.map(lambda a: a + jax.random.uniform(jax.random.key(2), a.shape), v)
+
+    def loss(module):
+        def f(params, x):
+            y = module.apply({"params": params, "batch_stats": v["batch_stats"]}, x,
+                             mutable=["batch_stats"])[0]
+            return jnp.sum(jnp.sin(y)), y
+        return jax.jit(jax.value_and_grad(f, argnums=(0, 1), has_aux=True))
+
+    (l_ours, y_ours), g_ours = loss(ours)(v["params"], x)
+    (l_ref, y_ref), g_ref = loss(ref)(v["params"], x)
+    _close(y_ours, y_ref)
+    jax.tree.map(_close, g_ours, g_ref)
+    jaxpr = str(jax.make_jaxpr(lambda x: ours.apply(v, x, mutable=True))(x))
+    native = jax.default_backend() == "cpu" and native_conv.direct_available()
+    assert ("tljax_matmul_bn" in jaxpr) == (fused and native)
+
+
 def test_plain_convolutions_turns_the_cpu_rewrites_off():
     """Inside `plain_convolutions()` a model traces with XLA's convolution ops, as on
     accelerators (the benchmark counts model FLOPs on that form); outside, the CPU forms."""
@@ -235,7 +296,8 @@ def test_plain_convolutions_turns_the_cpu_rewrites_off():
     lambda: layers.DepthwiseConv(5, 1),
     lambda: layers.Conv(6, (1, 1)),
     lambda: layers.BatchNorm(use_running_average=None, training=True, use_fast_variance=False),
-], ids=["depthwise_s2", "depthwise_5x5", "pointwise", "batchnorm_train"])
+    lambda: _ConvBN((1, 1), jax.nn.silu),
+], ids=["depthwise_s2", "depthwise_5x5", "pointwise", "batchnorm_train", "conv_bn_inference"])
 def test_custom_gradient_layers_under_shard_map_with_check_vma(make):
     """The hand-written gradients inside `jax.shard_map(check_vma=True)` (JAX's default), the
     way EfficientNet's layers run in a user's own data-parallel step: each replicated

@@ -178,6 +178,36 @@ def test_matmul_equals_dot(x_shape, f):
     _close(native_conv.matmul(x, kernel), jnp.matmul(x, kernel, precision="highest"))
 
 
+@pytest.mark.parametrize("act", [None, jax.nn.relu, jax.nn.silu])
+@pytest.mark.parametrize("x_shape,f", [((2, 5, 7, 24), 70), ((4, 3), 16)])
+def test_matmul_bn_equals_the_formula(act, x_shape, f):
+    """The product with an inference BatchNorm and its activation applied to each tile in
+    registers (the SiLU's exp a 16-lane polynomial) equals the formula on XLA's product, and
+    its gradients are the formula's."""
+    if not native_conv.direct_available():
+        pytest.skip("the C++ product needs AVX-512")
+    keys = jax.random.split(jax.random.key(0), 5)
+    x = jax.random.normal(keys[0], x_shape)
+    kernel = jax.random.normal(keys[1], (x_shape[-1], f))
+    mean, bias = (jax.random.normal(k, (f,)) * 3 for k in keys[2:4])
+    mul = jax.random.uniform(keys[4], (f,)) * 2
+
+    def ref(x, k, mean, mul, bias):
+        y = jnp.matmul(x, k, precision="highest")
+        return native_conv.batch_norm_formula(y, mean, mul, bias, act)
+
+    args = (x, kernel, mean, mul, bias)
+    y, vjp = jax.vjp(lambda *a: native_conv.matmul_bn(*a, act), *args)
+    y_ref, vjp_ref = jax.vjp(ref, *args)
+    _close(y, y_ref)
+    dy = jax.random.normal(jax.random.key(9), y.shape)
+    jax.tree.map(lambda a, b: _close(a, b, 1e-4), vjp(dy), vjp_ref(dy))
+    with pytest.raises(ValueError, match="act must be"):
+        native_conv.matmul_bn(*args, jax.nn.gelu)
+    with pytest.raises(ValueError, match=rf"float32 \({f},\)"):
+        native_conv.matmul_bn(x, kernel, mean[:-1], mul, bias, act)
+
+
 def test_pointwise_forward_is_the_cpp_product_where_faster():
     """`layers.pointwise` runs the C++ product for a kernel of up to 2**19 floats or 2048 rows
     and more, XLA's dot for a larger kernel over fewer rows; both give x @ kernel, and the

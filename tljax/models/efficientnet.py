@@ -157,7 +157,8 @@ class MBConv(nn.Module):
         filters = self.filters_in * self.expand_ratio
         x = inputs
         if self.expand_ratio != 1:
-            x = norm("expand_bn", activation=act)(conv(filters, (1, 1), name="expand_conv")(x))
+            x = layers.conv_bn(conv(filters, (1, 1), name="expand_conv"),
+                               norm("expand_bn", activation=act), x)
         x = layers.DepthwiseConv(self.kernel, self.stride, self.dtype, self.param_dtype,
                                  use_conv=not layers.cpu_rewrites(), name="dwconv")(x)
         x = norm("bn", activation=act)(x)
@@ -170,7 +171,8 @@ class MBConv(nn.Module):
             se = act(dense(filters_se, name="se_reduce")(se))
             se = nn.sigmoid(dense(filters, name="se_expand")(se))
             x = x * se
-        x = norm("project_bn")(conv(self.filters_out, (1, 1), name="project_conv")(x))
+        x = layers.conv_bn(conv(self.filters_out, (1, 1), name="project_conv"),
+                           norm("project_bn"), x)
         if self.stride == 1 and self.filters_in == self.filters_out:
             if self.drop_rate > 0:
                 # Stochastic depth as Keras applies it: Dropout(noise_shape=(None, 1, 1, 1)),
@@ -201,13 +203,14 @@ class ConvBNAct(nn.Module):
     def __call__(self, x, train: bool = False):
         if self.normalize:
             x = Normalization(name="normalization")(x)
-        x = layers.Conv(
+        conv = layers.Conv(
             self.features, (self.kernel, self.kernel), strides=(self.stride, self.stride),
             padding="SAME", use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype,
             name="conv",
-        )(x)
-        return layers.batch_norm(self.numerics, train, self.dtype, self.param_dtype, "bn",
-                                 activation=self.activation)(x)
+        )
+        return layers.conv_bn(conv, layers.batch_norm(self.numerics, train, self.dtype,
+                                                      self.param_dtype, "bn",
+                                                      activation=self.activation), x)
 
 
 class Stage(nn.Module):

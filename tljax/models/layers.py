@@ -96,16 +96,39 @@ class BatchNorm(nn.BatchNorm):
     activation: Any = None
 
     @nn.compact
-    def __call__(self, x, use_running_average=None, *, mask=None):
+    def __call__(self, x, use_running_average=None, *, mask=None, fold=False):
+        """`fold=True`: for `conv_bn`, `x` only gives the channels and dtype of the input to
+        come; returns `(mean, mul, bias)` of flax's inference formula where this layer runs in
+        inference mode on CPU in float32 with the C++ product built and its activation is
+        one the product applies (`native_conv.EPILOGUE_ACTIVATIONS`), else None."""
         frozen = "/".join(self.path) in self.frozen_bn
         inference = (not self.training) or frozen
+        if fold:
+            foldable = (inference and mask is None and self.use_bias and self._float32(x)
+                        and self.activation in native_conv.EPILOGUE_ACTIVATIONS
+                        and native_build.available() and native_conv.direct_available())
+            return self._fold(x.shape[-1]) if foldable else None
         if (inference or mask is not None or self.axis_name is not None
-                or self.use_fast_variance or not self.use_bias or x.dtype != jnp.float32
-                or self.param_dtype != jnp.float32 or self.dtype not in (None, jnp.float32)
-                or not cpu_rewrites()):
+                or self.use_fast_variance or not self.use_bias or not self._float32(x)):
             y = super().__call__(x, use_running_average=inference, mask=mask)
             return y if self.activation is None else self.activation(y)
         return self._train_float32(x)
+
+    def _float32(self, x) -> bool:
+        """On CPU (`cpu_rewrites`), float32 in, float32 parameters and computation."""
+        return (x.dtype == jnp.float32 and self.param_dtype == jnp.float32
+                and self.dtype in (None, jnp.float32) and cpu_rewrites())
+
+    def _fold(self, channels: int):
+        """flax's inference BatchNorm as `(mean, mul, bias)`: `(y - mean) * mul + bias`, mul =
+        rsqrt(var + eps) * scale, from the same variables flax's BatchNorm keeps."""
+        c = (channels,)
+        ra_mean = self.variable("batch_stats", "mean", lambda s: jnp.zeros(s, jnp.float32), c)
+        ra_var = self.variable("batch_stats", "var", lambda s: jnp.ones(s, jnp.float32), c)
+        mul = jax.lax.rsqrt(ra_var.value + self.epsilon)
+        if self.use_scale:
+            mul = mul * self.param("scale", self.scale_init, c, self.param_dtype)
+        return ra_mean.value, mul, self.param("bias", self.bias_init, c, self.param_dtype)
 
     def _train_float32(self, x):
         """Training mode on CPU, float32: flax's numbers (two-pass variance, the same
@@ -155,6 +178,18 @@ def batch_norm(numerics: Numerics, train, dtype: Dtype, param_dtype: Dtype, name
         activation=activation,
         name=name,
     )
+
+
+def conv_bn(conv: Conv, norm: BatchNorm, x):
+    """`norm(conv(x))`, the same numbers, where `norm` is a BatchNorm (with its activation)
+    in inference mode (`train=False`, or frozen) on CPU with the C++ kernels built: folded into
+    `conv` (`Conv(epilogue=...)`), for a 1x1 convolution applied to each tile of the C++
+    product in registers instead of in a pass over its output. EfficientNet-B0 inference at
+    112x112: see docs/benchmarks.md."""
+    fold = norm(jax.ShapeDtypeStruct((conv.features,), x.dtype), fold=True)
+    if fold is None:
+        return norm(conv(x))
+    return conv(x, epilogue=(*fold, norm.activation))
 
 
 def global_pool(x: jnp.ndarray, pooling: str | None) -> jnp.ndarray:
@@ -238,7 +273,17 @@ class Conv(nn.Conv):
     """
 
     @nn.compact
-    def __call__(self, inputs):
+    def __call__(self, inputs, epilogue=None):
+        """`epilogue`: `(mean, mul, bias, act)` of an inference BatchNorm and its activation
+        (`conv_bn`), applied to the output as `native_conv.batch_norm_formula`: by the C++
+        product's tiles where the convolution is one (1x1, no bias), else after it."""
+        y, fused = self._convolve(inputs, epilogue)
+        if epilogue is None or fused:
+            return y
+        return native_conv.batch_norm_formula(y, *epilogue)
+
+    def _convolve(self, inputs, epilogue):
+        """The output, and whether `epilogue` is applied to it already."""
         # An int kernel_size is a 1-D convolution to nn.Conv: left to it.
         ks = () if isinstance(self.kernel_size, int) else tuple(self.kernel_size)
         pair = lambda v: (v,) * 2 if isinstance(v, int) else tuple(v)  # noqa: E731
@@ -247,7 +292,7 @@ class Conv(nn.Conv):
         padding = nn.linear.canonicalize_padding(self.padding, 2)
         if (inputs.ndim != 4 or len(ks) != 2 or self.mask is not None or not self.shared_weights
                 or padding in ("CIRCULAR", "REFLECT", "CAUSAL")):
-            return super().__call__(inputs)
+            return super().__call__(inputs), False
         groups = self.feature_group_count
         kernel = self.param("kernel", self.kernel_init,
                             ks + (inputs.shape[-1] // groups, self.features), self.param_dtype)
@@ -260,6 +305,9 @@ class Conv(nn.Conv):
                        for n, k, s in zip(x.shape[1:3], ks, strides, strict=True)]
         if plain and ks == (1, 1) and all(tuple(p) == (0, 0) for p in padding):
             x = x[:, ::strides[0], ::strides[1], :]
+            if epilogue is not None and bias is None and _native_product(x, kernel[0, 0]):
+                *bn, act = epilogue
+                return native_conv.matmul_bn(x, *varying_like(x, kernel[0, 0], *bn), act), True
             y = pointwise(x, *varying_like(x, kernel[0, 0]), self.precision)
         elif (plain and x.dtype == jnp.float32 and native_conv.supports(ks, padding)
               and native_build.available()):
@@ -269,7 +317,7 @@ class Conv(nn.Conv):
                 x, kernel, strides, padding, lhs_dilation=lhs_dilation,
                 rhs_dilation=rhs_dilation, dimension_numbers=("NHWC", "HWIO", "NHWC"),
                 feature_group_count=groups, precision=self.precision)
-        return y if bias is None else y + bias
+        return (y if bias is None else y + bias), False
 
 
 def _pointwise(x, kernel, precision):
@@ -286,12 +334,17 @@ _NATIVE_PRODUCT_KERNEL = 2**19
 _NATIVE_PRODUCT_ROWS = 2048
 
 
+def _native_product(x, kernel) -> bool:
+    """Whether `x` (..., C) times `kernel` (C, F) runs the C++ product."""
+    rows = x.size // x.shape[-1]
+    return (x.dtype == kernel.dtype == jnp.float32 and cpu_rewrites()
+            and native_build.available() and native_conv.direct_available()
+            and (kernel.size <= _NATIVE_PRODUCT_KERNEL or rows >= _NATIVE_PRODUCT_ROWS))
+
+
 def _product(x, kernel, precision):
     """`x` (..., C) times `kernel` (C, F): the C++ product where it is faster, else XLA's dot."""
-    rows = x.size // x.shape[-1]
-    if (x.dtype == kernel.dtype == jnp.float32 and native_build.available()
-            and native_conv.direct_available()
-            and (kernel.size <= _NATIVE_PRODUCT_KERNEL or rows >= _NATIVE_PRODUCT_ROWS)):
+    if _native_product(x, kernel):
         return native_conv.matmul(x, kernel)
     return jax.lax.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())), precision=precision)
 

@@ -88,13 +88,65 @@ def matmul(x, kernel):
     """`x @ kernel` for float32 x (..., C) and kernel (C, F): the C++ product in register
     tiles of 6 rows x 64 columns (a 1x1 convolution's forward). Call only where
     `direct_available()`."""
+    _check_matmul(x, kernel)
+    return build.call("tljax_matmul", [x.shape[:-1] + kernel.shape[1:]], x, kernel)[0]
+
+
+def _check_matmul(x, kernel):
     if x.ndim < 1 or kernel.ndim != 2 or x.shape[-1] != kernel.shape[0]:
         raise ValueError(f"matmul: x must be (..., C) and kernel (C, F), got {x.shape} and "
                          f"{kernel.shape}")
     if x.dtype != np.float32 or kernel.dtype != np.float32:
         raise ValueError(f"matmul: the CPU kernel takes float32, got {x.dtype} and "
                          f"{kernel.dtype}")
-    return build.call("tljax_matmul", [x.shape[:-1] + kernel.shape[1:]], x, kernel)[0]
+
+
+# The activations `matmul_bn` applies in its epilogue, by JAX function.
+EPILOGUE_ACTIVATIONS = {None: 0, jax.nn.relu: 1, jax.nn.silu: 2}
+
+
+def batch_norm_formula(y, mean, mul, bias, act):
+    """flax's inference BatchNorm, `(y - mean) * mul + bias` with mul = rsqrt(var + eps) *
+    scale, in its order, then `act` (None: none)."""
+    y = (y - mean) * mul + bias
+    return y if act is None else act(y)
+
+
+def _matmul_bn(x, kernel, mean, mul, bias, act):
+    return build.call("tljax_matmul_bn", [x.shape[:-1] + kernel.shape[1:]], x, kernel, mean,
+                      mul, bias, act=np.int64(EPILOGUE_ACTIVATIONS[act]))[0]
+
+
+def _matmul_bn_fwd(x, kernel, mean, mul, bias, act):
+    return _matmul_bn(x, kernel, mean, mul, bias, act), (x, kernel, mean, mul, bias)
+
+
+def _matmul_bn_bwd(act, res, dy):
+    """The gradient of the same formula in JAX (XLA's product), which recomputes the product:
+    a frozen BatchNorm is differentiated only where a layer below it trains."""
+    _, vjp = jax.vjp(lambda x, k, *bn: batch_norm_formula(jax.numpy.matmul(x, k), *bn, act),
+                     *res)
+    return vjp(dy)
+
+
+_matmul_bn_vjp = jax.custom_vjp(_matmul_bn, nondiff_argnums=(5,))
+_matmul_bn_vjp.defvjp(_matmul_bn_fwd, _matmul_bn_bwd)
+
+
+def matmul_bn(x, kernel, mean, mul, bias, act=None):
+    """`batch_norm_formula(x @ kernel, mean, mul, bias, act)` with the BatchNorm and `act` (one
+    of `EPILOGUE_ACTIVATIONS`) applied to each tile of the C++ product in registers, before it
+    is stored, instead of in a pass over the product; differentiable. Call only where
+    `direct_available()`."""
+    if act not in EPILOGUE_ACTIVATIONS:
+        raise ValueError(f"matmul_bn: act must be one of {list(EPILOGUE_ACTIVATIONS)}, got "
+                         f"{act!r}")
+    f = kernel.shape[-1]
+    if any(v.shape != (f,) or v.dtype != np.float32 for v in (mean, mul, bias)):
+        raise ValueError(f"matmul_bn: mean, mul and bias must be float32 ({f},), got "
+                         f"{[(v.shape, v.dtype) for v in (mean, mul, bias)]}")
+    _check_matmul(x, kernel)
+    return _matmul_bn_vjp(x, kernel, mean, mul, bias, act)
 
 
 def kernel_grad(x, dy, kernel_shape, padding, strides=(1, 1), precision=None):

@@ -106,6 +106,11 @@ struct ConvGeom {
   int64_t n, h, w, ci, kh, kw, co, oh, ow, pt, pl, sh, sw;
 };
 
+// The product's epilogue (see MatmulTile): per-column mean, mul and bias.
+struct Epilogue {
+  const float *mean, *mul, *bias;
+};
+
 #ifdef __AVX512F__
 #define TLJAX_UNROLL _Pragma("GCC unroll 32")  // so that GCC keeps each tile in registers
 
@@ -308,9 +313,43 @@ void KernelGradItem(const ConvGeom& g, const GradSplit& s, const float* x, const
 // tiles of up to 6 rows x 64 columns as the direct forward's. k is first packed into panels
 // of up to 64 columns, each (C, 16 V) and contiguous, so that a tile's loop over C reads one
 // panel in order (k's own rows, F floats apart, fall into a few L1 sets and evict each other).
-template <int V, int P>
+//
+// An optional epilogue applies an inference BatchNorm and its activation to each tile in
+// registers before it is stored, y = act((x k - mean) * mul + bias) per column (flax's
+// formula, mul = rsqrt(var + eps) * scale), instead of a pass over y: Act -1 none, 0 the
+// BatchNorm alone, 1 with a ReLU, 2 with a SiLU.
+// exp(x), 16 lanes: Cephes' expf as batchnorm_cpu.cc's Exp (range reduction by ln 2, a
+// degree-6 polynomial), 2^n applied by scalef; within 2 ulp over [-87.3, 88.3], clamped.
+inline __m512 Exp16(__m512 x) {
+  x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.3f)), _mm512_set1_ps(88.3f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fmadd_ps(n, _mm512_set1_ps(2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  p = _mm512_add_ps(_mm512_fmadd_ps(_mm512_mul_ps(p, r), r, r), _mm512_set1_ps(1.0f));
+  return _mm512_scalef_ps(p, n);
+}
+
+template <int Act>
+inline __m512 Activate16(__m512 z) {
+  if constexpr (Act == 1) return _mm512_max_ps(z, _mm512_setzero_ps());
+  if constexpr (Act == 2) {
+    const __m512 one = _mm512_set1_ps(1.0f);
+    return _mm512_mul_ps(z, _mm512_div_ps(one, _mm512_add_ps(one, Exp16(_mm512_sub_ps(
+                                                      _mm512_setzero_ps(), z)))));
+  }
+  return z;
+}
+
+template <int V, int P, int Act>
 inline void MatmulTile(const float* x, int64_t c, const float* panel, float* y, int64_t f,
-                       const ChannelBlock& b) {
+                       const ChannelBlock& b, const Epilogue& e) {
   __m512 acc[P][V];
   TLJAX_UNROLL for (int p = 0; p < P; ++p)
     TLJAX_UNROLL for (int v = 0; v < V; ++v) acc[p][v] = _mm512_setzero_ps();
@@ -320,6 +359,18 @@ inline void MatmulTile(const float* x, int64_t c, const float* panel, float* y, 
     TLJAX_UNROLL for (int p = 0; p < P; ++p) {
       const __m512 xv = _mm512_set1_ps(x[p * c + ci]);
       TLJAX_UNROLL for (int v = 0; v < V; ++v) acc[p][v] = _mm512_fmadd_ps(xv, kv[v], acc[p][v]);
+    }
+  }
+  if constexpr (Act >= 0) {
+    TLJAX_UNROLL for (int v = 0; v < V; ++v) {
+      const __mmask16 mask = v == V - 1 ? b.last : __mmask16(0xFFFF);
+      const int64_t o = b.o0 + 16 * v;
+      const __m512 mean = _mm512_maskz_loadu_ps(mask, e.mean + o);
+      const __m512 mul = _mm512_maskz_loadu_ps(mask, e.mul + o);
+      const __m512 bias = _mm512_maskz_loadu_ps(mask, e.bias + o);
+      TLJAX_UNROLL for (int p = 0; p < P; ++p)
+        acc[p][v] = Activate16<Act>(
+            _mm512_add_ps(_mm512_mul_ps(_mm512_sub_ps(acc[p][v], mean), mul), bias));
     }
   }
   TLJAX_UNROLL for (int p = 0; p < P; ++p) {
@@ -384,17 +435,10 @@ ffi::Error DirectForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
 #endif
 }
 
-ffi::Error Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> kernel,
-                  ffi::ResultBuffer<ffi::F32> y) {
 #ifdef __AVX512F__
-  const auto xd = x.dimensions(), kd = kernel.dimensions(), yd = y->dimensions();
-  if (xd.size() < 1 || kd.size() != 2 || yd.size() != xd.size() || kd[0] != xd.back() ||
-      yd.back() != kd[1]) {
-    return ffi::Error::InvalidArgument("matmul: x (..., C), kernel (C, F), y (..., F) expected");
-  }
-  const int64_t c = kd[0], f = kd[1], m = x.element_count() / std::max<int64_t>(c, 1);
-  const float *xs = x.typed_data(), *ks = kernel.typed_data();
-  float* ys = y->typed_data();
+template <int Act>
+void MatmulRun(ffi::ThreadPool& pool, const float* xs, const float* ks, float* ys, int64_t m,
+               int64_t c, int64_t f, const Epilogue& e) {
   const int64_t blocks = (f + 63) / 64;
   // Panel q holds columns 64 q .. of k, (C, 16 V) with V its vector count, zero padded.
   std::vector<float> packed(c * 16 * ((f + 15) / 16));
@@ -417,16 +461,58 @@ ffi::Error Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi
       ForRuns(rows, [&](int64_t t0, int64_t len) {
         ForVectors(b, [&]<int V>() {
           ForWidth(len, [&]<int P>() {
-            MatmulTile<V, P>(xs + (r0 + t0) * c, c, panel, ys + (r0 + t0) * f, f, b);
+            MatmulTile<V, P, Act>(xs + (r0 + t0) * c, c, panel, ys + (r0 + t0) * f, f, b, e);
           });
         });
       });
     }
   });
+}
+#endif  // __AVX512F__
+
+// y = x k, then the epilogue `act` (-1: none) with the per-column mean, mul and bias.
+ffi::Error MatmulImpl(ffi::ThreadPool& pool, ffi::Buffer<ffi::F32>& x,
+                      ffi::Buffer<ffi::F32>& kernel, ffi::ResultBuffer<ffi::F32>& y,
+                      const Epilogue& e, int64_t act) {
+#ifdef __AVX512F__
+  const auto xd = x.dimensions(), kd = kernel.dimensions(), yd = y->dimensions();
+  if (xd.size() < 1 || kd.size() != 2 || yd.size() != xd.size() || kd[0] != xd.back() ||
+      yd.back() != kd[1]) {
+    return ffi::Error::InvalidArgument("matmul: x (..., C), kernel (C, F), y (..., F) expected");
+  }
+  const int64_t c = kd[0], f = kd[1], m = x.element_count() / std::max<int64_t>(c, 1);
+  auto run = [&](auto fn) {
+    fn(pool, x.typed_data(), kernel.typed_data(), y->typed_data(), m, c, f, e);
+  };
+  switch (act) {
+    case -1: run(MatmulRun<-1>); break;
+    case 0: run(MatmulRun<0>); break;
+    case 1: run(MatmulRun<1>); break;
+    case 2: run(MatmulRun<2>); break;
+    default: return ffi::Error::InvalidArgument("matmul: act must be -1, 0, 1 or 2");
+  }
   return ffi::Error::Success();
 #else
   return ffi::Error::Internal("matmul: needs AVX-512");
 #endif
+}
+
+ffi::Error Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> kernel,
+                  ffi::ResultBuffer<ffi::F32> y) {
+  return MatmulImpl(pool, x, kernel, y, Epilogue{nullptr, nullptr, nullptr}, -1);
+}
+
+ffi::Error MatmulBatchNorm(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
+                           ffi::Buffer<ffi::F32> kernel, ffi::Buffer<ffi::F32> mean,
+                           ffi::Buffer<ffi::F32> mul, ffi::Buffer<ffi::F32> bias,
+                           ffi::ResultBuffer<ffi::F32> y, int64_t act) {
+  const int64_t f = kernel.dimensions().back();
+  if (mean.element_count() != f || mul.element_count() != f || bias.element_count() != f ||
+      act < 0) {
+    return ffi::Error::InvalidArgument("matmul_bn: mean, mul, bias (F,) and act 0-2 expected");
+  }
+  return MatmulImpl(pool, x, kernel, y,
+                    Epilogue{mean.typed_data(), mul.typed_data(), bias.typed_data()}, act);
 }
 
 ffi::Error DirectKernelGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
@@ -493,6 +579,16 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(TljaxMatmul, Matmul,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(TljaxMatmulBatchNorm, MatmulBatchNorm,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // x
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // kernel
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // mean
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // mul
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // bias
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // y
+                                  .Attr<int64_t>("act"));
 
 // 1 where this library has the direct convolution (built for a CPU with AVX-512), else 0.
 extern "C" int TljaxDirectConvAvailable() {
