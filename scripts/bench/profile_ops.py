@@ -58,8 +58,9 @@ def describe(opcode: str, shape: str, op_name: str, batch: int) -> tuple[str, st
     parts = [p for p in op_name.split("/")
              if p and not p.startswith(("jit(", "jvp(", "transpose("))]
     primitive = parts[-1] if parts else opcode
+    # flax names a helper method's scope "conv3._convolve" inside "conv3": not a layer.
     layers = [re.sub(r"\d+[a-z]?$", "", p) for p in parts[:-1]
-              if not p.startswith(("pjit", "checkpoint", "custom_vjp", "remat"))]
+              if not p.startswith(("pjit", "checkpoint", "custom_vjp", "remat")) and "._" not in p]
     layer = layers[-1] if layers else "-"
     if primitive in ("conv_general_dilated", "dot_general") and backward:
         dims = re.findall(r"\d+", shape.split("{")[0])

@@ -263,7 +263,10 @@ class Conv(nn.Conv):
     - a 1x1 convolution as the matrix product it is (a strided slice, then a contraction over
       channels). XLA:CPU lowers a 1x1 convolution to its convolution kernels; as a
       `dot_general` it reaches the matmul rate instead. ResNet50's 1x1 layers at batch 16
-      (docs/benchmarks.md): forward 1.5-5x and forward + both gradients 2-11x faster.
+      (docs/benchmarks.md): forward 1.5-5x and forward + both gradients 2-11x faster. The
+      forward is the C++ product (`tljax.native.conv.matmul`) where that is faster still
+      (`_product`), and with an `epilogue` (`conv_bn`) the BatchNorm after it is applied to
+      the product's tiles in registers.
     - a larger float32 kernel with the C++ kernels built: `tljax.native.conv`, the C++ direct
       convolution and kernel gradient (AVX-512), the input gradient at stride 1 from the
       flipped and transposed kernel; 5-10% faster whole steps (docs/benchmarks.md).

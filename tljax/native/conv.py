@@ -12,7 +12,8 @@ zero padding `((top, bottom), (left, right))`, differentiable in both arguments:
 - the kernel gradient is the direct kernel gradient (tiles of 6 input x 64 output channels,
   summed over chunks of ~256 pixels), else XLA's.
 `matmul(x, kernel)`: a 1x1 convolution's forward, x (..., C) times kernel (C, F), in the same
-register tiles over the rows, the kernel packed into contiguous panels of 64 columns.
+register tiles over the rows, the kernel packed into contiguous panels of 64 columns;
+`matmul_bn` applies an inference BatchNorm and its activation to each tile before it is stored.
 XLA:CPU runs these convolutions at 150-185 GFLOP/s on 2 cores of an AVX-512 EPYC, the direct
 kernels at 200-220 (the FMA peak is ~230): ResNet50's full step at 112, 715 -> 664 ms
 (docs/benchmarks.md). `kernel_grad` also serves 1x1 convolutions (`layers.pointwise`).
