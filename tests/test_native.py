@@ -179,33 +179,45 @@ def test_matmul_equals_dot(x_shape, f):
 
 
 @pytest.mark.parametrize("act", [None, jax.nn.relu, jax.nn.silu])
-@pytest.mark.parametrize("x_shape,f", [((2, 5, 7, 24), 70), ((4, 3), 16)])
-def test_matmul_bn_equals_the_formula(act, x_shape, f):
+@pytest.mark.parametrize("x_shape,f,extras", [((2, 5, 7, 24), 70, False), ((4, 3), 16, False),
+                                              ((2, 5, 7, 24), 70, True), ((9, 33), 20, True)])
+def test_matmul_bn_equals_the_formula(act, x_shape, f, extras):
     """The product with an inference BatchNorm and its activation applied to each tile in
-    registers (the SiLU's exp a 16-lane polynomial) equals the formula on XLA's product, and
-    its gradients are the formula's."""
+    registers (the SiLU's exp a 16-lane polynomial), with or without the convolution's bias
+    and a residual (`extras`: ResNet's last layer of a block), equals the formula on XLA's
+    product, and its gradients are the formula's."""
     if not native_conv.direct_available():
         pytest.skip("the C++ product needs AVX-512")
-    keys = jax.random.split(jax.random.key(0), 5)
+    keys = jax.random.split(jax.random.key(0), 7)
     x = jax.random.normal(keys[0], x_shape)
     kernel = jax.random.normal(keys[1], (x_shape[-1], f))
     mean, bias = (jax.random.normal(k, (f,)) * 3 for k in keys[2:4])
     mul = jax.random.uniform(keys[4], (f,)) * 2
+    conv_bias = jax.random.normal(keys[5], (f,)) if extras else jnp.zeros((f,))
+    residual = jax.random.normal(keys[6], x_shape[:-1] + (f,)) * 4 if extras else None
 
-    def ref(x, k, mean, mul, bias):
-        y = jnp.matmul(x, k, precision="highest")
-        return native_conv.batch_norm_formula(y, mean, mul, bias, act)
+    def ref(x, k, mean, mul, bias, conv_bias, residual):
+        y = jnp.matmul(x, k, precision="highest") + conv_bias
+        return native_conv.batch_norm_formula(y, mean, mul, bias, act, residual)
 
-    args = (x, kernel, mean, mul, bias)
-    y, vjp = jax.vjp(lambda *a: native_conv.matmul_bn(*a, act), *args)
+    def ours(x, k, mean, mul, bias, conv_bias, residual):
+        return native_conv.matmul_bn(x, k, mean, mul, bias, act, conv_bias=conv_bias,
+                                     residual=residual)
+
+    args = (x, kernel, mean, mul, bias, conv_bias, residual)
+    y, vjp = jax.vjp(ours, *args)
     y_ref, vjp_ref = jax.vjp(ref, *args)
     _close(y, y_ref)
     dy = jax.random.normal(jax.random.key(9), y.shape)
     jax.tree.map(lambda a, b: _close(a, b, 1e-4), vjp(dy), vjp_ref(dy))
+    jaxpr = str(jax.make_jaxpr(ours)(*args))
+    assert "tljax_matmul_bn" in jaxpr and ("tljax_matmul_bn_add" in jaxpr) == extras
     with pytest.raises(ValueError, match="act must be"):
-        native_conv.matmul_bn(*args, jax.nn.gelu)
+        native_conv.matmul_bn(x, kernel, mean, mul, bias, jax.nn.gelu)
     with pytest.raises(ValueError, match=rf"float32 \({f},\)"):
         native_conv.matmul_bn(x, kernel, mean[:-1], mul, bias, act)
+    with pytest.raises(ValueError, match="residual"):
+        native_conv.matmul_bn(x, kernel, mean, mul, bias, act, residual=jnp.ones((1, f)))
 
 
 def test_pointwise_forward_is_the_cpp_product_where_faster():

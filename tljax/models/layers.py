@@ -19,7 +19,7 @@ import contextvars
 import dataclasses
 import functools
 import operator
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -180,16 +180,38 @@ def batch_norm(numerics: Numerics, train, dtype: Dtype, param_dtype: Dtype, name
     )
 
 
-def conv_bn(conv: Conv, norm: BatchNorm, x):
-    """`norm(conv(x))`, the same numbers, where `norm` is a BatchNorm (with its activation)
-    in inference mode (`train=False`, or frozen) on CPU with the C++ kernels built: folded into
-    `conv` (`Conv(epilogue=...)`), for a 1x1 convolution applied to each tile of the C++
-    product in registers instead of in a pass over its output. EfficientNet-B0 inference at
-    112x112: see docs/benchmarks.md."""
+class Epilogue(NamedTuple):
+    """What `Conv(epilogue=...)` applies to its output: `native_conv.batch_norm_formula`."""
+    mean: Any
+    mul: Any
+    bias: Any
+    act: Any = None
+    residual: Any = None
+
+
+def conv_bn(conv: Conv, norm: BatchNorm, x, residual=None, activation=None):
+    """`norm(conv(x))`, or with a `residual`, `activation(residual + norm(conv(x)))` (a norm
+    without an activation of its own: ResNet's last BatchNorm, shortcut add and ReLU); the
+    same numbers. Where `norm` is in inference mode (`train=False`, or frozen) on CPU with the
+    C++ kernels built, it is folded into `conv` (`Conv(epilogue=...)`): for a 1x1 convolution
+    the conv bias, the BatchNorm, the residual and the activation are applied to each tile of
+    the C++ product in registers instead of in passes over its output. EfficientNet-B0 and
+    ResNet50 inference at 112x112: see docs/benchmarks.md."""
+    if residual is not None and norm.activation is not None:
+        raise ValueError("conv_bn: with a residual the activation comes after the add; give it "
+                         "as `activation`, not as the BatchNorm's")
     fold = norm(jax.ShapeDtypeStruct((conv.features,), x.dtype), fold=True)
     if fold is None:
-        return norm(conv(x))
-    return conv(x, epilogue=(*fold, norm.activation))
+        y = norm(conv(x))
+        if residual is None:
+            return y
+        y = residual + y
+        return y if activation is None else activation(y)
+    act = norm.activation if residual is None else activation
+    if act not in native_conv.EPILOGUE_ACTIVATIONS:
+        y = conv(x, epilogue=Epilogue(*fold, None, residual))
+        return act(y)
+    return conv(x, epilogue=Epilogue(*fold, act, residual))
 
 
 def global_pool(x: jnp.ndarray, pooling: str | None) -> jnp.ndarray:
@@ -276,10 +298,10 @@ class Conv(nn.Conv):
     """
 
     @nn.compact
-    def __call__(self, inputs, epilogue=None):
-        """`epilogue`: `(mean, mul, bias, act)` of an inference BatchNorm and its activation
-        (`conv_bn`), applied to the output as `native_conv.batch_norm_formula`: by the C++
-        product's tiles where the convolution is one (1x1, no bias), else after it."""
+    def __call__(self, inputs, epilogue: Epilogue | None = None):
+        """`epilogue`: an inference BatchNorm, a residual and an activation (`conv_bn`),
+        applied to the output as `native_conv.batch_norm_formula`: by the C++ product's tiles
+        where the convolution is one (1x1), else after it."""
         y, fused = self._convolve(inputs, epilogue)
         if epilogue is None or fused:
             return y
@@ -308,9 +330,12 @@ class Conv(nn.Conv):
                        for n, k, s in zip(x.shape[1:3], ks, strides, strict=True)]
         if plain and ks == (1, 1) and all(tuple(p) == (0, 0) for p in padding):
             x = x[:, ::strides[0], ::strides[1], :]
-            if epilogue is not None and bias is None and _native_product(x, kernel[0, 0]):
-                *bn, act = epilogue
-                return native_conv.matmul_bn(x, *varying_like(x, kernel[0, 0], *bn), act), True
+            if epilogue is not None and _native_product(x, kernel[0, 0]):
+                e = epilogue
+                k, mean, mul, b, conv_bias = varying_like(x, kernel[0, 0], e.mean, e.mul, e.bias,
+                                                          bias)
+                return native_conv.matmul_bn(x, k, mean, mul, b, e.act, conv_bias=conv_bias,
+                                             residual=e.residual), True
             y = pointwise(x, *varying_like(x, kernel[0, 0]), self.precision)
         elif (plain and x.dtype == jnp.float32 and native_conv.supports(ks, padding)
               and native_build.available()):

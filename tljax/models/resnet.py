@@ -54,16 +54,20 @@ class BottleneckV1(nn.Module):
             layers.batch_norm, NUMERICS_V1, train, self.dtype, self.param_dtype
         )
         s = (self.stride, self.stride)
+        # conv_bn: inference BatchNorms (and the last one's shortcut add and ReLU) folded into
+        # the 1x1 convolutions' C++ product on CPU; else conv then BatchNorm, as written.
         if self.conv_shortcut:
-            shortcut = conv(4 * self.filters, (1, 1), strides=s, name="shortcut_conv")(x)
-            shortcut = norm("shortcut_bn")(shortcut)
+            shortcut = layers.conv_bn(
+                conv(4 * self.filters, (1, 1), strides=s, name="shortcut_conv"),
+                norm("shortcut_bn"), x)
         else:
             shortcut = x
-        y = norm("bn1", activation=nn.relu)(conv(self.filters, (1, 1), strides=s, name="conv1")(x))
+        y = layers.conv_bn(conv(self.filters, (1, 1), strides=s, name="conv1"),
+                           norm("bn1", activation=nn.relu), x)
         y = conv(self.filters, (3, 3), padding="SAME", name="conv2")(y)
         y = norm("bn2", activation=nn.relu)(y)
-        y = norm("bn3")(conv(4 * self.filters, (1, 1), name="conv3")(y))
-        return nn.relu(shortcut + y)
+        return layers.conv_bn(conv(4 * self.filters, (1, 1), name="conv3"), norm("bn3"), y,
+                              residual=shortcut, activation=nn.relu)
 
 
 class BottleneckV2(nn.Module):

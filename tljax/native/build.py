@@ -41,6 +41,7 @@ TARGETS = (
     ("tljax_conv_forward", "TljaxConvForward"),
     ("tljax_matmul", "TljaxMatmul"),
     ("tljax_matmul_bn", "TljaxMatmulBatchNorm"),
+    ("tljax_matmul_bn_add", "TljaxMatmulBatchNormAdd"),
     ("tljax_conv_kernel_grad", "TljaxConvKernelGrad"),
     ("tljax_max_pool_forward", "TljaxMaxPoolForward"),
     ("tljax_max_pool_backward", "TljaxMaxPoolBackward"),

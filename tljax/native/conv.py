@@ -106,48 +106,67 @@ def _check_matmul(x, kernel):
 EPILOGUE_ACTIVATIONS = {None: 0, jax.nn.relu: 1, jax.nn.silu: 2}
 
 
-def batch_norm_formula(y, mean, mul, bias, act):
+def batch_norm_formula(y, mean, mul, bias, act, residual=None):
     """flax's inference BatchNorm, `(y - mean) * mul + bias` with mul = rsqrt(var + eps) *
-    scale, in its order, then `act` (None: none)."""
+    scale, in its order, then `residual +` that (where given) and `act` (None: none)."""
     y = (y - mean) * mul + bias
+    if residual is not None:
+        y = residual + y
     return y if act is None else act(y)
 
 
-def _matmul_bn(x, kernel, mean, mul, bias, act):
-    return build.call("tljax_matmul_bn", [x.shape[:-1] + kernel.shape[1:]], x, kernel, mean,
-                      mul, bias, act=np.int64(EPILOGUE_ACTIVATIONS[act]))[0]
+def _matmul_bn(x, kernel, conv_bias, mean, mul, bias, residual, act):
+    args = (x, kernel, conv_bias, mean, mul, bias) + (() if residual is None else (residual,))
+    target = "tljax_matmul_bn" if residual is None else "tljax_matmul_bn_add"
+    return build.call(target, [x.shape[:-1] + kernel.shape[1:]], *args,
+                      act=np.int64(EPILOGUE_ACTIVATIONS[act]))[0]
 
 
-def _matmul_bn_fwd(x, kernel, mean, mul, bias, act):
-    return _matmul_bn(x, kernel, mean, mul, bias, act), (x, kernel, mean, mul, bias)
+def _matmul_bn_fwd(x, kernel, conv_bias, mean, mul, bias, residual, act):
+    out = _matmul_bn(x, kernel, conv_bias, mean, mul, bias, residual, act)
+    return out, (x, kernel, conv_bias, mean, mul, bias, residual)
+
+
+def _reference(x, kernel, conv_bias, mean, mul, bias, residual, act):
+    y = jax.numpy.matmul(x, kernel) + conv_bias
+    return batch_norm_formula(y, mean, mul, bias, act, residual)
 
 
 def _matmul_bn_bwd(act, res, dy):
     """The gradient of the same formula in JAX (XLA's product), which recomputes the product:
     a frozen BatchNorm is differentiated only where a layer below it trains."""
-    _, vjp = jax.vjp(lambda x, k, *bn: batch_norm_formula(jax.numpy.matmul(x, k), *bn, act),
-                     *res)
-    return vjp(dy)
+    *args, residual = res
+    if residual is None:
+        grads = jax.vjp(lambda *a: _reference(*a, None, act), *args)[1](dy)
+        return (*grads, None)
+    return jax.vjp(lambda *a: _reference(*a, act), *args, residual)[1](dy)
 
 
-_matmul_bn_vjp = jax.custom_vjp(_matmul_bn, nondiff_argnums=(5,))
+_matmul_bn_vjp = jax.custom_vjp(_matmul_bn, nondiff_argnums=(7,))
 _matmul_bn_vjp.defvjp(_matmul_bn_fwd, _matmul_bn_bwd)
 
 
-def matmul_bn(x, kernel, mean, mul, bias, act=None):
-    """`batch_norm_formula(x @ kernel, mean, mul, bias, act)` with the BatchNorm and `act` (one
-    of `EPILOGUE_ACTIVATIONS`) applied to each tile of the C++ product in registers, before it
-    is stored, instead of in a pass over the product; differentiable. Call only where
-    `direct_available()`."""
+def matmul_bn(x, kernel, mean, mul, bias, act=None, *, conv_bias=None, residual=None):
+    """`batch_norm_formula(x @ kernel + conv_bias, mean, mul, bias, act, residual)` with the
+    convolution's bias (where given), the BatchNorm, the residual (where given, shaped as the
+    output) and `act` (one of `EPILOGUE_ACTIVATIONS`) applied to each tile of the C++ product
+    in registers, before it is stored, instead of in passes over the product; differentiable.
+    Call only where `direct_available()`."""
     if act not in EPILOGUE_ACTIVATIONS:
         raise ValueError(f"matmul_bn: act must be one of {list(EPILOGUE_ACTIVATIONS)}, got "
                          f"{act!r}")
-    f = kernel.shape[-1]
-    if any(v.shape != (f,) or v.dtype != np.float32 for v in (mean, mul, bias)):
-        raise ValueError(f"matmul_bn: mean, mul and bias must be float32 ({f},), got "
-                         f"{[(v.shape, v.dtype) for v in (mean, mul, bias)]}")
     _check_matmul(x, kernel)
-    return _matmul_bn_vjp(x, kernel, mean, mul, bias, act)
+    f = kernel.shape[-1]
+    if conv_bias is None:
+        conv_bias = jax.numpy.zeros((f,), np.float32)
+    if any(v.shape != (f,) or v.dtype != np.float32 for v in (conv_bias, mean, mul, bias)):
+        raise ValueError(f"matmul_bn: conv_bias, mean, mul and bias must be float32 ({f},), got "
+                         f"{[(v.shape, v.dtype) for v in (conv_bias, mean, mul, bias)]}")
+    out_shape = x.shape[:-1] + (f,)
+    if residual is not None and (residual.shape != out_shape or residual.dtype != np.float32):
+        raise ValueError(f"matmul_bn: the residual must be float32 {out_shape}, got "
+                         f"{residual.shape} {residual.dtype}")
+    return _matmul_bn_vjp(x, kernel, conv_bias, mean, mul, bias, residual, act)
 
 
 def kernel_grad(x, dy, kernel_shape, padding, strides=(1, 1), precision=None):

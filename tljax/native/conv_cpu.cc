@@ -106,9 +106,10 @@ struct ConvGeom {
   int64_t n, h, w, ci, kh, kw, co, oh, ow, pt, pl, sh, sw;
 };
 
-// The product's epilogue (see MatmulTile): per-column mean, mul and bias.
+// The product's epilogue (see MatmulTile): per-column conv bias, mean, mul and bias, and an
+// optional residual laid out as the output.
 struct Epilogue {
-  const float *mean, *mul, *bias;
+  const float *conv_bias, *mean, *mul, *bias, *residual;
 };
 
 #ifdef __AVX512F__
@@ -309,15 +310,17 @@ void KernelGradItem(const ConvGeom& g, const GradSplit& s, const float* x, const
     }
   }
 }
+
 // The 1x1 convolution as a product y (M, F) = x (M, C) k (C, F) over the batch's M pixels:
 // tiles of up to 6 rows x 64 columns as the direct forward's. k is first packed into panels
 // of up to 64 columns, each (C, 16 V) and contiguous, so that a tile's loop over C reads one
 // panel in order (k's own rows, F floats apart, fall into a few L1 sets and evict each other).
 //
-// An optional epilogue applies an inference BatchNorm and its activation to each tile in
-// registers before it is stored, y = act((x k - mean) * mul + bias) per column (flax's
-// formula, mul = rsqrt(var + eps) * scale), instead of a pass over y: Act -1 none, 0 the
-// BatchNorm alone, 1 with a ReLU, 2 with a SiLU.
+// An optional epilogue applies the convolution's bias, an inference BatchNorm, a residual and
+// an activation to each tile in registers before it is stored, instead of passes over y:
+// y = act(residual + ((x k + conv_bias) - mean) * mul + bias) per column (flax's formula, mul
+// = rsqrt(var + eps) * scale; the residual where given). Act -1 none, 0 no activation, 1 a
+// ReLU, 2 a SiLU.
 // exp(x), 16 lanes: Cephes' expf as batchnorm_cpu.cc's Exp (range reduction by ln 2, a
 // degree-6 polynomial), 2^n applied by scalef; within 2 ulp over [-87.3, 88.3], clamped.
 inline __m512 Exp16(__m512 x) {
@@ -349,7 +352,7 @@ inline __m512 Activate16(__m512 z) {
 
 template <int V, int P, int Act>
 inline void MatmulTile(const float* x, int64_t c, const float* panel, float* y, int64_t f,
-                       const ChannelBlock& b, const Epilogue& e) {
+                       const ChannelBlock& b, const Epilogue& e, const float* residual) {
   __m512 acc[P][V];
   TLJAX_UNROLL for (int p = 0; p < P; ++p)
     TLJAX_UNROLL for (int v = 0; v < V; ++v) acc[p][v] = _mm512_setzero_ps();
@@ -365,12 +368,16 @@ inline void MatmulTile(const float* x, int64_t c, const float* panel, float* y, 
     TLJAX_UNROLL for (int v = 0; v < V; ++v) {
       const __mmask16 mask = v == V - 1 ? b.last : __mmask16(0xFFFF);
       const int64_t o = b.o0 + 16 * v;
+      const __m512 conv_bias = _mm512_maskz_loadu_ps(mask, e.conv_bias + o);
       const __m512 mean = _mm512_maskz_loadu_ps(mask, e.mean + o);
       const __m512 mul = _mm512_maskz_loadu_ps(mask, e.mul + o);
       const __m512 bias = _mm512_maskz_loadu_ps(mask, e.bias + o);
-      TLJAX_UNROLL for (int p = 0; p < P; ++p)
-        acc[p][v] = Activate16<Act>(
-            _mm512_add_ps(_mm512_mul_ps(_mm512_sub_ps(acc[p][v], mean), mul), bias));
+      TLJAX_UNROLL for (int p = 0; p < P; ++p) {
+        __m512 z = _mm512_add_ps(acc[p][v], conv_bias);
+        z = _mm512_add_ps(_mm512_mul_ps(_mm512_sub_ps(z, mean), mul), bias);
+        if (residual) z = _mm512_add_ps(_mm512_maskz_loadu_ps(mask, residual + p * f + o), z);
+        acc[p][v] = Activate16<Act>(z);
+      }
     }
   }
   TLJAX_UNROLL for (int p = 0; p < P; ++p) {
@@ -461,7 +468,8 @@ void MatmulRun(ffi::ThreadPool& pool, const float* xs, const float* ks, float* y
       ForRuns(rows, [&](int64_t t0, int64_t len) {
         ForVectors(b, [&]<int V>() {
           ForWidth(len, [&]<int P>() {
-            MatmulTile<V, P, Act>(xs + (r0 + t0) * c, c, panel, ys + (r0 + t0) * f, f, b, e);
+            MatmulTile<V, P, Act>(xs + (r0 + t0) * c, c, panel, ys + (r0 + t0) * f, f, b, e,
+                                  e.residual ? e.residual + (r0 + t0) * f : nullptr);
           });
         });
       });
@@ -499,20 +507,46 @@ ffi::Error MatmulImpl(ffi::ThreadPool& pool, ffi::Buffer<ffi::F32>& x,
 
 ffi::Error Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> kernel,
                   ffi::ResultBuffer<ffi::F32> y) {
-  return MatmulImpl(pool, x, kernel, y, Epilogue{nullptr, nullptr, nullptr}, -1);
+  return MatmulImpl(pool, x, kernel, y, Epilogue{nullptr, nullptr, nullptr, nullptr, nullptr},
+                    -1);
+}
+
+ffi::Error MatmulBatchNormImpl(ffi::ThreadPool& pool, ffi::Buffer<ffi::F32>& x,
+                               ffi::Buffer<ffi::F32>& kernel, ffi::Buffer<ffi::F32>& conv_bias,
+                               ffi::Buffer<ffi::F32>& mean, ffi::Buffer<ffi::F32>& mul,
+                               ffi::Buffer<ffi::F32>& bias, const float* residual,
+                               ffi::ResultBuffer<ffi::F32>& y, int64_t act) {
+  const int64_t f = kernel.dimensions().back();
+  for (auto* v : {&conv_bias, &mean, &mul, &bias}) {
+    if (v->element_count() != f) {
+      return ffi::Error::InvalidArgument("matmul_bn: conv_bias, mean, mul, bias (F,) expected");
+    }
+  }
+  if (act < 0) return ffi::Error::InvalidArgument("matmul_bn: act must be 0, 1 or 2");
+  return MatmulImpl(pool, x, kernel, y,
+                    Epilogue{conv_bias.typed_data(), mean.typed_data(), mul.typed_data(),
+                             bias.typed_data(), residual},
+                    act);
 }
 
 ffi::Error MatmulBatchNorm(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
-                           ffi::Buffer<ffi::F32> kernel, ffi::Buffer<ffi::F32> mean,
-                           ffi::Buffer<ffi::F32> mul, ffi::Buffer<ffi::F32> bias,
-                           ffi::ResultBuffer<ffi::F32> y, int64_t act) {
-  const int64_t f = kernel.dimensions().back();
-  if (mean.element_count() != f || mul.element_count() != f || bias.element_count() != f ||
-      act < 0) {
-    return ffi::Error::InvalidArgument("matmul_bn: mean, mul, bias (F,) and act 0-2 expected");
+                           ffi::Buffer<ffi::F32> kernel, ffi::Buffer<ffi::F32> conv_bias,
+                           ffi::Buffer<ffi::F32> mean, ffi::Buffer<ffi::F32> mul,
+                           ffi::Buffer<ffi::F32> bias, ffi::ResultBuffer<ffi::F32> y,
+                           int64_t act) {
+  return MatmulBatchNormImpl(pool, x, kernel, conv_bias, mean, mul, bias, nullptr, y, act);
+}
+
+ffi::Error MatmulBatchNormAdd(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
+                              ffi::Buffer<ffi::F32> kernel, ffi::Buffer<ffi::F32> conv_bias,
+                              ffi::Buffer<ffi::F32> mean, ffi::Buffer<ffi::F32> mul,
+                              ffi::Buffer<ffi::F32> bias, ffi::Buffer<ffi::F32> residual,
+                              ffi::ResultBuffer<ffi::F32> y, int64_t act) {
+  if (residual.element_count() != y->element_count()) {
+    return ffi::Error::InvalidArgument("matmul_bn: the residual must have the output's shape");
   }
-  return MatmulImpl(pool, x, kernel, y,
-                    Epilogue{mean.typed_data(), mul.typed_data(), bias.typed_data()}, act);
+  return MatmulBatchNormImpl(pool, x, kernel, conv_bias, mean, mul, bias,
+                             residual.typed_data(), y, act);
 }
 
 ffi::Error DirectKernelGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
@@ -584,9 +618,22 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(TljaxMatmulBatchNorm, MatmulBatchNorm,
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()  // x
                                   .Arg<ffi::Buffer<ffi::F32>>()  // kernel
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // conv_bias
                                   .Arg<ffi::Buffer<ffi::F32>>()  // mean
                                   .Arg<ffi::Buffer<ffi::F32>>()  // mul
                                   .Arg<ffi::Buffer<ffi::F32>>()  // bias
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // y
+                                  .Attr<int64_t>("act"));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(TljaxMatmulBatchNormAdd, MatmulBatchNormAdd,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // x
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // kernel
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // conv_bias
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // mean
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // mul
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // bias
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // residual
                                   .Ret<ffi::Buffer<ffi::F32>>()  // y
                                   .Attr<int64_t>("act"));
 
