@@ -100,12 +100,12 @@ class BatchNorm(nn.BatchNorm):
         """`fold=True`: for `conv_bn`, `x` only gives the channels and dtype of the input to
         come; returns `(mean, mul, bias)` of flax's inference formula where this layer runs in
         inference mode on CPU in float32 with the C++ product built and its activation is
-        one the product applies (`native_conv.EPILOGUE_ACTIVATIONS`), else None."""
+        one the product applies (`native_batchnorm.ACTIVATIONS`), else None."""
         frozen = "/".join(self.path) in self.frozen_bn
         inference = (not self.training) or frozen
         if fold:
             foldable = (inference and mask is None and self.use_bias and self._float32(x)
-                        and self.activation in native_conv.EPILOGUE_ACTIVATIONS
+                        and self.activation in native_batchnorm.ACTIVATIONS
                         and native_build.available() and native_conv.direct_available())
             return self._fold(x.shape[-1]) if foldable else None
         if (inference or mask is not None or self.axis_name is not None
@@ -208,7 +208,7 @@ def conv_bn(conv: Conv, norm: BatchNorm, x, residual=None, activation=None):
         y = residual + y
         return y if activation is None else activation(y)
     act = norm.activation if residual is None else activation
-    if act not in native_conv.EPILOGUE_ACTIVATIONS:
+    if act not in native_batchnorm.ACTIVATIONS:
         y = conv(x, epilogue=Epilogue(*fold, None, residual))
         return act(y)
     return conv(x, epilogue=Epilogue(*fold, act, residual))

@@ -13,7 +13,8 @@ zero padding `((top, bottom), (left, right))`, differentiable in both arguments:
   summed over chunks of ~256 pixels), else XLA's.
 `matmul(x, kernel)`: a 1x1 convolution's forward, x (..., C) times kernel (C, F), in the same
 register tiles over the rows, the kernel packed into contiguous panels of 64 columns;
-`matmul_bn` applies an inference BatchNorm and its activation to each tile before it is stored.
+`matmul_bn` applies the conv bias, an inference BatchNorm, a residual and an activation (the
+training BatchNorm kernels' `ACTIVATIONS`, same codes) to each tile before it is stored.
 XLA:CPU runs these convolutions at 150-185 GFLOP/s on 2 cores of an AVX-512 EPYC, the direct
 kernels at 200-220 (the FMA peak is ~230): ResNet50's full step at 112, 715 -> 664 ms
 (docs/benchmarks.md). `kernel_grad` also serves 1x1 convolutions (`layers.pointwise`).
@@ -29,6 +30,7 @@ import jax
 import numpy as np
 
 from tljax.native import build
+from tljax.native.batchnorm import ACTIVATIONS
 
 _DIMENSIONS = ("NHWC", "HWIO", "NHWC")
 
@@ -102,10 +104,6 @@ def _check_matmul(x, kernel):
                          f"{kernel.dtype}")
 
 
-# The activations `matmul_bn` applies in its epilogue, by JAX function.
-EPILOGUE_ACTIVATIONS = {None: 0, jax.nn.relu: 1, jax.nn.silu: 2}
-
-
 def batch_norm_formula(y, mean, mul, bias, act, residual=None):
     """flax's inference BatchNorm, `(y - mean) * mul + bias` with mul = rsqrt(var + eps) *
     scale, in its order, then `residual +` that (where given) and `act` (None: none)."""
@@ -119,7 +117,7 @@ def _matmul_bn(x, kernel, conv_bias, mean, mul, bias, residual, act):
     args = (x, kernel, conv_bias, mean, mul, bias) + (() if residual is None else (residual,))
     target = "tljax_matmul_bn" if residual is None else "tljax_matmul_bn_add"
     return build.call(target, [x.shape[:-1] + kernel.shape[1:]], *args,
-                      act=np.int64(EPILOGUE_ACTIVATIONS[act]))[0]
+                      act=np.int64(ACTIVATIONS[act]))[0]
 
 
 def _matmul_bn_fwd(x, kernel, conv_bias, mean, mul, bias, residual, act):
@@ -149,11 +147,11 @@ _matmul_bn_vjp.defvjp(_matmul_bn_fwd, _matmul_bn_bwd)
 def matmul_bn(x, kernel, mean, mul, bias, act=None, *, conv_bias=None, residual=None):
     """`batch_norm_formula(x @ kernel + conv_bias, mean, mul, bias, act, residual)` with the
     convolution's bias (where given), the BatchNorm, the residual (where given, shaped as the
-    output) and `act` (one of `EPILOGUE_ACTIVATIONS`) applied to each tile of the C++ product
+    output) and `act` (one of `ACTIVATIONS`) applied to each tile of the C++ product
     in registers, before it is stored, instead of in passes over the product; differentiable.
     Call only where `direct_available()`."""
-    if act not in EPILOGUE_ACTIVATIONS:
-        raise ValueError(f"matmul_bn: act must be one of {list(EPILOGUE_ACTIVATIONS)}, got "
+    if act not in ACTIVATIONS:
+        raise ValueError(f"matmul_bn: act must be one of {list(ACTIVATIONS)}, got "
                          f"{act!r}")
     _check_matmul(x, kernel)
     f = kernel.shape[-1]

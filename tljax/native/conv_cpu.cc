@@ -478,7 +478,7 @@ void MatmulRun(ffi::ThreadPool& pool, const float* xs, const float* ks, float* y
 }
 #endif  // __AVX512F__
 
-// y = x k, then the epilogue `act` (-1: none) with the per-column mean, mul and bias.
+// y = x k, then the epilogue `e` with activation `act` (-1: no epilogue), as in MatmulTile.
 ffi::Error MatmulImpl(ffi::ThreadPool& pool, ffi::Buffer<ffi::F32>& x,
                       ffi::Buffer<ffi::F32>& kernel, ffi::ResultBuffer<ffi::F32>& y,
                       const Epilogue& e, int64_t act) {
