@@ -3,8 +3,9 @@
 `conv(x, kernel, padding, strides, precision)`: NHWC float32 `x`, an HWIO `kernel`, explicit
 zero padding `((top, bottom), (left, right))`, differentiable in both arguments:
 - the forward is the direct convolution (AVX-512 register tiles of up to 6 output pixels x
-  64 output channels), where the output is at least `_DIRECT_MIN_WIDTH` pixels wide and the
-  library was built for a CPU with AVX-512; else XLA's convolution;
+  64 output channels: along a row, or where rows are narrow, pixels anywhere in the batch
+  that meet the same taps, so that the padding's are skipped) where the library was built
+  for a CPU with AVX-512; else XLA's convolution;
 - the input gradient, at stride 1, is that same forward on dy with the kernel flipped in space
   and transposed to (KH, KW, O, I) by a C++ tiled copy (XLA computes that kernel inside its
   input gradient at ~2.4 GB/s: 3.8 ms for (3, 3, 512, 512), here 0.36-0.48 ms); strided, it
@@ -47,13 +48,6 @@ def transpose(matrix):
     return flip_transpose(matrix[None, None])[0, 0]
 
 
-# The direct forward runs one task per output row, in tiles of up to six pixels along it;
-# below this output width XLA's convolution is as fast or faster (at 7 and 8 pixels wide,
-# 3-30% faster), so it keeps those. The kernel gradient runs over all the pixels at once and
-# is faster at every measured shape.
-_DIRECT_MIN_WIDTH = 12
-
-
 @functools.cache
 def direct_available() -> bool:
     """Whether the library has the direct convolution: it was built for a CPU with AVX-512.
@@ -76,12 +70,11 @@ def _attributes(padding, strides):
 
 
 def forward(x, kernel, padding, strides=(1, 1), precision=None):
-    """The convolution: the direct one where it is faster, else XLA's."""
+    """The convolution: the direct one where the library has it, else XLA's."""
     kh, kw = kernel.shape[:2]
-    ow = _out_size(x.shape[2], kw, padding[1], strides[1])
-    if ow >= _DIRECT_MIN_WIDTH and direct_available():
-        shape = (x.shape[0], _out_size(x.shape[1], kh, padding[0], strides[0]), ow,
-                 kernel.shape[3])
+    if direct_available():
+        shape = (x.shape[0], _out_size(x.shape[1], kh, padding[0], strides[0]),
+                 _out_size(x.shape[2], kw, padding[1], strides[1]), kernel.shape[3])
         return build.call("tljax_conv_forward", [shape], x, kernel,
                           **_attributes(padding, strides))[0]
     return _xla_conv(x, kernel, padding, strides, precision)
