@@ -99,9 +99,10 @@ ffi::Error FlipTranspose(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> kernel,
 // y[n, r, c, o] = sum over (i, j, ci) of x[n, r*sh + i - pt, c*sw + j - pl, ci] * k[i, j, ci, o]
 // (zero padding). The forward keeps a tile of P output pixels (along a row, or where rows are
 // narrow, any pixels that meet the same taps) x 16*V output channels in registers and, for
-// each tap and input channel, broadcasts P input values against V kernel vectors; the kernel gradient keeps P input channels x 16*V output channels and runs over
-// the pixels. With P = 6 and V = 4, 24 FMAs per 10 loads: 200-220 GFLOP/s on 2 cores whose
-// FMA peak is ~230 (XLA:CPU's convolutions: 150-185; docs/benchmarks.md).
+// each tap and input channel, broadcasts P input values against V kernel vectors; the kernel
+// gradient keeps P input channels x 16*V output channels and runs over the pixels. With P = 6
+// and V = 4, 24 FMAs per 10 loads: 200-220 GFLOP/s on 2 cores whose FMA peak is ~230 (XLA:CPU's
+// convolutions: 150-185; docs/benchmarks.md).
 
 struct ConvGeom {
   int64_t n, h, w, ci, kh, kw, co, oh, ow, pt, pl, sh, sw;
@@ -534,10 +535,10 @@ ffi::Error DirectForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   if (auto e = ConvGeometry(x, kernel.dimensions(), y->dimensions(), pad_top, pad_left, stride_h,
                               stride_w, &g);
       e.failure()) return e;
-  std::vector<float> zeros(g.ci, 0.0f);
   const float *xs = x.typed_data(), *ks = kernel.typed_data();
   float* ys = y->typed_data();
   if (g.ow >= kFlatBelowWidth) {
+    std::vector<float> zeros(g.ci, 0.0f);  // the row tiles' input beyond the left/right edge
     tljax::ParallelFor(pool, g.n * g.oh,
                        [&](int64_t row) { ForwardRow(g, xs, ks, ys, row, zeros.data()); });
     return ffi::Error::Success();
