@@ -41,12 +41,13 @@ class ConvBN(nn.Module):
 
     @nn.compact
     def __call__(self, x, train: bool = False):
-        x = layers.Conv(
+        conv = layers.Conv(
             self.features, self.kernel, strides=self.strides, padding=self.padding,
             use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype, name="conv",
-        )(x)
-        return layers.batch_norm(NUMERICS, train, self.dtype, self.param_dtype, "bn",
-                                 activation=nn.relu)(x)
+        )
+        norm = layers.batch_norm(NUMERICS, train, self.dtype, self.param_dtype, "bn",
+                                 activation=nn.relu)
+        return layers.conv_bn(conv, norm, x)
 
 
 def _avg_pool_same(x):
