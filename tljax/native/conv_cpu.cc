@@ -170,6 +170,30 @@ inline void ForRuns(int64_t count, F&& f) {
   }
 }
 
+// One tap of the forward: acc[p] += sum over the input channels ci of px[p][ci] times the
+// kernel's row ci (kp: the tap's (I, O) matrix at the block's first channel).
+template <int V, int P>
+inline void AccumulateTap(__m512 (&acc)[P][V], const float* const (&px)[P], const float* kp,
+                          const ConvGeom& g, const ChannelBlock& b) {
+  for (int64_t ci = 0; ci < g.ci; ++ci, kp += g.co) {
+    __m512 kv[V];
+    TLJAX_UNROLL for (int v = 0; v < V - 1; ++v) kv[v] = _mm512_loadu_ps(kp + 16 * v);
+    kv[V - 1] = _mm512_maskz_loadu_ps(b.last, kp + 16 * (V - 1));
+    TLJAX_UNROLL for (int p = 0; p < P; ++p) {
+      const __m512 xv = _mm512_set1_ps(px[p][ci]);
+      TLJAX_UNROLL for (int v = 0; v < V; ++v) acc[p][v] = _mm512_fmadd_ps(xv, kv[v], acc[p][v]);
+    }
+  }
+}
+
+// Stores one pixel's accumulators to its output row yp (channels of block b).
+template <int V>
+inline void StoreBlock(float* yp, const __m512 (&acc)[V], const ChannelBlock& b) {
+  yp += b.o0;
+  TLJAX_UNROLL for (int v = 0; v < V - 1; ++v) _mm512_storeu_ps(yp + 16 * v, acc[v]);
+  _mm512_mask_storeu_ps(yp + 16 * (V - 1), b.last, acc[V - 1]);
+}
+
 // The forward of output pixels c0..c0+P-1 of row r of one image, channels of block b.
 template <int V, int P>
 inline void ForwardTile(const ConvGeom& g, const float* x_img, const float* k, float* y_row,
@@ -187,24 +211,10 @@ inline void ForwardTile(const ConvGeom& g, const float* x_img, const float* k, f
         const int64_t xc = (c0 + p) * g.sw + j - g.pl;
         px[p] = (xc >= 0 && xc < g.w) ? xrow + xc * g.ci : zeros;
       }
-      const float* kp = k + (i * g.kw + j) * g.ci * g.co + b.o0;
-      for (int64_t ci = 0; ci < g.ci; ++ci, kp += g.co) {
-        __m512 kv[V];
-        TLJAX_UNROLL for (int v = 0; v < V - 1; ++v) kv[v] = _mm512_loadu_ps(kp + 16 * v);
-        kv[V - 1] = _mm512_maskz_loadu_ps(b.last, kp + 16 * (V - 1));
-        TLJAX_UNROLL for (int p = 0; p < P; ++p) {
-          const __m512 xv = _mm512_set1_ps(px[p][ci]);
-          TLJAX_UNROLL for (int v = 0; v < V; ++v)
-            acc[p][v] = _mm512_fmadd_ps(xv, kv[v], acc[p][v]);
-        }
-      }
+      AccumulateTap<V, P>(acc, px, k + (i * g.kw + j) * g.ci * g.co + b.o0, g, b);
     }
   }
-  TLJAX_UNROLL for (int p = 0; p < P; ++p) {
-    float* yp = y_row + (c0 + p) * g.co + b.o0;
-    TLJAX_UNROLL for (int v = 0; v < V - 1; ++v) _mm512_storeu_ps(yp + 16 * v, acc[p][v]);
-    _mm512_mask_storeu_ps(yp + 16 * (V - 1), b.last, acc[p][V - 1]);
-  }
+  TLJAX_UNROLL for (int p = 0; p < P; ++p) StoreBlock<V>(y_row + (c0 + p) * g.co, acc[p], b);
 }
 
 // Output row `row` (= n * OH + r), every channel block.
@@ -305,24 +315,12 @@ inline void ForwardTileFlat(const ConvGeom& g, const float* x, const float* k, f
   for (int64_t i = t.i0; i < t.i1; ++i) {
     for (int64_t j = t.j0; j < t.j1; ++j) {
       const int64_t off = (i * g.w + j) * g.ci;
-      const float* kp = k + (i * g.kw + j) * g.ci * g.co + b.o0;
-      for (int64_t ci = 0; ci < g.ci; ++ci, kp += g.co) {
-        __m512 kv[V];
-        TLJAX_UNROLL for (int v = 0; v < V - 1; ++v) kv[v] = _mm512_loadu_ps(kp + 16 * v);
-        kv[V - 1] = _mm512_maskz_loadu_ps(b.last, kp + 16 * (V - 1));
-        TLJAX_UNROLL for (int p = 0; p < P; ++p) {
-          const __m512 xv = _mm512_set1_ps(x[windows[p] + off + ci]);
-          TLJAX_UNROLL for (int v = 0; v < V; ++v)
-            acc[p][v] = _mm512_fmadd_ps(xv, kv[v], acc[p][v]);
-        }
-      }
+      const float* px[P];
+      TLJAX_UNROLL for (int p = 0; p < P; ++p) px[p] = x + (windows[p] + off);
+      AccumulateTap<V, P>(acc, px, k + (i * g.kw + j) * g.ci * g.co + b.o0, g, b);
     }
   }
-  TLJAX_UNROLL for (int p = 0; p < P; ++p) {
-    float* yp = y + pixels[p] * g.co + b.o0;
-    TLJAX_UNROLL for (int v = 0; v < V - 1; ++v) _mm512_storeu_ps(yp + 16 * v, acc[p][v]);
-    _mm512_mask_storeu_ps(yp + 16 * (V - 1), b.last, acc[p][V - 1]);
-  }
+  TLJAX_UNROLL for (int p = 0; p < P; ++p) StoreBlock<V>(y + pixels[p] * g.co, acc[p], b);
 }
 
 // The kernel gradient's tile: input channels ci0..ci0+P-1 x channels of block b of tap
