@@ -244,9 +244,9 @@ constexpr int64_t kFlatBelowWidth = 32;
 // the same taps: an output row's valid taps along the height are [i0, i1) (the others fall
 // in the zero padding), a column's along the width [j0, j1); the pixels of each pair of row
 // and column classes form runs of up to 6, listed in `pixels` (flat indices
-// (n * OH + r) * OW + c). So a tile is full where rows are narrow (a row of 7 makes tiles of
-// 4 and 3), and skips the padding's taps exactly (at 4x4 with a 3x3 kernel, 31% of the
-// taps; the row tiles multiply those by zeros).
+// (n * OH + r) * OW + c). So a tile is full where rows are narrow (a row of 7 makes row tiles
+// of 4 and 3), and skips the padding's taps exactly: at 4x4 with a 3x3 kernel, 31% of the
+// taps, of which the row tiles skip the padded rows' and multiply the padded columns' by zeros.
 struct FlatTile {
   int64_t start;
   int32_t len;
@@ -533,6 +533,7 @@ ffi::Error DirectForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   if (auto e = ConvGeometry(x, kernel.dimensions(), y->dimensions(), pad_top, pad_left, stride_h,
                               stride_w, &g);
       e.failure()) return e;
+  if (y->element_count() == 0) return ffi::Error::Success();
   const float *xs = x.typed_data(), *ks = kernel.typed_data();
   float* ys = y->typed_data();
   if (g.ow >= kFlatBelowWidth) {
@@ -541,6 +542,7 @@ ffi::Error DirectForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
                        [&](int64_t row) { ForwardRow(g, xs, ks, ys, row, zeros.data()); });
     return ffi::Error::Success();
   }
+  // Work items as the product's (MatmulSplit): runs of 8 tiles x groups of channel blocks.
   const FlatTiling ft = MakeFlatTiling(g);
   const int64_t blocks = (g.co + 63) / 64, ntiles = ft.tiles.size();
   const MatmulSplit sp = MakeMatmulSplit(ntiles * kTileWidth, blocks);
@@ -612,6 +614,7 @@ ffi::Error MatmulImpl(ffi::ThreadPool& pool, ffi::Buffer<ffi::F32>& x,
       yd.back() != kd[1]) {
     return ffi::Error::InvalidArgument("matmul: x (..., C), kernel (C, F), y (..., F) expected");
   }
+  if (y->element_count() == 0) return ffi::Error::Success();
   const int64_t c = kd[0], f = kd[1], m = x.element_count() / std::max<int64_t>(c, 1);
   auto run = [&](auto fn) {
     fn(pool, x.typed_data(), kernel.typed_data(), y->typed_data(), m, c, f, e);
@@ -684,6 +687,10 @@ ffi::Error DirectKernelGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
       e.failure()) return e;
   const float *xs = x.typed_data(), *dys = dy.typed_data();
   float* dks = dk->typed_data();
+  if (dy.element_count() == 0) {  // no pixels (an empty batch): a zero gradient
+    std::fill_n(dks, dk->element_count(), 0.0f);
+    return ffi::Error::Success();
+  }
   const GradSplit s = MakeGradSplit(g);
   const int64_t dk_size = g.kh * g.kw * g.ci * g.co, rows = g.n * g.oh;
   std::vector<float> partials((s.parts - 1) * dk_size);  // part 0 sums into dk itself

@@ -180,6 +180,10 @@ ffi::Error KernelGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
     KernelGradImage(g, xp, dyp, partials.data() + n * taps, rows.data() + n * taps, n);
   });
   float* out = dk->typed_data();
+  if (g.n == 0) {  // an empty batch: a zero gradient
+    std::fill_n(out, taps, 0.0f);
+    return ffi::Error::Success();
+  }
   std::memcpy(out, partials.data(), sizeof(float) * taps);
   for (int64_t n = 1; n < g.n; ++n) {
     for (int64_t t = 0; t < taps; ++t) out[t] += partials[n * taps + t];
