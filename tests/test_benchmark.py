@@ -112,3 +112,24 @@ def test_model_flops_counts_convolutions_and_matmuls():
         assert flops.model_flops(grad, x, k) == 3 * fwd
     a, b = jnp.ones((7, 3, 11)), jnp.ones((11, 13))
     assert flops.model_flops(lambda a, b: a @ b, a, b) == 2 * 7 * 3 * 13 * 11
+
+
+def test_profile_ops_charges_gaps_to_the_op_before_them_within_a_call(monkeypatch):
+    """`profile_ops.attribute`: an op's time is its event plus the idle gap after it (XLA:CPU's
+    asynchronous convolutions), but a gap in which the next call starts is the host's time
+    between calls, not the last op's."""
+    monkeypatch.setenv("XLA_FLAGS", os.environ.get("XLA_FLAGS", ""))  # restored afterwards
+    spec = importlib.util.spec_from_file_location(
+        "profile_ops", os.path.join(ROOT, "scripts", "bench", "profile_ops.py"))
+    profile_ops = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(profile_ops)
+
+    def event(name, ts, dur):
+        return {"ph": "X", "name": name, "ts": ts, "dur": dur}
+
+    events = [event("PjitFunction(step)", 0, 5), event("conv", 10, 10), event("add", 50, 10),
+              event("PjitFunction(step)", 100, 5), event("conv", 150, 10), event("add", 170, 20),
+              event("unrelated", 60, 500)]
+    got = profile_ops.attribute(events, {"conv": (), "add": ()}, calls=2)
+    # conv: 10 + 30 idle (call 1), 10 + 10 idle (call 2); add: 10 + 20; between: 60 to 150.
+    assert got == {"conv": 0.03, "add": 0.015, profile_ops.BETWEEN_CALLS: 0.045}

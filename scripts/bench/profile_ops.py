@@ -11,7 +11,9 @@ primitive, and grouped by layer kind (`conv`, `bn`, `dwconv`, ... with digits dr
 primitive. A convolution or matrix product in the backward pass is a kernel gradient when its
 output has no batch dimension, else an input gradient.
 
-Prints the groups by time, then the `--top` single operations. On CPU the per-op events need
+Prints the groups by time, then the `--top` single operations, and the host's time between
+one call's last op and the next call's first (argument parsing, output arrays: for a train
+step, a cost per leaf of the state). On CPU the per-op events need
 XLA's `xla_cpu_enable_xprof_traceme` option, which this script sets in `XLA_FLAGS` before JAX
 starts (it adds a little time to each op; the total is printed beside the untraced time).
 """
@@ -19,6 +21,7 @@ starts (it adds a little time to each op; the total is printed beside the untrac
 from __future__ import annotations
 
 import argparse
+import bisect
 import collections
 import glob
 import gzip
@@ -68,19 +71,33 @@ def describe(opcode: str, shape: str, op_name: str, batch: int) -> tuple[str, st
     return f"{layer}: {primitive}", "backward" if backward else "forward"
 
 
+# Trace events that start a call of a compiled program (JAX's dispatch, then the PjRt client's
+# execution), before its first op: a gap between two ops in which one starts is host time
+# between calls (argument parsing, output arrays), not an op's.
+CALL_EVENTS = ("PjitFunction(", "CommonPjRtLoadedExecutable::Execute")
+BETWEEN_CALLS = "(between calls)"
+
+
 def attribute(events: list, ops: dict, calls: int) -> collections.Counter:
     """Milliseconds per call of each entry op: its own trace event, plus the idle time on the
-    op timeline (no op event running) that follows it. XLA:CPU runs convolutions (Eigen)
-    asynchronously in its thread pool: their trace event covers only the launch, and the
-    compute shows as a gap before the next op starts, so the gap is charged to the op that
-    ended last before it."""
+    op timeline (no op event running) that follows it within the same call. XLA:CPU runs
+    convolutions (Eigen) asynchronously in its thread pool: their trace event covers only the
+    launch, and the compute shows as a gap before the next op starts, so the gap is charged to
+    the op that ended last before it. A gap in which a call starts (`CALL_EVENTS`) is the
+    host's time between calls (dispatch, argument parsing, output arrays) and is counted as
+    `BETWEEN_CALLS` (gaps of 100 ms or more not at all)."""
     spans = sorted((e["ts"], e["ts"] + e.get("dur", 0.0), e["name"]) for e in events
                    if e.get("ph") == "X" and e.get("name") in ops)
+    call_starts = sorted(e["ts"] for e in events
+                         if e.get("ph") == "X" and e.get("name", "").startswith(CALL_EVENTS))
     per_op: collections.Counter = collections.Counter()
     last_end, last_name = None, None
     for start, end, name in spans:
         if last_end is not None and start > last_end and start - last_end < 1e5:  # < 100 ms
-            per_op[last_name] += start - last_end  # between calls (gaps >= 100 ms): not charged
+            # A call began between the two ops: the gap is host time between calls.
+            new_call = bisect.bisect_right(call_starts, start) > bisect.bisect_right(
+                call_starts, last_end)
+            per_op[BETWEEN_CALLS if new_call else last_name] += start - last_end
         per_op[name] += end - start
         if last_end is None or end > last_end:
             last_end, last_name = end, name
@@ -128,6 +145,7 @@ def main() -> None:
     per_op = attribute(events, ops, args.calls)
     groups: collections.Counter = collections.Counter()
     passes: collections.Counter = collections.Counter()
+    between = per_op.pop(BETWEEN_CALLS, 0.0)
     for name, ms in per_op.items():
         group, pass_ = describe(*ops[name], args.batch)
         groups[(pass_, group)] += ms
@@ -136,7 +154,9 @@ def main() -> None:
     print(f"{args.model} {args.kind} {args.size}x{args.size} batch {args.batch} on "
           f"{jax.devices()[0].device_kind}: {untraced * 1e3:.0f} ms per call untraced, "
           f"{traced * 1e3:.0f} traced, of which {total:.0f} ms charged to ops (forward "
-          f"{passes['forward']:.0f}, backward {passes['backward']:.0f}); {len(per_op)} ops")
+          f"{passes['forward']:.0f}, backward {passes['backward']:.0f}); {len(per_op)} ops; "
+          f"{between:.1f} ms between the last op of a call and the first of the next (the "
+          f"host's dispatch: arguments, outputs)")
     print(f"\n{'ms/call':>8} {'share':>6}  pass      group")
     for (pass_, group), ms in groups.most_common(args.groups):
         print(f"{ms:8.1f} {ms / total:6.1%}  {pass_:9} {group}")
