@@ -287,20 +287,25 @@ def test_conv_equals_xla_autodiff(x_shape, kernel_shape, padding, strides):
 
 
 def test_empty_batches_and_channels_give_empty_outputs_and_zero_gradients():
-    """No pixels (a batch of 0) or no output channels: the C++ kernels return empty outputs and
-    zero kernel gradients, as XLA does (the direct kernel gradient divided by zero and the
-    depthwise one read past an empty buffer before)."""
+    """No pixels (a batch of 0), no output channels or no input channels: the C++ kernels
+    return what XLA does, empty outputs, zero outputs (a sum over no input channels) and zero
+    kernel gradients (the direct kernel gradient and the product divided by zero and the
+    depthwise kernel gradient read past an empty buffer before)."""
     from tljax.native import depthwise
     for x_shape, kernel_shape in [((0, 8, 8, 4), (3, 3, 4, 8)), ((0, 8, 40, 4), (3, 3, 4, 8)),
-                                  ((2, 8, 8, 4), (3, 3, 4, 0))]:
+                                  ((2, 8, 8, 4), (3, 3, 4, 0)), ((2, 8, 8, 0), (3, 3, 0, 8)),
+                                  ((2, 8, 40, 0), (3, 3, 0, 8))]:
         x, k = jnp.ones(x_shape), jnp.ones(kernel_shape)
         y, vjp = jax.vjp(lambda x, k: native_conv.conv(x, k, ((1, 1), (1, 1))), x, k)
         dx, dk = vjp(jnp.ones(y.shape))
-        assert y.shape == x_shape[:3] + kernel_shape[3:] and dx.shape == x_shape
+        assert dx.shape == x_shape
+        np.testing.assert_array_equal(y, np.zeros(x_shape[:3] + kernel_shape[3:]))
         np.testing.assert_array_equal(dk, np.zeros(kernel_shape))
     if native_conv.direct_available():
         assert native_conv.matmul(jnp.ones((0, 4)), jnp.ones((4, 8))).shape == (0, 8)
         assert native_conv.matmul(jnp.ones((5, 4)), jnp.ones((4, 0))).shape == (5, 0)
+        np.testing.assert_array_equal(native_conv.matmul(jnp.ones((5, 0)), jnp.ones((0, 70))),
+                                      np.zeros((5, 70)))
     for stride in (1, 2):
         x, k = jnp.ones((0, 8, 8, 4)), jnp.ones((3, 3, 1, 4))
         y, vjp = jax.vjp(lambda x, k, s=stride: depthwise.depthwise(x, k, s, ((1, 1), (1, 1))),

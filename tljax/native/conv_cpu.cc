@@ -615,7 +615,7 @@ ffi::Error MatmulImpl(ffi::ThreadPool& pool, ffi::Buffer<ffi::F32>& x,
     return ffi::Error::InvalidArgument("matmul: x (..., C), kernel (C, F), y (..., F) expected");
   }
   if (y->element_count() == 0) return ffi::Error::Success();
-  const int64_t c = kd[0], f = kd[1], m = x.element_count() / std::max<int64_t>(c, 1);
+  const int64_t c = kd[0], f = kd[1], m = y->element_count() / f;  // C may be 0: y = 0 x k
   auto run = [&](auto fn) {
     fn(pool, x.typed_data(), kernel.typed_data(), y->typed_data(), m, c, f, e);
   };
@@ -687,6 +687,7 @@ ffi::Error DirectKernelGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
       e.failure()) return e;
   const float *xs = x.typed_data(), *dys = dy.typed_data();
   float* dks = dk->typed_data();
+  if (dk->element_count() == 0) return ffi::Error::Success();
   if (dy.element_count() == 0) {  // no pixels (an empty batch): a zero gradient
     std::fill_n(dks, dk->element_count(), 0.0f);
     return ffi::Error::Success();
