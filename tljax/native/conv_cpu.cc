@@ -745,28 +745,23 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(TljaxMatmul, Matmul,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
+// x, kernel, conv_bias, mean, mul, bias; then the residual (tljax_matmul_bn_add), y and act.
+#define TLJAX_MATMUL_BN_ARGS                            \
+  ffi::Ffi::Bind()                                      \
+      .Ctx<ffi::ThreadPool>()                           \
+      .Arg<ffi::Buffer<ffi::F32>>()                     \
+      .Arg<ffi::Buffer<ffi::F32>>()                     \
+      .Arg<ffi::Buffer<ffi::F32>>()                     \
+      .Arg<ffi::Buffer<ffi::F32>>()                     \
+      .Arg<ffi::Buffer<ffi::F32>>()                     \
+      .Arg<ffi::Buffer<ffi::F32>>()
+
 XLA_FFI_DEFINE_HANDLER_SYMBOL(TljaxMatmulBatchNorm, MatmulBatchNorm,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // x
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // kernel
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // conv_bias
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // mean
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // mul
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // bias
-                                  .Ret<ffi::Buffer<ffi::F32>>()  // y
+                              TLJAX_MATMUL_BN_ARGS.Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<int64_t>("act"));
 XLA_FFI_DEFINE_HANDLER_SYMBOL(TljaxMatmulBatchNormAdd, MatmulBatchNormAdd,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // x
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // kernel
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // conv_bias
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // mean
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // mul
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // bias
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // residual
-                                  .Ret<ffi::Buffer<ffi::F32>>()  // y
+                              TLJAX_MATMUL_BN_ARGS.Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<int64_t>("act"));
 
 // 1 where this library has the direct convolution (built for a CPU with AVX-512), else 0.
