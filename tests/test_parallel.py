@@ -154,6 +154,55 @@ def test_frozen_parameters_and_statistics_are_bit_identical(devices):
         assert same == (k.rsplit("/", 1)[0] in frozen_bn), k
 
 
+def test_shard_map_step_passes_carried_leaves_through(devices):
+    """The shard_map step returns the frozen parameters and statistics as the very arrays it was
+    given (passed in, not donated, not returned) and donates the leaves that change."""
+    _, variables, labels, tx, batches = setup()
+    cfg = config(False)
+    mesh = parallel.mesh(devices[:2])
+    step = parallel.shard_map_train_step(cfg, mesh)
+    state = parallel.put_replicated(steps.create_state(variables, tx), mesh)
+    carried = steps.carried_paths(state, cfg)
+    frozen_bn = freeze.frozen_batchnorm(labels, variables["batch_stats"])
+    trained = freeze.trainable(labels)
+    params = traverse_util.flatten_dict(variables["params"], sep="/")
+    assert {k for k in carried if k.startswith("params/")} == {
+        f"params/{k}" for k in params if k not in trained}
+    assert {k.rsplit("/", 1)[0] for k in carried if k.startswith("batch_stats/")} == {
+        f"batch_stats/{m}" for m in frozen_bn}
+    before = {jax.tree_util.keystr(p, simple=True, separator="/"): x
+              for p, x in jax.tree_util.tree_flatten_with_path(state)[0]}
+    new, metrics = step(state, parallel.put_batch(batches[0], mesh), jax.random.key(1))
+    jax.block_until_ready(metrics)
+    after = {jax.tree_util.keystr(p, simple=True, separator="/"): x
+             for p, x in jax.tree_util.tree_flatten_with_path(new)[0]}
+    assert after.keys() == before.keys()
+    for k, x in after.items():
+        if k in carried:
+            assert x is before[k] and not x.is_deleted(), k
+        else:
+            assert x is not before[k] and before[k].is_deleted(), f"{k} was not donated"
+    # A second step takes the returned state as it is.
+    new, _ = step(new, parallel.put_batch(batches[1], mesh), jax.random.key(1))
+    assert int(new.step) == 2
+
+
+def test_carried_leaf_that_changes_is_an_error(devices, monkeypatch):
+    """If `carried_paths` named a leaf that the step changes (here the trained head), the
+    step would drop its update: tracing the step stops with an error instead."""
+    _, variables, _, tx, batches = setup()
+    cfg = config(False)
+    right = steps.carried_paths
+    monkeypatch.setattr(steps, "carried_paths",
+                        lambda s, c: right(s, c) | {"params/head/kernel"})
+    mesh = parallel.mesh(devices[:1])
+    state = parallel.put_replicated(steps.create_state(variables, tx), mesh)
+    with pytest.raises(parallel.CarriedLeafError,
+                       match="changed params/head/kernel, which train_step.carried_paths"):
+        parallel.shard_map_train_step(cfg, mesh)(state, parallel.put_batch(batches[0], mesh),
+                                                 jax.random.key(1))
+
+
 def test_frozen_batchnorm_in_training_mode_equals_inference(devices):
     model, variables, labels, _, batches = setup()
     frozen = freeze.frozen_batchnorm(freeze.resolve(variables["params"], "backbone"),

@@ -168,6 +168,17 @@ def _stats_paths(batch_stats, frozen_bn, train: bool) -> frozenset[str]:
     return _stats_paths_cached(keys, frozen_bn, train)
 
 
+def carried_paths(state: TrainState, config: StepConfig) -> frozenset[str]:
+    """The state's leaves that `train_step` returns as it was given them, as paths
+    ('params/...', 'batch_stats/...'): the frozen parameters and the statistics of frozen
+    BatchNorm layers. `tljax.parallel` passes these into the compiled step without returning
+    them (and checks, when it traces the step, that each one comes back untouched)."""
+    params = traverse_util.flatten_dict(state.params, sep="/")
+    stats = _stats_paths(state.batch_stats, config.frozen_bn, train=False)
+    return frozenset([f"params/{k}" for k in params if k not in config.trainable]
+                     + [f"batch_stats/{k}" for k in stats])
+
+
 def eval_step(state: TrainState, batch: Mapping[str, jax.Array], config: StepConfig) -> dict:
     """Summed loss, top-1 and top-5 hits and example count over all devices' shards."""
     logits, _ = config.forward(state.params, state.batch_stats, batch, train=False)
