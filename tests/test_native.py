@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from tljax.native import batchnorm as native_batchnorm
 from tljax.native import build
 from tljax.native import conv as native_conv
 
@@ -313,6 +314,23 @@ def test_empty_batches_and_channels_give_empty_outputs_and_zero_gradients():
         dx, dk = vjp(jnp.ones(y.shape))
         assert dx.shape == x.shape
         np.testing.assert_array_equal(dk, np.zeros(k.shape))
+
+
+def test_training_batchnorm_on_an_empty_batch():
+    """No rows: the batch statistics are NaN (0 / 0, as flax's), and the gradient is an empty
+    dx and zero scale and bias gradients, also through the returned statistics (their
+    cotangents divided by the row count, 0: a ZeroDivisionError before)."""
+    from tljax.models import layers
+    x, scale, bias = jnp.ones((0, 4)), jnp.ones(4), jnp.zeros(4)
+    for bn in (lambda *a: native_batchnorm.bn_act(*a, 1e-3, jax.nn.silu),
+               lambda *a: layers.bn_train(*a, 1e-3)):
+        y, mean, var = bn(x, scale, bias)
+        assert y.shape == (0, 4) and np.isnan(mean).all() and np.isnan(var).all()
+        dx, dscale, dbias = jax.grad(lambda *a, bn=bn: sum(v.sum() for v in bn(*a)),
+                                     (0, 1, 2))(x, scale, bias)
+        assert dx.shape == (0, 4)
+        np.testing.assert_array_equal(dscale, np.zeros(4))
+        np.testing.assert_array_equal(dbias, np.zeros(4))
 
 
 @pytest.mark.parametrize("x_shape,kernel_shape,padding,strides", [

@@ -59,7 +59,9 @@ def add_stats_cotangents(dx, x, mean, dmean, dvar):
     contribute, dmean / n and dvar * 2 (x - mean) / n, each skipped when symbolically zero (in
     a train step they only feed the moving averages). Shared by both CPU forms of training
     BatchNorm (`tljax.models.layers._bn_train_bwd` too)."""
-    n = x.size // x.shape[-1]
+    n = x.size // x.shape[-1] if x.shape[-1] else 0
+    if n == 0:  # no rows (an empty batch): dx is empty, nothing to add (and 1 / n undefined)
+        return dx
     if not isinstance(dmean, SymbolicZero):
         dx = dx + dmean / n
     if not isinstance(dvar, SymbolicZero):
