@@ -72,14 +72,41 @@ def test_benchmark_names_a_peer_that_cannot_run(tmp_path, capsys, monkeypatch):
 
 
 def test_benchmark_reports_a_worker_that_cannot_run_the_model(tmp_path):
-    """A worker that refuses the model at start-up (no PyTorch InceptionV3 is written) ends the
-    interleaved protocol with its reason instead of a figure."""
+    """A worker that refuses the model at start-up (PyTorch's InceptionV3, as Keras's, takes
+    nothing smaller than 75x75) ends the interleaved protocol with its reason instead of a
+    figure."""
     pytest.importorskip("torch")
     bench = load_benchmark()
-    bench.main(["--models", "inception_v3", "--frameworks", "torch", "--size", "75",
+    bench.main(["--models", "inception_v3", "--frameworks", "torch", "--size", "64",
                 "--plot", "", "--json", str(tmp_path / "b.json")])
     (r,) = json.loads((tmp_path / "b.json").read_text())["results"]
-    assert r["framework"] == "torch" and "no PyTorch peer written for inception_v3" in r["skipped"]
+    assert r["framework"] == "torch"
+    assert "inception_v3 takes inputs of at least 75x75 (as Keras's), got 64x64" in r["skipped"]
+
+
+@pytest.mark.parametrize("model", ["resnet50", "efficientnet_b0", "inception_v3", "vgg19"])
+def test_torch_peers_train_as_many_parameters_as_tljax(model):
+    """The PyTorch peers are the same architectures: as many trainable parameters as tljax's
+    models (Keras's), and a frozen backbone leaves only the head's."""
+    torch = pytest.importorskip("torch")
+    import sys
+
+    import jax
+
+    from tljax import models
+    sys.path.insert(0, os.path.join(ROOT, "scripts", "bench"))
+    import torch_models
+
+    size = {"inception_v3": 75}.get(model, 32)
+    peer = torch_models.create(model, 10, size)
+    trainable = sum(p.numel() for p in peer.parameters() if p.requires_grad)
+    variables = models.random_variables(models.create(model, num_classes=10), size)
+    assert trainable == sum(x.size for x in jax.tree.leaves(variables["params"]))
+    frozen = {id(p) for m in torch_models.backbone(peer) for p in m.parameters()}
+    head = sum(p.numel() for p in peer.parameters() if id(p) not in frozen)
+    assert head == sum(x.size for x in jax.tree.leaves(variables["params"]["head"]))
+    with torch.no_grad():
+        assert peer.eval()(torch.rand(1, 3, size, size) * 255).shape == (1, 10)
 
 
 def test_model_flops_counts_convolutions_and_matmuls():

@@ -1,10 +1,13 @@
-"""The benchmark's PyTorch peers: ResNet50, EfficientNet-B0 and VGG19 laid out as Keras
-Applications builds them (so that every framework in the benchmark does the same arithmetic):
-ResNet50 v1 with biased convolutions and the stride on each block's first 1x1 convolution,
-EfficientNet's TF 'SAME' padding (asymmetric for stride 2), VGG19 with its fc1/fc2 top. Each
-has a new head of `num_classes` logits, as `keras.applications.X(classes=N)` builds it. Written
-for channels-last eager execution; no weights are loaded. `backbone(model)` lists the modules
-the frozen-backbone step freezes.
+"""The benchmark's PyTorch peers: ResNet50, EfficientNet-B0, InceptionV3 and VGG19 laid out as
+Keras Applications builds them (so that every framework in the benchmark does the same
+arithmetic): ResNet50 v1 with biased convolutions and the stride on each block's first 1x1
+convolution, EfficientNet's TF 'SAME' padding (asymmetric for stride 2), InceptionV3's
+unbiased convolutions with BatchNorm without a learned scale (PyTorch's scale is kept at 1 and
+frozen) and its 'SAME' average pools that count only the pixels inside the image, VGG19 with
+its fc1/fc2 top. Each has a new head of `num_classes` logits, as
+`keras.applications.X(classes=N)` builds it; the trainable parameters are as many as Keras's
+(tests/test_benchmark.py). Written for channels-last eager execution; no weights are loaded.
+`backbone(model)` lists the modules the frozen-backbone step freezes.
 """
 
 from __future__ import annotations
@@ -141,7 +144,104 @@ class VGG19(nn.Module):
         return self.head(self.top(self.features(x)))
 
 
-MODELS = {"resnet50": ResNet50, "efficientnet_b0": EfficientNetB0, "vgg19": VGG19}
+def conv_bn(cin: int, cout: int, kh: int, kw: int, stride: int = 1,
+            same: bool = True) -> nn.Sequential:
+    """Keras inception_v3's conv2d_bn: an unbiased convolution ('same' or 'valid' padding),
+    BatchNorm with no learned scale (eps 1e-3), ReLU."""
+    bn = _bn(cout, 1e-3)
+    bn.weight.requires_grad_(False)  # Keras: BatchNormalization(scale=False)
+    pad = (kh // 2, kw // 2) if same else 0
+    return nn.Sequential(nn.Conv2d(cin, cout, (kh, kw), stride, pad, bias=False), bn,
+                         nn.ReLU(inplace=True))
+
+
+def _avg_pool_same() -> nn.AvgPool2d:
+    return nn.AvgPool2d(3, 1, 1, count_include_pad=False)  # TF 'SAME': only the image's pixels
+
+
+class Concat(nn.Module):
+    """The branches' outputs side by side along the channels (Keras's `concatenate`)."""
+
+    def __init__(self, *branches: nn.Module):
+        super().__init__()
+        self.branches = nn.ModuleList(branches)
+
+    def forward(self, x):
+        return torch.cat([b(x) for b in self.branches], 1)
+
+
+def _inception_a(cin: int, pool: int) -> Concat:  # mixed0-2, 35x35
+    return Concat(conv_bn(cin, 64, 1, 1),
+                  nn.Sequential(conv_bn(cin, 48, 1, 1), conv_bn(48, 64, 5, 5)),
+                  nn.Sequential(conv_bn(cin, 64, 1, 1), conv_bn(64, 96, 3, 3),
+                                conv_bn(96, 96, 3, 3)),
+                  nn.Sequential(_avg_pool_same(), conv_bn(cin, pool, 1, 1)))
+
+
+def _inception_c(c7: int) -> Concat:  # mixed4-7, 17x17x768
+    return Concat(conv_bn(768, 192, 1, 1),
+                  nn.Sequential(conv_bn(768, c7, 1, 1), conv_bn(c7, c7, 1, 7),
+                                conv_bn(c7, 192, 7, 1)),
+                  nn.Sequential(conv_bn(768, c7, 1, 1), conv_bn(c7, c7, 7, 1),
+                                conv_bn(c7, c7, 1, 7), conv_bn(c7, c7, 7, 1),
+                                conv_bn(c7, 192, 1, 7)),
+                  nn.Sequential(_avg_pool_same(), conv_bn(768, 192, 1, 1)))
+
+
+class _Split(nn.Module):
+    """conv_bn then two convolutions (1x3 and 3x1) of its output, side by side (mixed9-10)."""
+
+    def __init__(self, *first: nn.Module):
+        super().__init__()
+        self.first = nn.Sequential(*first)
+        self.pair = Concat(conv_bn(384, 384, 1, 3), conv_bn(384, 384, 3, 1))
+
+    def forward(self, x):
+        return self.pair(self.first(x))
+
+
+def _inception_e(cin: int) -> Concat:  # mixed9-10, 8x8x2048
+    return Concat(conv_bn(cin, 320, 1, 1),
+                  _Split(conv_bn(cin, 384, 1, 1)),
+                  _Split(conv_bn(cin, 448, 1, 1), conv_bn(448, 384, 3, 3)),
+                  nn.Sequential(_avg_pool_same(), conv_bn(cin, 192, 1, 1)))
+
+
+class InceptionV3(nn.Module):
+    """keras.applications.InceptionV3 (whose [-1, 1] input scaling is preprocessing outside
+    the model, as in tljax's and Keras's)."""
+
+    def __init__(self, num_classes: int = 10):
+        super().__init__()
+        self.stem = nn.Sequential(
+            conv_bn(3, 32, 3, 3, 2, same=False), conv_bn(32, 32, 3, 3, same=False),
+            conv_bn(32, 64, 3, 3), nn.MaxPool2d(3, 2),
+            conv_bn(64, 80, 1, 1, same=False), conv_bn(80, 192, 3, 3, same=False),
+            nn.MaxPool2d(3, 2))
+        self.features = nn.Sequential(
+            _inception_a(192, 32), _inception_a(256, 64), _inception_a(288, 64),
+            Concat(conv_bn(288, 384, 3, 3, 2, same=False),  # mixed3, to 17x17
+                   nn.Sequential(conv_bn(288, 64, 1, 1), conv_bn(64, 96, 3, 3),
+                                 conv_bn(96, 96, 3, 3, 2, same=False)),
+                   nn.MaxPool2d(3, 2)),
+            _inception_c(128), _inception_c(160), _inception_c(160), _inception_c(192),
+            Concat(nn.Sequential(conv_bn(768, 192, 1, 1),  # mixed8, to 8x8
+                                 conv_bn(192, 320, 3, 3, 2, same=False)),
+                   nn.Sequential(conv_bn(768, 192, 1, 1), conv_bn(192, 192, 1, 7),
+                                 conv_bn(192, 192, 7, 1), conv_bn(192, 192, 3, 3, 2, same=False)),
+                   nn.MaxPool2d(3, 2)),
+            _inception_e(1280), _inception_e(2048))
+        self.head = nn.Linear(2048, num_classes)
+
+    def forward(self, x):
+        return self.head(self.features(self.stem(x)).mean((2, 3)))
+
+
+MODELS = {"resnet50": ResNet50, "efficientnet_b0": EfficientNetB0, "inception_v3": InceptionV3,
+          "vgg19": VGG19}
+# The smallest input each accepts, as Keras Applications' (InceptionV3's valid convolutions and
+# pools leave nothing below 75x75).
+MIN_SIZE = {"resnet50": 32, "efficientnet_b0": 32, "inception_v3": 75, "vgg19": 32}
 
 
 def create(name: str, num_classes: int = 10, size: int = 224) -> nn.Module:
