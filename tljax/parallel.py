@@ -119,8 +119,9 @@ class ShardMapTrainStep:
     (step, trained parameters, statistics that train, optimizer state) are donated and replaced.
     With a frozen backbone that is nearly every leaf, and each one costs host time at the call
     boundary, where nothing computes: EfficientNet-B0's frozen step (316 leaves, 5 of them
-    changing) at 112x112, batch 16, on 2 CPU cores was 5.8% faster this way than when it
-    returned the whole state (paired median of 40 alternating calls; docs/benchmarks.md).
+    changing) at 112x112, batch 16, on 2 CPU cores was 3.2% faster this way than when it
+    returned the whole state, ResNet50's 2.1% (paired medians of 40 and 30 alternating calls;
+    docs/benchmarks.md, "Frozen leaves in, not out").
 
     When the step is traced, each carried leaf is checked to come back as the same traced value
     it went in as, so a carried set that disagreed with `train_step` would stop with
@@ -139,7 +140,7 @@ class ShardMapTrainStep:
                  for p, _ in jax.tree_util.tree_flatten_with_path(state)[0]]
         carried_paths = steps.carried_paths(state, self.config)
         carried = tuple(i for i, p in enumerate(paths) if p in carried_paths)
-        changed = tuple(i for i in range(len(paths)) if i not in set(carried))
+        changed = tuple(sorted(set(range(len(paths))) - set(carried)))
         fn = functools.partial(steps.train_step, config=self.config)
 
         def body(changed_leaves, carried_leaves, batch, rng):
