@@ -414,9 +414,13 @@ void KernelGradItem(const ConvGeom& g, const GradSplit& s, const float* x, const
 }
 
 // The 1x1 convolution as a product y (M, F) = x (M, C) k (C, F) over the batch's M pixels:
-// tiles of up to 6 rows x 64 columns as the direct forward's. k is first packed into panels
-// of up to 64 columns, each (C, 16 V) and contiguous, so that a tile's loop over C reads one
-// panel in order (k's own rows, F floats apart, fall into a few L1 sets and evict each other).
+// tiles of up to 6 rows x 64 columns as the direct forward's. A tile reads k in place: for each
+// input channel, its row's 64 columns of the block (the last vector masked to the columns
+// that remain). Packing k's blocks into contiguous panels first, which this code did before,
+// cost more than it saved, even for ResNet's power-of-two widths whose rows fall into few L1
+// sets: without it (A/Bs in one process, 2 cores) EfficientNet-B0 at 112 ran inference 0.931
+// and its full step 0.968, ResNet50 at 112 inference 0.989 and its frozen step 0.975,
+// InceptionV3 at 150 0.979 (docs/benchmarks.md).
 //
 // An optional epilogue applies the convolution's bias, an inference BatchNorm, a residual and
 // an activation to each tile in registers before it is stored, instead of passes over y:
@@ -453,14 +457,16 @@ inline __m512 Activate16(__m512 z) {
 }
 
 template <int V, int P, int Act>
-inline void MatmulTile(const float* x, int64_t c, const float* panel, float* y, int64_t f,
+inline void MatmulTile(const float* x, int64_t c, const float* k, float* y, int64_t f,
                        const ChannelBlock& b, const Epilogue& e, const float* residual) {
   __m512 acc[P][V];
   TLJAX_UNROLL for (int p = 0; p < P; ++p)
     TLJAX_UNROLL for (int v = 0; v < V; ++v) acc[p][v] = _mm512_setzero_ps();
-  for (int64_t ci = 0; ci < c; ++ci, panel += 16 * V) {
+  const float* kp = k + b.o0;
+  for (int64_t ci = 0; ci < c; ++ci, kp += f) {
     __m512 kv[V];
-    TLJAX_UNROLL for (int v = 0; v < V; ++v) kv[v] = _mm512_loadu_ps(panel + 16 * v);
+    TLJAX_UNROLL for (int v = 0; v < V - 1; ++v) kv[v] = _mm512_loadu_ps(kp + 16 * v);
+    kv[V - 1] = _mm512_maskz_loadu_ps(b.last, kp + 16 * (V - 1));
     TLJAX_UNROLL for (int p = 0; p < P; ++p) {
       const __m512 xv = _mm512_set1_ps(x[p * c + ci]);
       TLJAX_UNROLL for (int v = 0; v < V; ++v) acc[p][v] = _mm512_fmadd_ps(xv, kv[v], acc[p][v]);
@@ -491,7 +497,7 @@ inline void MatmulTile(const float* x, int64_t c, const float* panel, float* y, 
 
 // Work items: chunks of up to 8 row tiles x groups of column blocks, at least ~16 items for
 // the threads; with few rows the columns are split, so that each item reads only its own
-// panels (k is the larger operand then, and read once per item).
+// column blocks of k (k is the larger operand then, and read once per item).
 struct MatmulSplit {
   int64_t rows, row_items, blocks_per_item, col_items;
 };
@@ -573,28 +579,16 @@ template <int Act>
 void MatmulRun(ffi::ThreadPool& pool, const float* xs, const float* ks, float* ys, int64_t m,
                int64_t c, int64_t f, const Epilogue& e) {
   const int64_t blocks = (f + 63) / 64;
-  // Panel q holds columns 64 q .. of k, (C, 16 V) with V its vector count, zero padded.
-  std::vector<float> packed(c * 16 * ((f + 15) / 16));
-  tljax::ParallelFor(pool, blocks, [&](int64_t q) {
-    const ChannelBlock b = MakeChannelBlock(f, 64 * q);
-    const int64_t width = 16 * b.vectors, used = std::min<int64_t>(64, f - b.o0);
-    float* panel = packed.data() + c * 64 * q;
-    for (int64_t ci = 0; ci < c; ++ci) {
-      std::copy_n(ks + ci * f + b.o0, used, panel + ci * width);
-      std::fill(panel + ci * width + used, panel + (ci + 1) * width, 0.0f);
-    }
-  });
   const MatmulSplit sp = MakeMatmulSplit(m, blocks);
   tljax::ParallelFor(pool, sp.row_items * sp.col_items, [&](int64_t item) {
     const int64_t r0 = (item / sp.col_items) * sp.rows, rows = std::min(sp.rows, m - r0);
     const int64_t q0 = (item % sp.col_items) * sp.blocks_per_item;
     for (int64_t q = q0; q < std::min(blocks, q0 + sp.blocks_per_item); ++q) {
       const ChannelBlock b = MakeChannelBlock(f, 64 * q);
-      const float* panel = packed.data() + c * 64 * q;
       ForRuns(rows, [&](int64_t t0, int64_t len) {
         ForVectors(b, [&]<int V>() {
           ForWidth(len, [&]<int P>() {
-            MatmulTile<V, P, Act>(xs + (r0 + t0) * c, c, panel, ys + (r0 + t0) * f, f, b, e,
+            MatmulTile<V, P, Act>(xs + (r0 + t0) * c, c, ks, ys + (r0 + t0) * f, f, b, e,
                                   e.residual ? e.residual + (r0 + t0) * f : nullptr);
           });
         });
