@@ -58,8 +58,8 @@ def main() -> None:
     name = "torch-compile" if args.compile else "torch"
     if args.model not in torch_models.MODELS:
         common.fail(name, args.model, f"no PyTorch peer written for {args.model}")
-    if args.size < torch_models.MIN_SIZE[args.model]:
-        least = torch_models.MIN_SIZE[args.model]
+    least = torch_models.MIN_SIZE[args.model]
+    if args.size < least:
         common.fail(name, args.model, f"{args.model} takes inputs of at least {least}x{least} "
                     f"(as Keras's), got {args.size}x{args.size}")
     cuda = torch.cuda.is_available()

@@ -170,12 +170,13 @@ inline void ForRuns(int64_t count, F&& f) {
   }
 }
 
-// One tap of the forward: acc[p] += sum over the input channels ci of px[p][ci] times the
-// kernel's row ci (kp: the tap's (I, O) matrix at the block's first channel).
+// acc[p] += sum over the input channels ci < c of px[p][ci] times the kernel's row ci, rows
+// ldk floats apart (kp at the block's first channel; the last vector masked to the block): one
+// tap of the direct forward (the tap's (I, O) matrix), or the whole of the product's (C, F).
 template <int V, int P>
 inline void AccumulateTap(__m512 (&acc)[P][V], const float* const (&px)[P], const float* kp,
-                          const ConvGeom& g, const ChannelBlock& b) {
-  for (int64_t ci = 0; ci < g.ci; ++ci, kp += g.co) {
+                          int64_t c, int64_t ldk, const ChannelBlock& b) {
+  for (int64_t ci = 0; ci < c; ++ci, kp += ldk) {
     __m512 kv[V];
     TLJAX_UNROLL for (int v = 0; v < V - 1; ++v) kv[v] = _mm512_loadu_ps(kp + 16 * v);
     kv[V - 1] = _mm512_maskz_loadu_ps(b.last, kp + 16 * (V - 1));
@@ -211,7 +212,7 @@ inline void ForwardTile(const ConvGeom& g, const float* x_img, const float* k, f
         const int64_t xc = (c0 + p) * g.sw + j - g.pl;
         px[p] = (xc >= 0 && xc < g.w) ? xrow + xc * g.ci : zeros;
       }
-      AccumulateTap<V, P>(acc, px, k + (i * g.kw + j) * g.ci * g.co + b.o0, g, b);
+      AccumulateTap<V, P>(acc, px, k + (i * g.kw + j) * g.ci * g.co + b.o0, g.ci, g.co, b);
     }
   }
   TLJAX_UNROLL for (int p = 0; p < P; ++p) StoreBlock<V>(y_row + (c0 + p) * g.co, acc[p], b);
@@ -317,7 +318,7 @@ inline void ForwardTileFlat(const ConvGeom& g, const float* x, const float* k, f
       const int64_t off = (i * g.w + j) * g.ci;
       const float* px[P];
       TLJAX_UNROLL for (int p = 0; p < P; ++p) px[p] = x + (windows[p] + off);
-      AccumulateTap<V, P>(acc, px, k + (i * g.kw + j) * g.ci * g.co + b.o0, g, b);
+      AccumulateTap<V, P>(acc, px, k + (i * g.kw + j) * g.ci * g.co + b.o0, g.ci, g.co, b);
     }
   }
   TLJAX_UNROLL for (int p = 0; p < P; ++p) StoreBlock<V>(y + pixels[p] * g.co, acc[p], b);
@@ -462,16 +463,9 @@ inline void MatmulTile(const float* x, int64_t c, const float* k, float* y, int6
   __m512 acc[P][V];
   TLJAX_UNROLL for (int p = 0; p < P; ++p)
     TLJAX_UNROLL for (int v = 0; v < V; ++v) acc[p][v] = _mm512_setzero_ps();
-  const float* kp = k + b.o0;
-  for (int64_t ci = 0; ci < c; ++ci, kp += f) {
-    __m512 kv[V];
-    TLJAX_UNROLL for (int v = 0; v < V - 1; ++v) kv[v] = _mm512_loadu_ps(kp + 16 * v);
-    kv[V - 1] = _mm512_maskz_loadu_ps(b.last, kp + 16 * (V - 1));
-    TLJAX_UNROLL for (int p = 0; p < P; ++p) {
-      const __m512 xv = _mm512_set1_ps(x[p * c + ci]);
-      TLJAX_UNROLL for (int v = 0; v < V; ++v) acc[p][v] = _mm512_fmadd_ps(xv, kv[v], acc[p][v]);
-    }
-  }
+  const float* px[P];
+  TLJAX_UNROLL for (int p = 0; p < P; ++p) px[p] = x + p * c;
+  AccumulateTap<V, P>(acc, px, k + b.o0, c, f, b);
   if constexpr (Act >= 0) {
     TLJAX_UNROLL for (int v = 0; v < V; ++v) {
       const __mmask16 mask = v == V - 1 ? b.last : __mmask16(0xFFFF);
@@ -488,11 +482,7 @@ inline void MatmulTile(const float* x, int64_t c, const float* k, float* y, int6
       }
     }
   }
-  TLJAX_UNROLL for (int p = 0; p < P; ++p) {
-    float* yp = y + p * f + b.o0;
-    TLJAX_UNROLL for (int v = 0; v < V - 1; ++v) _mm512_storeu_ps(yp + 16 * v, acc[p][v]);
-    _mm512_mask_storeu_ps(yp + 16 * (V - 1), b.last, acc[p][V - 1]);
-  }
+  TLJAX_UNROLL for (int p = 0; p < P; ++p) StoreBlock<V>(y + p * f, acc[p], b);
 }
 
 // Work items: chunks of up to 8 row tiles x groups of column blocks, at least ~16 items for
