@@ -357,32 +357,51 @@ def test_conv_without_the_direct_kernels_is_xlas_autodiff(monkeypatch, x_shape, 
     assert "tljax_conv_" not in str(jax.make_jaxpr(vjp2)(dy))
 
 
-def test_direct_conv_and_pool_do_not_depend_on_the_thread_count():
-    """Each output element is summed in a fixed order: the same bits on one CPU as on all of
-    them (the kernel gradient's parts are added in order), for the direct convolution, the
-    C++ product and the max pool's gradient."""
-    code = """
-import os, sys
-os.sched_setaffinity(0, [int(c) for c in sys.argv[2].split(",")])  # before XLA sizes its pool
-import jax, numpy as np
-from tljax.native import conv, pool
-x = jax.random.normal(jax.random.key(0), (6, 30, 28, 40))
-k = jax.random.normal(jax.random.key(1), (3, 3, 40, 72))
-y, vjp = jax.vjp(lambda x, k: conv.conv(x, k, ((1, 1), (1, 1))), x, k)
-dx, dk = vjp(jax.random.normal(jax.random.key(2), y.shape))
-p, vjp = jax.vjp(lambda x: pool.max_pool(x, 3, 2), jax.nn.relu(x))
-dp, = vjp(jax.random.normal(jax.random.key(3), p.shape))
-m = conv.matmul(x, k[0, 0])
-np.save(sys.argv[1], np.concatenate([np.ravel(a) for a in (y, dx, dk, p, dp, m)]))
-"""
+def _on_one_cpu_and_on_all(code: str) -> None:
+    """Runs `code` (which saves one array to `sys.argv[1]`) in a process pinned to one CPU and
+    in one with all of them, and checks the two arrays are the same bits."""
     outs = []
     for cpus in ({min(os.sched_getaffinity(0))}, os.sched_getaffinity(0)):
-        path = f"{os.environ.get('TMPDIR', '/tmp')}/tljax_direct_{os.getpid()}_{len(cpus)}.npy"
-        subprocess.run([sys.executable, "-c", code, path, ",".join(map(str, sorted(cpus)))],
-                       check=True)
+        path = f"{os.environ.get('TMPDIR', '/tmp')}/tljax_threads_{os.getpid()}_{len(cpus)}.npy"
+        subprocess.run([sys.executable, "-c", _PINNED + code, path,
+                        ",".join(map(str, sorted(cpus)))], check=True)
         outs.append(np.load(path))
         os.remove(path)
     np.testing.assert_array_equal(outs[0], outs[1])
+
+
+_PINNED = """
+import os, sys
+os.sched_setaffinity(0, [int(c) for c in sys.argv[2].split(",")])  # before XLA sizes its pool
+import jax, numpy as np
+x = jax.random.normal(jax.random.key(0), (6, 30, 28, 40))
+"""
+
+
+def test_max_pool_does_not_depend_on_the_thread_count():
+    """Each output element of the C++ max pool and its gradient is summed in a fixed order: the
+    same bits on one CPU as on all of them (with AVX-512 or without)."""
+    _on_one_cpu_and_on_all("""
+from tljax.native import pool
+p, vjp = jax.vjp(lambda x: pool.max_pool(x, 3, 2), jax.nn.relu(x))
+dp, = vjp(jax.random.normal(jax.random.key(3), p.shape))
+np.save(sys.argv[1], np.concatenate([np.ravel(a) for a in (p, dp)]))
+""")
+
+
+def test_direct_conv_and_product_do_not_depend_on_the_thread_count():
+    """The same for the direct convolution (the kernel gradient's parts are added in order) and
+    the C++ product, which a CPU with AVX-512 has."""
+    if not native_conv.direct_available():
+        pytest.skip("the direct convolution and the C++ product need AVX-512")
+    _on_one_cpu_and_on_all("""
+from tljax.native import conv
+k = jax.random.normal(jax.random.key(1), (3, 3, 40, 72))
+y, vjp = jax.vjp(lambda x, k: conv.conv(x, k, ((1, 1), (1, 1))), x, k)
+dx, dk = vjp(jax.random.normal(jax.random.key(2), y.shape))
+m = conv.matmul(x, k[0, 0])
+np.save(sys.argv[1], np.concatenate([np.ravel(a) for a in (y, dx, dk, m)]))
+""")
 
 
 @pytest.mark.parametrize("shape,window,stride", [((2, 15, 16, 70), 3, 2), ((3, 9, 10, 16), 3, 1),
@@ -460,6 +479,37 @@ def test_unwritable_cache_is_a_build_error(tmp_path, monkeypatch):
     monkeypatch.setenv("TLJAX_NATIVE_CACHE", str(blocker))
     with pytest.raises(build.BuildError, match="cannot write tljax's kernel cache.*"
                                                "TLJAX_NATIVE_CACHE"):
+        build.build()
+
+
+def test_march_builds_the_kernels_for_another_target(tmp_path):
+    """`TLJAX_NATIVE_MARCH=x86-64-v3` builds what a CPU with AVX2 only runs, in a library of its
+    own beside the native one: no direct convolution nor product, convolutions that still
+    equal XLA's."""
+    code = """
+import jax, numpy as np
+from tljax.native import build, conv
+x = jax.random.normal(jax.random.key(0), (2, 9, 9, 8))
+k = jax.random.normal(jax.random.key(1), (3, 3, 8, 16))
+ref = jax.lax.conv_general_dilated(x, k, (1, 1), ((1, 1), (1, 1)),
+                                   dimension_numbers=("NHWC", "HWIO", "NHWC"))
+np.testing.assert_allclose(conv.conv(x, k, ((1, 1), (1, 1))), ref, rtol=1e-5, atol=1e-5)
+print(build.march(), conv.direct_available(), build.build())
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "TLJAX_NATIVE_CACHE": str(tmp_path),
+                                            "TLJAX_NATIVE_MARCH": "x86-64-v3"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    march, direct, path = done.stdout.split()
+    assert (march, direct) == ("x86-64-v3", "False") and path.startswith(str(tmp_path))
+    assert path != build.build()  # the native library is another file
+
+
+def test_unknown_march_is_a_build_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("TLJAX_NATIVE_CACHE", str(tmp_path))
+    monkeypatch.setenv("TLJAX_NATIVE_MARCH", "pentium-9000")
+    with pytest.raises(build.BuildError, match="(?s)TLJAX_NATIVE_MARCH names a target it does not "
+                                               "know.*pentium-9000"):
         build.build()
 
 

@@ -397,7 +397,7 @@ def _pointwise_bwd(precision, res, dy):
     c, f = kernel.shape
     if (c > f >= 64 and x.ndim == 4 and x.dtype == jnp.float32 and native_build.available()
             and native_conv.direct_available()):
-        dk = native_conv.kernel_grad(x, dy, (1, 1, c, f), ((0, 0), (0, 0)))
+        dk = native_conv.kernel_grad(x, dy, kernel[None, None], ((0, 0), (0, 0)))
         return dx, dk[0, 0]
     x2, dy2 = x.reshape(-1, x.shape[-1]), dy.reshape(-1, dy.shape[-1])
     dk_t = jnp.matmul(dy2.T, x2, precision=precision)

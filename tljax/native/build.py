@@ -3,8 +3,11 @@
 The shared library is built once per source, compiler, machine and jaxlib version, from
 the `.cc` and `.h` files beside this file, with the FFI headers that jaxlib ships
 (`jax.ffi.include_dir()`), into `$TLJAX_NATIVE_CACHE` (default `~/.cache/tljax/native`).
-`-march=native` makes it fast on the machine that builds it, so the key includes what that
-flag means here (a cluster's shared home with different CPUs gets one library per CPU kind).
+It is compiled for the instruction set of the machine that builds it (`-march=native`), so
+the key includes what that flag means here (a cluster's shared home with different CPUs gets
+one library per CPU kind). `TLJAX_NATIVE_MARCH` names another target: `x86-64-v3` (AVX2 and
+FMA, no AVX-512) builds what a CPU without AVX-512 runs, the kernels' other path, which a
+machine with AVX-512 can then test (`.ci/run` does).
 Concurrent processes (the hosts of a pod, the workers of a test run) may build at once: each
 writes its own temporary file and renames it into place.
 
@@ -46,7 +49,7 @@ TARGETS = (
     ("tljax_max_pool_forward", "TljaxMaxPoolForward"),
     ("tljax_max_pool_backward", "TljaxMaxPoolBackward"),
 )
-FLAGS = ("-O3", "-march=native", "-std=c++20", "-shared", "-fPIC", "-fno-math-errno",
+FLAGS = ("-O3", "-std=c++20", "-shared", "-fPIC", "-fno-math-errno",
          "-fno-trapping-math", "-w")
 
 
@@ -57,6 +60,12 @@ class BuildError(RuntimeError):
 def cache_dir() -> str:
     return os.environ.get("TLJAX_NATIVE_CACHE") or os.path.join(
         os.path.expanduser("~"), ".cache", "tljax", "native")
+
+
+def march() -> str:
+    """The `-march` target the kernels are compiled for: `$TLJAX_NATIVE_MARCH`, default
+    `native` (this CPU's instruction set)."""
+    return os.environ.get("TLJAX_NATIVE_MARCH", "").strip() or "native"
 
 
 def enabled() -> bool:
@@ -73,8 +82,8 @@ def _compiler() -> str:
 
 
 def _key(cxx: str) -> str:
-    """What the library depends on: sources, flags, the compiler and what -march=native means
-    to it on this CPU, jaxlib's FFI headers."""
+    """What the library depends on: sources, flags, the compiler and what the `-march` target
+    (`march()`) means to it on this CPU, jaxlib's FFI headers."""
     import jaxlib
 
     here = os.path.dirname(__file__)
@@ -84,11 +93,18 @@ def _key(cxx: str) -> str:
             h.update(f.read())
     h.update(" ".join(FLAGS).encode())
     h.update(jaxlib.__version__.encode())
-    for args in ([cxx, "--version"], [cxx, "-march=native", "-Q", "--help=target"]):
+    for args in ([cxx, "--version"], [cxx, f"-march={march()}", "-Q", "--help=target"]):
         try:
-            h.update(subprocess.run(args, capture_output=True, timeout=60).stdout)
+            done = subprocess.run(args, capture_output=True, timeout=60)
         except (OSError, subprocess.SubprocessError) as e:
             raise BuildError(f"could not run the C++ compiler {cxx!r}: {e}") from e
+        if done.returncode != 0:
+            raise BuildError(f"the C++ compiler {cxx!r} refused `{' '.join(args[1:])}`"
+                             + (" (TLJAX_NATIVE_MARCH names a target it does not know: try "
+                                "native, x86-64-v3 or x86-64-v4)"
+                                if "-march" in args[1] else "")
+                             + f":\n{done.stderr.decode(errors='replace')[-1000:]}")
+        h.update(done.stdout)
     return h.hexdigest()[:16]
 
 
@@ -107,7 +123,7 @@ def build() -> str:
         raise BuildError(f"cannot write tljax's kernel cache {out_dir} ({e}); set "
                          "TLJAX_NATIVE_CACHE to a writable folder") from e
     here = os.path.dirname(__file__)
-    cmd = [cxx, *FLAGS, "-I", jax.ffi.include_dir(), "-I", here,
+    cmd = [cxx, *FLAGS, f"-march={march()}", "-I", jax.ffi.include_dir(), "-I", here,
            *[os.path.join(here, name) for name in SOURCES], "-o", tmp]
     try:
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)

@@ -160,13 +160,14 @@ def matmul_bn(x, kernel, mean, mul, bias, act=None, *, conv_bias=None, residual=
     return _matmul_bn_vjp(x, kernel, conv_bias, mean, mul, bias, residual, act)
 
 
-def kernel_grad(x, dy, kernel_shape, padding, strides=(1, 1), precision=None):
-    """The gradient of `forward(x, kernel, ...)` with respect to a kernel of `kernel_shape`,
-    given the output's gradient dy."""
+def kernel_grad(x, dy, kernel, padding, strides=(1, 1), precision=None):
+    """The gradient of `forward(x, kernel, ...)` with respect to `kernel`, given the output's
+    gradient dy. `kernel` gives the result's shape and, inside `jax.shard_map(check_vma=True)`,
+    the devices it varies along: transposed against a bare shape, XLA's convolution would sum
+    the gradient over the devices itself (and fail the custom gradient's type check)."""
     if direct_available():
-        return build.call("tljax_conv_kernel_grad", [tuple(kernel_shape)], x, dy,
+        return build.call("tljax_conv_kernel_grad", [kernel.shape], x, dy,
                           **_attributes(padding, strides))[0]
-    kernel = jax.ShapeDtypeStruct(tuple(kernel_shape), dy.dtype)
     dk, = jax.linear_transpose(lambda k: _xla_conv(x, k, padding, strides, precision),
                                kernel)(dy)
     return dk
@@ -187,7 +188,7 @@ def _conv_bwd(padding, strides, precision, res, dy):
     else:
         dx, = jax.linear_transpose(
             lambda x: _xla_conv(x, kernel, padding, strides, precision), x)(dy)
-    return dx, kernel_grad(x, dy, kernel.shape, padding, strides, precision)
+    return dx, kernel_grad(x, dy, kernel, padding, strides, precision)
 
 
 def _make():
