@@ -95,13 +95,38 @@ SAME_MALLOC = {"MALLOC_ARENA_MAX": "1", "MALLOC_MMAP_MAX_": "0",
                "MALLOC_TRIM_THRESHOLD_": str(2**64 - 1)}
 
 
-def worker_env(framework: str = "tljax", peer_malloc: str = "same") -> dict:
+# --isa avx2: what each framework is told so that, on a CPU with AVX-512, it runs the code it
+# would run on a CPU with AVX2 and FMA only: tljax's C++ kernels compiled for x86-64-v3, XLA's
+# generated code (tljax, Keras on JAX) capped at AVX2, PyTorch's ATen kernels and the C++ that
+# torch.compile writes at AVX2, and oneDNN (PyTorch's and TensorFlow's convolutions) and MKL
+# capped at AVX2. Libraries that pick their kernels from the CPU alone still see AVX-512.
+AVX2_CAP = {"TLJAX_NATIVE_MARCH": "x86-64-v3", "ATEN_CPU_CAPABILITY": "avx2",
+            "ONEDNN_MAX_CPU_ISA": "AVX2", "DNNL_MAX_CPU_ISA": "AVX2",
+            "MKL_ENABLE_INSTRUCTIONS": "AVX2"}
+XLA_AVX2_CAP = "--xla_cpu_max_isa=AVX2"
+
+
+def cpu_isa() -> str:
+    """The widest x86 vector instruction set of this CPU: 'AVX-512', 'AVX2', or what it is."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return platform.machine()
+    return ("AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags
+            else platform.machine())
+
+
+def worker_env(framework: str = "tljax", peer_malloc: str = "same", isa: str = "native") -> dict:
     env = dict(os.environ)
     if framework != "tljax" and peer_malloc == "same":
         env.update(SAME_MALLOC)
     # One device per process: an inherited request for 8 virtual CPU devices (the tests') would
     # split the cores' thread pool and is not what a user's run sees.
     flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "", env.get("XLA_FLAGS", ""))
+    if isa == "avx2":
+        env.update(AVX2_CAP)
+        flags += " " + XLA_AVX2_CAP
     env["XLA_FLAGS"] = flags.strip()
     env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
@@ -122,7 +147,7 @@ class Worker:
         self.proc = subprocess.Popen(command(framework, model, args, size) + ["--serve"],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      stderr=self.stderr, text=True, bufsize=1,
-                                     env=worker_env(framework, args.peer_malloc))
+                                     env=worker_env(framework, args.peer_malloc, args.isa))
         threading.Thread(target=self._read, daemon=True).start()
         self.result: dict | None = None
 
@@ -400,6 +425,10 @@ def main(argv=None) -> int:
     p.add_argument("--peer-malloc", choices=["same", "default"], default="same",
                    help="same: the peers run under the host-memory policy tljax sets for itself "
                    "(glibc keeps freed memory); default: glibc's defaults for the peers")
+    p.add_argument("--isa", choices=["native", "avx2"], default="native",
+                   help="avx2: on a CPU with AVX-512, cap every framework at AVX2 and FMA "
+                   "(tljax's C++ kernels built for x86-64-v3, XLA, ATen, oneDNN, MKL), to see "
+                   "the code a CPU without AVX-512 runs; native: this CPU's own")
     p.add_argument("--json", help="write every figure to this JSON file")
     p.add_argument("--logs", help="write each worker's output to DIR/FRAMEWORK_MODEL.log")
     p.add_argument("--plot", default="benchmark.png", help="bar chart PNG ('' for none)")
@@ -412,9 +441,14 @@ def main(argv=None) -> int:
     accel = subprocess.run([sys.executable, "-c", "import jax; print(jax.default_backend())"],
                            capture_output=True, text=True, env=worker_env()).stdout.strip()
     args.batch = args.batch or (16 if accel in ("cpu", "") else 256)
+    isa = cpu_isa()
+    if args.isa == "avx2":
+        if isa != "AVX-512":
+            p.error(f"--isa avx2 caps a CPU with AVX-512; this one has {isa}: run without it")
+        isa = "AVX2 (an AVX-512 CPU capped: --isa avx2)"
     print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, "
-          f"JAX backend {accel or '?'}; batch {args.batch}, {args.steps} timed calls after "
-          f"{args.warmup} untimed", flush=True)
+          f"instruction set {isa}, JAX backend {accel or '?'}; batch {args.batch}, "
+          f"{args.steps} timed calls after {args.warmup} untimed", flush=True)
     results = []
     t0 = time.time()
     for model in args.models:
@@ -435,10 +469,12 @@ def main(argv=None) -> int:
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"batch": args.batch, "cpu_cores": os.cpu_count(), "backend": accel,
+                       "cpu_isa": isa,
                        "peer_malloc": args.peer_malloc,
                        "command": " ".join(sys.argv), "results": results}, f, indent=2)
     if args.plot:
-        plot(results, frameworks, args.plot)
+        plot(results, frameworks, args.plot, f"{platform.node() or 'this machine'}: "
+             f"{os.cpu_count()} CPU cores, {isa}")
         print(f"plot: {os.path.abspath(args.plot)}")
     return 0
 

@@ -17,3 +17,38 @@ import pytest  # noqa: E402
 def _private_cache(tmp_path_factory, monkeypatch):
     """Every test gets its own TLJAX_CACHE, so none depends on what another left behind."""
     monkeypatch.setenv("TLJAX_CACHE", str(tmp_path_factory.mktemp("cache")))
+
+
+def pytest_report_header(config):
+    """Which path of tljax's CPU layers this run tests (tests/test_varying.py names them)."""
+    return [_paths()]
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    """The same line above the closing one in a quiet run (`-q`), which prints no header."""
+    if config.option.verbose < 0:
+        terminalreporter.write_line(_paths())
+
+
+def _paths() -> str:
+    from tljax.native import build
+
+    flags = ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith("flags")), "")
+    except OSError:
+        pass
+    isa = ("AVX-512" if " avx512f" in flags else "AVX2" if " avx2" in flags else "neither AVX2 "
+           "nor AVX-512") if flags else "unknown"
+    if not build.enabled():
+        path = "off (TLJAX_NATIVE=0): the pure-JAX layers"
+    elif not build.available():
+        path = "not built: the pure-JAX layers"
+    else:
+        from tljax.native import conv
+
+        path = (f"C++ for -march={build.march()}, "
+                + ("with" if conv.direct_available() else "without")
+                + " the AVX-512 direct convolution and product")
+    return f"tljax: CPU {isa}; kernels {path}; XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}"

@@ -29,6 +29,7 @@ import optax  # noqa: E402
 from tljax import freeze, models, parallel, xla_options  # noqa: E402
 from tljax import train_step as steps  # noqa: E402
 from tljax.native import build as native_build  # noqa: E402
+from tljax.native import conv as native_conv  # noqa: E402
 
 
 def best_time(call, repeat: int = 5) -> float:
@@ -153,8 +154,11 @@ def main() -> None:
     result = {"framework": "tljax", "model": args.model, "batch": args.batch, "size": args.size,
               "device": device.device_kind, "version": jax.__version__,
               "dtype": jnp.dtype(dtype).name, "peak_flops": matmul_peak(dtype),
-              # The C++ depthwise kernels (tljax.native), or the pure-JAX form without them.
+              # The C++ kernels (tljax.native), or the pure-JAX form without them; with or
+              # without the AVX-512 ones (the direct convolution and product).
               "native_kernels": jax.default_backend() == "cpu" and native_build.available(),
+              "native_avx512": (jax.default_backend() == "cpu" and native_build.available()
+                                and native_conv.direct_available()),
               "bandwidth": copy_bandwidth()}
 
     def sync(out):
