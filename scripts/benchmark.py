@@ -95,19 +95,12 @@ SAME_MALLOC = {"MALLOC_ARENA_MAX": "1", "MALLOC_MMAP_MAX_": "0",
                "MALLOC_TRIM_THRESHOLD_": str(2**64 - 1)}
 
 
-# --isa avx2: what each framework is told so that, on a CPU with AVX-512, it runs the code it
-# would run on a CPU with AVX2 and FMA only: tljax's C++ kernels compiled for x86-64-v3, XLA's
-# generated code (tljax, Keras on JAX) capped at AVX2, PyTorch's ATen kernels and the C++ that
-# torch.compile writes at AVX2, and oneDNN (PyTorch's and TensorFlow's convolutions) and MKL
-# capped at AVX2. Libraries that pick their kernels from the CPU alone still see AVX-512.
-AVX2_CAP = {"TLJAX_NATIVE_MARCH": "x86-64-v3", "ATEN_CPU_CAPABILITY": "avx2",
-            "ONEDNN_MAX_CPU_ISA": "AVX2", "DNNL_MAX_CPU_ISA": "AVX2",
-            "MKL_ENABLE_INSTRUCTIONS": "AVX2"}
-XLA_AVX2_CAP = "--xla_cpu_max_isa=AVX2"
-
-
 def cpu_isa() -> str:
-    """The widest x86 vector instruction set of this CPU: 'AVX-512', 'AVX2', or what it is."""
+    """The widest x86 vector instruction set of this CPU: 'AVX-512', 'AVX2', or the machine.
+    The figures depend on it (tljax's direct convolution and product need AVX-512), and a CPU
+    with AVX-512 cannot stand in for one without: capped with XLA_FLAGS=--xla_cpu_max_isa=AVX2,
+    XLA's library kernels (YNNPACK's products, Eigen's convolutions) still pick AVX-512
+    (docs/benchmarks.md, "Per instruction set")."""
     try:
         with open("/proc/cpuinfo") as f:
             flags = next((line.split() for line in f if line.startswith("flags")), [])
@@ -117,16 +110,13 @@ def cpu_isa() -> str:
             else platform.machine())
 
 
-def worker_env(framework: str = "tljax", peer_malloc: str = "same", isa: str = "native") -> dict:
+def worker_env(framework: str = "tljax", peer_malloc: str = "same") -> dict:
     env = dict(os.environ)
     if framework != "tljax" and peer_malloc == "same":
         env.update(SAME_MALLOC)
     # One device per process: an inherited request for 8 virtual CPU devices (the tests') would
     # split the cores' thread pool and is not what a user's run sees.
     flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "", env.get("XLA_FLAGS", ""))
-    if isa == "avx2":
-        env.update(AVX2_CAP)
-        flags += " " + XLA_AVX2_CAP
     env["XLA_FLAGS"] = flags.strip()
     env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
@@ -147,7 +137,7 @@ class Worker:
         self.proc = subprocess.Popen(command(framework, model, args, size) + ["--serve"],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      stderr=self.stderr, text=True, bufsize=1,
-                                     env=worker_env(framework, args.peer_malloc, args.isa))
+                                     env=worker_env(framework, args.peer_malloc))
         threading.Thread(target=self._read, daemon=True).start()
         self.result: dict | None = None
 
@@ -425,10 +415,6 @@ def main(argv=None) -> int:
     p.add_argument("--peer-malloc", choices=["same", "default"], default="same",
                    help="same: the peers run under the host-memory policy tljax sets for itself "
                    "(glibc keeps freed memory); default: glibc's defaults for the peers")
-    p.add_argument("--isa", choices=["native", "avx2"], default="native",
-                   help="avx2: on a CPU with AVX-512, cap every framework at AVX2 and FMA "
-                   "(tljax's C++ kernels built for x86-64-v3, XLA, ATen, oneDNN, MKL), to see "
-                   "the code a CPU without AVX-512 runs; native: this CPU's own")
     p.add_argument("--json", help="write every figure to this JSON file")
     p.add_argument("--logs", help="write each worker's output to DIR/FRAMEWORK_MODEL.log")
     p.add_argument("--plot", default="benchmark.png", help="bar chart PNG ('' for none)")
@@ -442,10 +428,6 @@ def main(argv=None) -> int:
                            capture_output=True, text=True, env=worker_env()).stdout.strip()
     args.batch = args.batch or (16 if accel in ("cpu", "") else 256)
     isa = cpu_isa()
-    if args.isa == "avx2":
-        if isa != "AVX-512":
-            p.error(f"--isa avx2 caps a CPU with AVX-512; this one has {isa}: run without it")
-        isa = "AVX2 (an AVX-512 CPU capped: --isa avx2)"
     print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, "
           f"instruction set {isa}, JAX backend {accel or '?'}; batch {args.batch}, "
           f"{args.steps} timed calls after {args.warmup} untimed", flush=True)

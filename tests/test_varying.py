@@ -1,9 +1,11 @@
 """tljax's hand-written gradients (`jax.custom_vjp`) inside `jax.shard_map(check_vma=True)`,
-JAX's default, on every path a CPU can take: the C++ kernels as this CPU built them, the C++
-kernels without the AVX-512 ones (the path of a CPU with AVX2 only), the pure-JAX rewrites
-(`TLJAX_NATIVE=0`, or no compiler) and XLA's plain ops (`layers.plain_convolutions`, as on
-accelerators). Each replicated parameter's gradient must be the sum of the devices' per-shard
-gradients, as autodiff gives for flax's own layers (`tljax.varying`)."""
+JAX's default, on every path a CPU can take: the C++ kernels as this machine built them, the
+C++ kernels with the layers choosing as if the AVX-512 ones (direct convolution, product) were
+missing, the pure-JAX rewrites (`TLJAX_NATIVE=0`, or no compiler) and XLA's plain ops
+(`layers.plain_convolutions`, as on accelerators). Each replicated parameter's gradient must be
+the sum of the devices' per-shard gradients, as autodiff gives for flax's own layers
+(`tljax.varying`). The library built for a CPU with AVX2 only is tested as a whole by
+`scripts/test.sh --kernels avx2`, which runs this file too."""
 
 from __future__ import annotations
 
@@ -76,8 +78,10 @@ def _train_bn(**options):
 
 # (input channels, the layer): every layer with a hand-written gradient on some path.
 LAYERS = {
-    "depthwise_3x3_s2": (5, lambda: layers.DepthwiseConv(3, 2)),
-    "depthwise_5x5": (5, lambda: layers.DepthwiseConv(5, 1)),
+    # As EfficientNet builds it: XLA's grouped convolution where the CPU rewrites are off.
+    "depthwise_3x3_s2": (5, lambda: layers.DepthwiseConv(3, 2,
+                                                         use_conv=not layers.cpu_rewrites())),
+    "depthwise_5x5": (5, lambda: layers.DepthwiseConv(5, 1, use_conv=not layers.cpu_rewrites())),
     "pointwise_expand": (5, lambda: layers.Conv(6, (1, 1))),
     "pointwise_reduce_narrow": (12, lambda: layers.Conv(5, (1, 1))),  # dk transposed in C++
     "pointwise_reduce_64": (96, lambda: layers.Conv(64, (1, 1))),  # the direct dk (AVX-512)
@@ -136,8 +140,8 @@ def test_gradients_under_shard_map_with_check_vma(layer, form, monkeypatch):
                                       check_vma=True), argnums=(0, 1))
         got_p, got_x = jax.jit(grad)(jax.device_put(params, NamedSharding(mesh, P())),
                                      jax.device_put(x, NamedSharding(mesh, P("b"))))
-        per_shard = [jax.jit(jax.grad(shard_loss, argnums=(0, 1)))(params, xs)
-                     for xs in jnp.split(x, n)]
+        shard_grad = jax.jit(jax.grad(shard_loss, argnums=(0, 1)))
+        per_shard = [shard_grad(params, xs) for xs in jnp.split(x, n)]
     want_p = jax.tree.map(lambda *g: sum(g), *[g for g, _ in per_shard])
     jax.tree.map(_close, got_p, want_p)
     _close(got_x, jnp.concatenate([g for _, g in per_shard]))

@@ -157,8 +157,7 @@ def main() -> None:
               # The C++ kernels (tljax.native), or the pure-JAX form without them; with or
               # without the AVX-512 ones (the direct convolution and product).
               "native_kernels": jax.default_backend() == "cpu" and native_build.available(),
-              "native_avx512": (jax.default_backend() == "cpu" and native_build.available()
-                                and native_conv.direct_available()),
+              "native_avx512": jax.default_backend() == "cpu" and native_conv.direct_available(),
               "bandwidth": copy_bandwidth()}
 
     def sync(out):

@@ -106,7 +106,7 @@ class BatchNorm(nn.BatchNorm):
         if fold:
             foldable = (inference and mask is None and self.use_bias and self._float32(x)
                         and self.activation in native_batchnorm.ACTIVATIONS
-                        and native_build.available() and native_conv.direct_available())
+                        and native_conv.direct_available())
             return self._fold(x.shape[-1]) if foldable else None
         if (inference or mask is not None or self.axis_name is not None
                 or self.use_fast_variance or not self.use_bias or not self._float32(x)):
@@ -366,7 +366,7 @@ def _native_product(x, kernel) -> bool:
     """Whether `x` (..., C) times `kernel` (C, F) runs the C++ product."""
     rows = x.size // x.shape[-1]
     return (x.dtype == kernel.dtype == jnp.float32 and cpu_rewrites()
-            and native_build.available() and native_conv.direct_available()
+            and native_conv.direct_available()
             and (kernel.size <= _NATIVE_PRODUCT_KERNEL or rows >= _NATIVE_PRODUCT_ROWS))
 
 
@@ -395,8 +395,7 @@ def _pointwise_bwd(precision, res, dy):
     # XLA's dot: the C++ product here made EfficientNet-B0's full step 6% slower.
     dx = jax.lax.dot_general(dy, kernel, (((3,), (1,)), ((), ())), precision=precision)
     c, f = kernel.shape
-    if (c > f >= 64 and x.ndim == 4 and x.dtype == jnp.float32 and native_build.available()
-            and native_conv.direct_available()):
+    if c > f >= 64 and x.ndim == 4 and x.dtype == jnp.float32 and native_conv.direct_available():
         dk = native_conv.kernel_grad(x, dy, kernel[None, None], ((0, 0), (0, 0)))
         return dx, dk[0, 0]
     x2, dy2 = x.reshape(-1, x.shape[-1]), dy.reshape(-1, dy.shape[-1])

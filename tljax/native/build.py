@@ -83,7 +83,8 @@ def _compiler() -> str:
 
 def _key(cxx: str) -> str:
     """What the library depends on: sources, flags, the compiler and what the `-march` target
-    (`march()`) means to it on this CPU, jaxlib's FFI headers."""
+    (`march()`) means to it on this CPU (the macros it predefines, `__AVX512F__` among them),
+    jaxlib's FFI headers."""
     import jaxlib
 
     here = os.path.dirname(__file__)
@@ -93,17 +94,19 @@ def _key(cxx: str) -> str:
             h.update(f.read())
     h.update(" ".join(FLAGS).encode())
     h.update(jaxlib.__version__.encode())
-    for args in ([cxx, "--version"], [cxx, f"-march={march()}", "-Q", "--help=target"]):
+    target = [cxx, f"-march={march()}", "-E", "-dM", "-x", "c++", os.devnull]
+    for args in ([cxx, "--version"], target):
         try:
             done = subprocess.run(args, capture_output=True, timeout=60)
         except (OSError, subprocess.SubprocessError) as e:
             raise BuildError(f"could not run the C++ compiler {cxx!r}: {e}") from e
         if done.returncode != 0:
-            raise BuildError(f"the C++ compiler {cxx!r} refused `{' '.join(args[1:])}`"
-                             + (" (TLJAX_NATIVE_MARCH names a target it does not know: try "
-                                "native, x86-64-v3 or x86-64-v4)"
-                                if "-march" in args[1] else "")
-                             + f":\n{done.stderr.decode(errors='replace')[-1000:]}")
+            hint = (f" (TLJAX_NATIVE_MARCH={march()} names a target it does not know: try "
+                    "native, x86-64-v3 or x86-64-v4, or unset it)"
+                    if args is target and os.environ.get("TLJAX_NATIVE_MARCH", "").strip()
+                    else "")
+            raise BuildError(f"the C++ compiler {cxx!r} refused `{' '.join(args[1:])}`{hint}:\n"
+                             f"{done.stderr.decode(errors='replace')[-1000:]}")
         h.update(done.stdout)
     return h.hexdigest()[:16]
 

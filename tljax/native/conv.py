@@ -48,10 +48,14 @@ def transpose(matrix):
     return flip_transpose(matrix[None, None])[0, 0]
 
 
-@functools.cache
 def direct_available() -> bool:
-    """Whether the library has the direct convolution: it was built for a CPU with AVX-512.
-    Call only where `build.available()`."""
+    """Whether the C++ kernels are on and built (`build.available()`) with the direct
+    convolution and product: for a CPU with AVX-512."""
+    return build.available() and _direct_built()
+
+
+@functools.cache
+def _direct_built() -> bool:
     return bool(build.library().TljaxDirectConvAvailable())
 
 
@@ -163,8 +167,9 @@ def matmul_bn(x, kernel, mean, mul, bias, act=None, *, conv_bias=None, residual=
 def kernel_grad(x, dy, kernel, padding, strides=(1, 1), precision=None):
     """The gradient of `forward(x, kernel, ...)` with respect to `kernel`, given the output's
     gradient dy. `kernel` gives the result's shape and, inside `jax.shard_map(check_vma=True)`,
-    the devices it varies along: transposed against a bare shape, XLA's convolution would sum
-    the gradient over the devices itself (and fail the custom gradient's type check)."""
+    the devices it varies along, those of `x` (the layers cast it so: `varying_like`):
+    transposed against a bare shape, XLA's convolution would sum the gradient over the devices
+    itself (and fail the custom gradient's type check)."""
     if direct_available():
         return build.call("tljax_conv_kernel_grad", [kernel.shape], x, dy,
                           **_attributes(padding, strides))[0]
