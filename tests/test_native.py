@@ -514,8 +514,8 @@ print(build.march(), conv.direct_available(), build.build())
 def test_unknown_march_is_a_build_error(tmp_path, monkeypatch):
     monkeypatch.setenv("TLJAX_NATIVE_CACHE", str(tmp_path))
     monkeypatch.setenv("TLJAX_NATIVE_MARCH", "pentium-9000")
-    with pytest.raises(build.BuildError, match="(?s)TLJAX_NATIVE_MARCH names a target it does not "
-                                               "know.*pentium-9000"):
+    with pytest.raises(build.BuildError, match="(?s)TLJAX_NATIVE_MARCH=pentium-9000 names a "
+                                               "target it does not know.*bad value"):
         build.build()
 
 

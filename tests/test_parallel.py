@@ -17,17 +17,21 @@ from tljax import train_step as steps
 from tljax.models.layers import TrainMode
 
 
-def run_pmap(devices, sync_bn, n_steps=3, preset="up_to:stage2"):
+def run_pmap(devices, sync_bn, n_steps=3, preset="up_to:stage2", history=False):
+    """The state after `n_steps` steps (host arrays); with `history`, the list of the states
+    after each step (so for the other runners)."""
     _, variables, _, tx, batches = setup(preset)
     cfg = config(sync_bn, preset)
     step = parallel.pmap_train_step(cfg)
     state = parallel.replicate(steps.create_state(variables, tx), devices)
+    states = []
     for b in batches[:n_steps]:
         state, _ = step(state, parallel.shard(b, len(devices)), jax.random.key(1))
-    return parallel.unreplicate(state)
+        states.append(parallel.unreplicate(state))  # host copies: the next step donates
+    return states if history else states[-1]
 
 
-def run_shard_map(devices, sync_bn, n_steps=3, check_vma=False):
+def run_shard_map(devices, sync_bn, n_steps=3, check_vma=False, history=False):
     _, variables, _, tx, batches = setup()
     cfg = config(sync_bn)
     mesh = parallel.mesh(devices)
@@ -40,12 +44,14 @@ def run_shard_map(devices, sync_bn, n_steps=3, check_vma=False):
     else:
         step = parallel.shard_map_train_step(cfg, mesh)
     state = parallel.put_replicated(steps.create_state(variables, tx), mesh)
+    states = []
     for b in batches[:n_steps]:
         state, _ = step(state, parallel.put_batch(b, mesh), jax.random.key(1))
-    return jax.tree.map(np.asarray, state)
+        states.append(jax.tree.map(np.asarray, state))
+    return states if history else states[-1]
 
 
-def run_virtual_shards(n, sync_bn, n_steps=3):
+def run_virtual_shards(n, sync_bn, n_steps=3, history=False):
     """n per-device shards on ONE device (vmap with the axis name): the reference for
     non-synchronised BatchNorm, whose statistics are per shard by definition."""
     _, variables, _, tx, batches = setup()
@@ -55,10 +61,12 @@ def run_virtual_shards(n, sync_bn, n_steps=3):
     # are equal); after the step's pmeans the shards' new states are equal, so keep the first.
     step = jax.jit(jax.vmap(fn, axis_name="batch", in_axes=(None, 0, None)))
     state = steps.create_state(variables, tx)
+    states = []
     for b in batches[:n_steps]:
         state, _ = step(state, parallel.shard(b, n), jax.random.key(1))
         state = jax.tree.map(lambda x: x[0], state)
-    return jax.tree.map(np.asarray, state)
+        states.append(jax.tree.map(np.asarray, state))
+    return states if history else states[-1]
 
 
 def assert_close(a, b, rtol=1e-5):
@@ -106,16 +114,22 @@ def test_sync_bn_one_device_equals_eight(devices):
 
 
 def test_unsynced_bn_one_device_equals_eight(devices):
-    reference = run_virtual_shards(8, sync_bn=False)
-    eight = run_pmap(devices, sync_bn=False)
-    assert_tree_close(eight.params, reference.params)
-    assert_tree_close(eight.batch_stats, reference.batch_stats)
-    sm = run_shard_map(devices, sync_bn=False)
-    assert_tree_close(sm.params, reference.params)
+    """After one step the runs agree to float32 rounding (~4e-9 of the tree); BatchNorm over
+    per-device batches of 2 amplifies the rounding several hundred times a step (up to 1.9e-5
+    after three, with the C++ direct convolution on an Intel Xeon), so the third step is held
+    to 1e-4, still four orders of magnitude below a gradient scaled by the device count."""
+    reference = run_virtual_shards(8, sync_bn=False, history=True)
+    for run in (run_pmap, run_shard_map):
+        states = run(devices, sync_bn=False, history=True)
+        assert_tree_close(states[0].params, reference[0].params, rtol=1e-7)
+        assert_tree_close(states[0].batch_stats, reference[0].batch_stats, rtol=1e-7)
+        assert_tree_close(states[-1].params, reference[-1].params, rtol=1e-4)
+        assert_tree_close(states[-1].batch_stats, reference[-1].batch_stats, rtol=1e-4)
+    reference = reference[-1]
     scaled = jax.tree.map(lambda r, s: r + 8 * (r - s), reference.params,  # 8x the update
                           setup()[1]["params"])
     with pytest.raises(AssertionError, match="relative difference"):
-        assert_tree_close(scaled, reference.params)
+        assert_tree_close(scaled, reference.params, rtol=1e-4)
 
 
 def test_gradient_scaling_is_caught(devices):
