@@ -95,21 +95,6 @@ SAME_MALLOC = {"MALLOC_ARENA_MAX": "1", "MALLOC_MMAP_MAX_": "0",
                "MALLOC_TRIM_THRESHOLD_": str(2**64 - 1)}
 
 
-def cpu_isa() -> str:
-    """The widest x86 vector instruction set of this CPU: 'AVX-512', 'AVX2', or the machine.
-    The figures depend on it (tljax's direct convolution and product need AVX-512), and a CPU
-    with AVX-512 cannot stand in for one without: capped with XLA_FLAGS=--xla_cpu_max_isa=AVX2,
-    XLA's library kernels (YNNPACK's products, Eigen's convolutions) still pick AVX-512
-    (docs/benchmarks.md, "Per instruction set")."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((line.split() for line in f if line.startswith("flags")), [])
-    except OSError:
-        return platform.machine()
-    return ("AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags
-            else platform.machine())
-
-
 def worker_env(framework: str = "tljax", peer_malloc: str = "same") -> dict:
     env = dict(os.environ)
     if framework != "tljax" and peer_malloc == "same":
@@ -424,10 +409,13 @@ def main(argv=None) -> int:
     frameworks = args.frameworks or q.get("frameworks") or list(FRAMEWORKS)
     args.steps = args.steps or q.get("steps", 5)
     args.warmup = args.warmup or q.get("warmup", 2)
-    accel = subprocess.run([sys.executable, "-c", "import jax; print(jax.default_backend())"],
-                           capture_output=True, text=True, env=worker_env()).stdout.strip()
+    # The backend, and the CPU's instruction set, which decides tljax's kernels (a CPU with
+    # AVX-512 cannot stand in for one without: docs/benchmarks.md, "Per instruction set").
+    probe = subprocess.run([sys.executable, "-c", "import jax; from tljax.native import build; "
+                            "print(jax.default_backend(), build.cpu_isa())"],
+                           capture_output=True, text=True, env=worker_env()).stdout.split()
+    accel, isa = probe[-2:] if len(probe) >= 2 else ("", "unknown")
     args.batch = args.batch or (16 if accel in ("cpu", "") else 256)
-    isa = cpu_isa()
     print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, "
           f"instruction set {isa}, JAX backend {accel or '?'}; batch {args.batch}, "
           f"{args.steps} timed calls after {args.warmup} untimed", flush=True)

@@ -33,14 +33,6 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
 def _paths() -> str:
     from tljax.native import build
 
-    flags = ""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((line for line in f if line.startswith("flags")), "")
-    except OSError:
-        pass
-    isa = ("AVX-512" if " avx512f" in flags else "AVX2" if " avx2" in flags else "neither AVX2 "
-           "nor AVX-512") if flags else "unknown"
     if not build.enabled():
         path = "off (TLJAX_NATIVE=0): the pure-JAX layers"
     elif not build.available():
@@ -51,4 +43,5 @@ def _paths() -> str:
         path = (f"C++ for -march={build.march()}, "
                 + ("with" if conv.direct_available() else "without")
                 + " the AVX-512 direct convolution and product")
-    return f"tljax: CPU {isa}; kernels {path}; XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}"
+    flags = os.environ.get("XLA_FLAGS", "")
+    return f"tljax: CPU {build.cpu_isa()}; kernels {path}; XLA_FLAGS={flags!r}"

@@ -10,6 +10,8 @@ import os
 import numpy as np
 import pytest
 
+from tljax.native import build
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -32,7 +34,8 @@ def test_benchmark_runs_tljax_beside_torch(tmp_path, capsys):
     printed = capsys.readouterr().out
     record = json.loads(out.read_text())
     results = {r["framework"]: r for r in record["results"]}
-    assert record["cpu_isa"] == bench.cpu_isa() and f"instruction set {bench.cpu_isa()}" in printed
+    isa = build.cpu_isa()
+    assert record["cpu_isa"] == isa and f"instruction set {isa}" in printed
     assert set(results) == {"tljax", "torch"}
     for r in results.values():
         assert "skipped" not in r, r
@@ -42,7 +45,7 @@ def test_benchmark_runs_tljax_beside_torch(tmp_path, capsys):
             assert 0 < r[kind]["mfu"] < 1.5, (r["framework"], kind, r[kind]["mfu"])
     t = results["tljax"]
     assert t["peak_flops"] > 1e9
-    assert t["native_avx512"] == (bench.cpu_isa() == "AVX-512" and t["native_kernels"])
+    assert t["native_avx512"] == (isa == "AVX-512" and t["native_kernels"])
     # The full step does about three forward passes of arithmetic; the frozen step about one.
     fwd = t["inference"]["flops"]
     assert 2.0 < t["full_step"]["flops"] / fwd < 4.0

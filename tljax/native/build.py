@@ -68,6 +68,20 @@ def march() -> str:
     return os.environ.get("TLJAX_NATIVE_MARCH", "").strip() or "native"
 
 
+def cpu_isa() -> str:
+    """This CPU's widest x86 vector instruction set, 'AVX-512' or 'AVX2' (else the machine's
+    name): the kernels' path depends on it, with AVX-512 they have the direct convolution and
+    product (`conv.direct_available()`)."""
+    import platform
+
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        flags = []
+    return "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else platform.machine()
+
+
 def enabled() -> bool:
     """False when `TLJAX_NATIVE=0` (or `false`, `no`, `off`) asks for the pure-JAX layers."""
     return os.environ.get("TLJAX_NATIVE", "1").strip().lower() not in ("0", "false", "no", "off")
@@ -103,8 +117,7 @@ def _key(cxx: str) -> str:
         if done.returncode != 0:
             hint = (f" (TLJAX_NATIVE_MARCH={march()} names a target it does not know: try "
                     "native, x86-64-v3 or x86-64-v4, or unset it)"
-                    if args is target and os.environ.get("TLJAX_NATIVE_MARCH", "").strip()
-                    else "")
+                    if args is target and march() != "native" else "")
             raise BuildError(f"the C++ compiler {cxx!r} refused `{' '.join(args[1:])}`{hint}:\n"
                              f"{done.stderr.decode(errors='replace')[-1000:]}")
         h.update(done.stdout)
