@@ -130,7 +130,8 @@ def test_a_run_writes_checkpoints_metrics_events_and_plot(reference_run):
     assert [r["step"] for r in train_records] == list(range(2, STEPS + 1, 2))
     assert [r["step"] for r in eval_records] == [6, 12]
     assert set(train_records[0]) == {"step", "train/loss", "train/accuracy", "learning_rate",
-                                     "images_per_second"}
+                                     "images_per_second", "input_wait"}
+    assert all(0.0 <= r["input_wait"] <= 1.0 for r in train_records)
     assert set(eval_records[0]) == {"step", "eval/loss", "eval/top1", "eval/top5"}
     assert eval_records[-1]["eval/top1"] == pytest.approx(summary["top1"])
     events = os.listdir(os.path.join(workdir, "tensorboard"))
@@ -245,12 +246,19 @@ def test_folder_dataset_names_the_corrupt_image(tmp_path):
             Image.fromarray(img).convert("RGB").save(root / str(label) / f"{i}.png")
     bad = root / "1" / "broken.jpg"
     bad.write_bytes(b"\xff\xd8\xff\xe0 this is not really a jpeg")
-    src = datasets.source(f"folder:{root}")
-    assert src.class_names == ["0", "1"] and src.splits == {"train": 23, "validation": 2}
-    batches = datasets.train_batches(src, "train", 4, 32, 0, datasets.Augment(flip=False))
-    with pytest.raises(datasets.DataError, match=r"broken\.jpg.*Remove or replace"):
-        for _ in range(10):
-            next(batches)
+    src = datasets.source(f"folder:{root}", holdout_fraction=0.04)
+    assert src.class_names == ["0", "1"] and src.splits == {"train": 24, "validation": 1}
+    for budget in (0.0, 1.0):  # read from the files, and held in memory
+        recs = {s: src.records(s, datasets.budget(budget)) for s in src.splits}
+        split = next(s for s, r in recs.items()
+                     if any(r.name(i).endswith("broken.jpg") for i in range(r.n)))
+        if split == "train":
+            batches = datasets.train_batches(recs[split], 4, 4, 32, 0, datasets.Augment())
+        else:
+            batches = datasets.eval_batches(recs[split], 4, 32)[0]
+        with pytest.raises(datasets.DataError, match=r"broken\.jpg.*Remove or replace"):
+            for _ in range(10):
+                next(batches)
 
 
 def test_config_typos_are_errors_that_list_the_valid_names(tmp_path):

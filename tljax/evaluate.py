@@ -73,8 +73,11 @@ def evaluate(workdir: str, checkpoint: str = "best", split: str = "",
     eval_fn = parallel.shard_map_eval_step(step_config, mesh)
     global_batch = batch_size or config.eval_batch_size or config.batch_size
     local = parallel.check_batch(global_batch, jax.device_count()) * jax.local_device_count()
-    batches, _ = datasets.eval_batches(src, split, local, r.image_size, config.eval_crop,
-                                       jax.process_index(), jax.process_count())
+    recs = src.records(split, datasets.budget(config.get("data_cache_gb",
+                                                         datasets.DEFAULT_BUDGET_GB)))
+    batches, _ = datasets.eval_batches(recs, local, r.image_size, config.eval_crop,
+                                       jax.process_index(), jax.process_count(),
+                                       f"{src.name} [{split}]")
     m = train.run_eval(eval_fn, state, batches, mesh)
     ckpts.close()
     return {"step": int(step), "split": split, "examples": int(m["count"]), "top1": m["top1"],

@@ -17,6 +17,7 @@ import numpy as np
 from flax import linen as nn
 
 from tljax import xla_options
+from tljax.models import layers
 
 
 class Head(nn.Module):
@@ -29,7 +30,7 @@ class Head(nn.Module):
 
     @nn.compact
     def __call__(self, features, train: bool = False):
-        x = nn.Dropout(self.dropout_rate, deterministic=not train)(features)
+        x = layers.Dropout(self.dropout_rate)(features, train)
         return nn.Dense(self.num_classes, dtype=self.dtype, param_dtype=self.param_dtype,
                         name="head")(x)
 

@@ -379,15 +379,20 @@ def _train_and_evaluate(config, workdir: str, stop: _Stop, t_start: float) -> di
     writer = metrics.Writer(workdir, enabled=primary, resume_step=start)
     pi, pc = jax.process_index(), jax.process_count()
 
+    budget = datasets.budget(c.data_cache_gb)
+    train_recs = r.source.records(r.train_split, budget)
+    eval_recs = r.source.records(r.eval_split, max(budget - train_recs.held, 0))
+    train_name = f"{r.source.name} [{r.train_split}]"
+    eval_name = f"{r.source.name} [{r.eval_split}]"
     if r.cached:
         feats_of = feature_cache.jit_features(model, variables, prep)
         log.info("linear probing on cached features: computing them once (frozen backbone)")
         with _timer("features"):
-            train_src = datasets.eval_batches(r.source, r.train_split, local_eval, r.image_size,
-                                              c.eval_crop, pi, pc)[0]
+            train_src = datasets.eval_batches(train_recs, local_eval, r.image_size, c.eval_crop,
+                                              pi, pc, train_name)[0]
             train_x, train_y = feature_cache.compute(feats_of, train_src)
-            eval_src, eval_count = datasets.eval_batches(r.source, r.eval_split, local_eval,
-                                                         r.image_size, c.eval_crop, pi, pc)
+            eval_src, eval_count = datasets.eval_batches(eval_recs, local_eval, r.image_size,
+                                                         c.eval_crop, pi, pc, eval_name)
             eval_x, eval_y = feature_cache.compute(feats_of, eval_src)
         batches = feature_cache.train_batches(train_x, train_y, local_batch, c.seed, start)
 
@@ -395,12 +400,12 @@ def _train_and_evaluate(config, workdir: str, stop: _Stop, t_start: float) -> di
             return feature_cache.eval_batches(eval_x, eval_y, local_eval, eval_count)
     else:
         augment = datasets.Augment(tuple(c.augment.crop_area) or None, flip=c.augment.flip)
-        batches = datasets.train_batches(r.source, r.train_split, local_batch, r.image_size,
-                                         c.seed, augment, start, pi, pc)
+        batches = datasets.train_batches(train_recs, local_batch, c.batch_size, r.image_size,
+                                         c.seed, augment, start, pi, train_name)
 
         def eval_stream():
-            return datasets.eval_batches(r.source, r.eval_split, local_eval, r.image_size,
-                                         c.eval_crop, pi, pc)[0]
+            return datasets.eval_batches(eval_recs, local_eval, r.image_size, c.eval_crop, pi,
+                                         pc, eval_name)[0]
 
     def evaluate() -> dict:
         m = run_eval(eval_fn, state, eval_stream(), mesh)
@@ -410,12 +415,14 @@ def _train_and_evaluate(config, workdir: str, stop: _Stop, t_start: float) -> di
     bar = tqdm(total=c.steps, initial=start, desc="train", unit="step", disable=not primary,
                dynamic_ncols=True)
     last_eval: dict = {}
-    pending, t_log, images = [], time.time(), 0
+    pending, t_log, images, waited = [], time.time(), 0, 0.0
     step = start
     preempted = False
     try:
         while step < c.steps:
+            t_wait = time.time()
             batch = parallel.put_batch(next(batches), mesh)
+            waited += time.time() - t_wait
             state, m = train_fn(state, batch, rng)
             step += 1
             pending.append(m)
@@ -426,10 +433,12 @@ def _train_and_evaluate(config, workdir: str, stop: _Stop, t_start: float) -> di
                 elapsed = time.time() - t_log
                 scalars = {"train/loss": ms["loss"], "train/accuracy": ms["accuracy"],
                            "learning_rate": float(schedule(step - 1)),
-                           "images_per_second": images / max(elapsed, 1e-9)}
+                           "images_per_second": images / max(elapsed, 1e-9),
+                           "input_wait": min(waited / max(elapsed, 1e-9), 1.0)}
                 writer.write(step, scalars)
-                bar.set_postfix(loss=f"{ms['loss']:.3f}", acc=f"{ms['accuracy']:.3f}")
-                pending, t_log, images = [], time.time(), 0
+                bar.set_postfix(loss=f"{ms['loss']:.3f}", acc=f"{ms['accuracy']:.3f}",
+                                input_wait=f"{scalars['input_wait']:.0%}")
+                pending, t_log, images, waited = [], time.time(), 0, 0.0
             evaluated = step % c.eval_every == 0 or step == c.steps
             if evaluated:
                 t_eval = time.time()

@@ -76,7 +76,7 @@ class StepConfig:
         rngs = {"dropout": rng} if rng is not None else {}
         if self.on_features:
             logits = self.model.apply({"params": {"head": params["head"]}}, batch["features"],
-                                      train=bool(train), rngs=rngs)
+                                      train=self.mode if train else False, rngs=rngs)
             return logits, batch_stats
         variables = {"params": params, "batch_stats": batch_stats}
         if not train:
@@ -86,12 +86,17 @@ class StepConfig:
         return logits, updates["batch_stats"]
 
     def inputs(self, batch: Mapping[str, jax.Array]) -> jax.Array:
-        return batch["image"] if self.preprocess is None else self.preprocess(batch["image"])
+        """The model's input: `batch['image']`, mirrored where `batch['flip']` is set (the
+        input pipeline leaves the flip to the device), then `preprocess`ed."""
+        x = batch["image"]
+        if "flip" in batch:
+            x = jnp.where(batch["flip"][:, None, None, None], x[:, :, ::-1], x)
+        return x if self.preprocess is None else self.preprocess(x)
 
     @property
     def mode(self) -> TrainMode:
         return TrainMode(self.frozen_bn, self.axis_name if self.sync_bn else None,
-                         self.bn_momentum)
+                         self.bn_momentum, batch_axis=self.axis_name)
 
 
 def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
@@ -117,7 +122,8 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array], rng: jax.Array
     """One optimizer step on this device's shard of the batch (`image`, `label`)."""
     axis = config.axis_name
     trained, frozen = _split(state.params, config.trainable)
-    rng = jax.random.fold_in(jax.random.fold_in(rng, state.step), jax.lax.axis_index(axis))
+    # The same key on every device: `layers.Dropout` folds in each example's global row.
+    rng = jax.random.fold_in(rng, state.step)
 
     def loss_fn(trained):
         logits, batch_stats = config.forward(_join(trained, frozen), state.batch_stats, batch,

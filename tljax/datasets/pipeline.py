@@ -1,20 +1,25 @@
-"""The input pipeline: decoded, resized and augmented uint8 batches in a fixed order.
+"""The input pipeline: decoded, cropped and augmented uint8 batches in an order fixed by the seed.
 
 Images leave the pipeline as uint8 RGB at the model's input size; the model's own preprocessing
 (`tljax.models.preprocess`) runs on the device inside the step (`StepConfig.preprocess`), so
 four times fewer bytes cross to the device.
 
-Order and resumption. TensorFlow's global seed is set to the config's seed (tf.data combines it
-with each op's seed). Training examples are shuffled with a seed and repeated
-(`shuffle(seed, reshuffle_each_iteration=True).repeat()`), then numbered; the augmentation of
-example number i draws from stateless random ops seeded with `(seed, process, i)`. The stream is
-therefore a function of the seed alone, and a run restored at step s starts it with
-`skip(s * local_batch)`, before any decoding: a resumed run sees exactly the batches an
-uninterrupted run would have seen.
+Order. The training stream is a function of the seed and of the global example position
+alone: position `p` (batch `p // global_batch`, row `p % global_batch`) holds, in epoch
+`e = p // n`, example `index_shuffle(p % n, (seed, e))` of the split's `n`, a permutation
+computed per position without materialising it; its crop and flip draw from a stateless seed
+folded with `p`. Process `k` of `P` makes rows `[k * local, (k + 1) * local)` of every global
+batch and reads only those examples. So the same seed and global batch give the same batches
+whatever the number of devices and processes, and a run restored at step `s` starts at
+position `s * global_batch` at once, reading nothing that came before.
 
-Each process reads its own part of a split (`Source.read(split, index, count)`). Evaluation
-batches are padded (with `mask` 0) to the local batch size, and every process yields the same
-number of them, so that the compiled evaluation step runs in lockstep on all hosts.
+Reading. Each split is random access (`tljax.datasets.records`): held in memory when its
+encoded size fits the cache budget, else read per example from its files or ArrayRecord.
+Decoding crops inside the JPEG decoder at a reduced DCT scale (`tljax.datasets.images`).
+
+Evaluation reads each process's contiguous share of the split; batches are padded (with `mask`
+0) to the local batch size, and every process yields the same number of them, so that the
+compiled evaluation step runs in lockstep on all hosts.
 """
 
 from __future__ import annotations
@@ -25,9 +30,12 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from tljax.datasets.sources import DataError, Source, describe, undecodable
+from tljax.datasets import images
+from tljax.datasets.records import Records
+from tljax.datasets.sources import DataError, describe, undecodable
 
 AUTOTUNE = -1
+BOX_STREAM, FLIP_STREAM = 1, 2  # random streams of the run besides the order
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,52 +52,6 @@ class Augment:
         return self.area is None and not self.flip
 
 
-def _decode(image_bytes):
-    import tensorflow as tf
-
-    return tf.io.decode_image(image_bytes, channels=3, expand_animations=False)
-
-
-def _to_uint8(image):
-    import tensorflow as tf
-
-    return tf.cast(tf.clip_by_value(tf.round(image), 0.0, 255.0), tf.uint8)
-
-
-def eval_image(image, size: int, crop_fraction: float):
-    """Resize the shorter side to `size / crop_fraction` and crop the centre `size` square
-    (`crop_fraction=1`: resize the whole image to `size` x `size`)."""
-    import tensorflow as tf
-
-    if crop_fraction >= 1.0:
-        return _to_uint8(tf.image.resize(image, (size, size), antialias=True))
-    shape = tf.cast(tf.shape(image)[:2], tf.float32)
-    scale = (size / crop_fraction) / tf.reduce_min(shape)
-    new = tf.cast(tf.math.ceil(shape * scale), tf.int32)
-    image = tf.image.resize(image, new, antialias=True)
-    top = (new[0] - size) // 2
-    left = (new[1] - size) // 2
-    return _to_uint8(image[top:top + size, left:left + size])
-
-
-def train_image(image, size: int, augment: Augment, seed):
-    """Random resized crop and flip, drawn from the stateless `seed` (shape (2,), int64)."""
-    import tensorflow as tf
-
-    crop_seed, flip_seed = tf.unstack(
-        tf.random.experimental.stateless_split(seed, num=2))
-    if augment.area is not None:
-        begin, extent, _ = tf.image.stateless_sample_distorted_bounding_box(
-            tf.shape(image), bounding_boxes=tf.constant([[[0.0, 0.0, 1.0, 1.0]]]),
-            seed=crop_seed, min_object_covered=0.0, aspect_ratio_range=augment.aspect,
-            area_range=augment.area, max_attempts=10, use_image_if_no_bounding_boxes=True)
-        image = tf.slice(image, begin, extent)
-    image = tf.image.resize(image, (size, size), antialias=True)
-    if augment.flip:
-        image = tf.image.stateless_random_flip_left_right(image, seed=flip_seed)
-    return _to_uint8(image)
-
-
 def _options(ds):
     import tensorflow as tf
 
@@ -98,7 +60,7 @@ def _options(ds):
     return ds.with_options(options)
 
 
-def _checked(iterator, src: Source, split: str):
+def _checked(iterator, recs: Records, what: str):
     """Re-raise a decoding failure with the names of the files that do not decode."""
     import tensorflow as tf
 
@@ -106,74 +68,102 @@ def _checked(iterator, src: Source, split: str):
     try:
         yield from iterator
     except decode_errors as e:
-        bad = undecodable(src, split)
+        bad = undecodable(recs)
         if not bad:
             raise
         raise DataError(
-            f"{src.name} [{split}]: {len(bad)}{'+' if len(bad) >= 20 else ''} image(s) cannot "
+            f"{what}: {len(bad)}{'+' if len(bad) >= 20 else ''} image(s) cannot "
             f"be decoded: {describe(bad)}. Remove or replace them (the decoder said: "
             f"{e.message.splitlines()[0] if hasattr(e, 'message') else e})"
         ) from None
 
 
-def train_batches(src: Source, split: str, local_batch: int, size: int, seed: int,
+def example_at(positions, n: int, seed: int):
+    """The example indices at global `positions` (int64 tensor) of a stream over `n` examples:
+    a fresh permutation of `n` per epoch, drawn from `(seed, epoch)`."""
+    import tensorflow as tf
+
+    epoch = positions // n
+    seeds = tf.stack([tf.fill(tf.shape(epoch), tf.constant(seed, tf.int64)), epoch,
+                      tf.zeros_like(epoch)], -1)
+    return tf.raw_ops.RandomIndexShuffle(index=positions % n, seed=seeds,
+                                         max_index=tf.fill(tf.shape(epoch), tf.constant(
+                                             n - 1, tf.int64)), rounds=4)
+
+
+def stream_key(seed: int, stream: int):
+    """The first half of a stateless seed `(key, position)` for one random stream of the
+    run: distinct for every (seed, stream) with 0 <= stream < 8."""
+    return seed * 8 + stream
+
+
+def train_batches(recs: Records, local_batch: int, global_batch: int, size: int, seed: int,
                   augment: Augment, start_step: int = 0, process_index: int = 0,
-                  process_count: int = 1, cache: bool | None = None,
-                  shuffle_buffer: int = 50_000) -> Iterator[dict[str, np.ndarray]]:
-    """Endless training batches `{'image': uint8 (B, size, size, 3), 'label': int32 (B,)}`
-    for this process, from step `start_step` on (see the module docstring)."""
+                  what: str = "train") -> Iterator[dict[str, np.ndarray]]:
+    """Endless training batches: this process's rows of global batches `start_step`,
+    `start_step + 1`, ... (see the module docstring), as `{'image': uint8 (B, size, size, 3),
+    'label': int32 (B,), 'flip': bool (B,)}`. The flip is applied on the device, by the step
+    (`train_step.StepConfig.inputs`), where it costs nothing; on the host it cost ~8% of the
+    pipeline's time."""
     import tensorflow as tf
     import tensorflow_datasets as tfds
 
-    # tf.data combines an op's seed with TensorFlow's global seed, which other code in the
-    # process (Keras's set_random_seed, ...) may have set: fix it, so that the order depends on
-    # `seed` alone and a resumed process sees the batches of the process it replaces.
-    tf.random.set_seed(seed)
-    n = src.process_examples(split, process_count)[process_index]
-    if n < local_batch:
-        raise DataError(f"{src.name} [{split}] has {n} examples for this process, fewer than "
-                        f"its batch of {local_batch}; use a smaller batch_size")
-    ds = src.read(split, process_index, process_count).map(
-        lambda ex: {"image": ex["image"], "label": ex["label"]})
-    # Small datasets stay in memory, encoded (decoding happens after the skip).
-    if cache if cache is not None else n <= 100_000:
-        ds = ds.cache()
-    ds = ds.shuffle(min(n, shuffle_buffer), seed=seed, reshuffle_each_iteration=True).repeat()
-    ds = ds.enumerate().skip(start_step * local_batch)
-    base = tf.constant([seed, process_index], tf.int64)
+    if recs.n < global_batch:
+        raise DataError(f"{what} has {recs.n} examples, fewer than the global batch of "
+                        f"{global_batch}; use a smaller batch_size")
+    n, b, first = recs.n, local_batch, process_index * local_batch
+    box_key, flip_key = stream_key(seed, BOX_STREAM), stream_key(seed, FLIP_STREAM)
+    area = tuple(augment.area) if augment.area is not None else None
 
-    def prepare(i, ex):
-        example_seed = tf.random.experimental.stateless_fold_in(base, i)
-        image = train_image(_decode(ex["image"]), size, augment, example_seed)
-        return {"image": image, "label": tf.cast(ex["label"], tf.int32)}
+    def positions(step):  # this process's rows of global batch `step`, vectorised
+        p = step * global_batch + first + tf.range(b, dtype=tf.int64)
+        return {"position": p, "index": example_at(p, n, seed)}
 
+    def prepare(ex):
+        p = ex["position"]
+        data, label = recs.lookup(ex["index"])
+        image = images.train_image(data, size, tf.stack([tf.constant(box_key, tf.int64), p]),
+                                   area, augment.aspect)
+        flip = (images.flip(tf.stack([tf.constant(flip_key, tf.int64), p])) if augment.flip
+                else tf.constant(False))
+        return {"image": image, "label": tf.cast(label, tf.int32), "flip": flip}
+
+    ds = tf.data.Dataset.range(start_step, 2**62).map(positions).unbatch()
     ds = ds.map(prepare, num_parallel_calls=AUTOTUNE, deterministic=True)
-    ds = _options(ds.batch(local_batch, drop_remainder=True).prefetch(AUTOTUNE))
-    return _checked(tfds.as_numpy(ds), src, split)
+    ds = _options(ds.batch(b, drop_remainder=True).prefetch(AUTOTUNE))
+    return _checked(tfds.as_numpy(ds), recs, what)
 
 
-def eval_batches(src: Source, split: str, local_batch: int, size: int,
-                 crop_fraction: float = 0.875, process_index: int = 0,
-                 process_count: int = 1) -> tuple[Iterator[dict[str, np.ndarray]], int]:
-    """One pass over `split`: `(batches, count)` with `{'image', 'label', 'mask'}` batches, the
+def process_share(n: int, process_index: int, process_count: int) -> tuple[int, int]:
+    """[start, stop) of the examples that process `process_index` evaluates."""
+    bounds = [n * k // process_count for k in range(process_count + 1)]
+    return bounds[process_index], bounds[process_index + 1]
+
+
+def eval_batches(recs: Records, local_batch: int, size: int, crop_fraction: float = 0.875,
+                 process_index: int = 0, process_count: int = 1,
+                 what: str = "eval") -> tuple[Iterator[dict[str, np.ndarray]], int]:
+    """One pass over `recs`: `(batches, count)` with `{'image', 'label', 'mask'}` batches, the
     last padded; `count` batches on every process."""
     import tensorflow as tf
     import tensorflow_datasets as tfds
 
-    per_process = src.process_examples(split, process_count)
-    count = math.ceil(max(per_process) / local_batch)
+    count = math.ceil(max(b - a for a, b in (process_share(recs.n, k, process_count)
+                                             for k in range(process_count))) / local_batch)
+    start, stop = process_share(recs.n, process_index, process_count)
 
-    def prepare(ex):
-        return {"image": eval_image(_decode(ex["image"]), size, crop_fraction),
-                "label": tf.cast(ex["label"], tf.int32)}
+    def prepare(i):
+        data, label = recs.lookup(i)
+        return {"image": images.eval_image(data, size, crop_fraction),
+                "label": tf.cast(label, tf.int32)}
 
-    ds = src.read(split, process_index, process_count)
+    ds = tf.data.Dataset.range(start, stop)
     ds = ds.map(prepare, num_parallel_calls=AUTOTUNE, deterministic=True)
     ds = _options(ds.batch(local_batch).prefetch(AUTOTUNE))
 
     def batches():
         done = 0
-        for b in _checked(tfds.as_numpy(ds), src, split):
+        for b in _checked(tfds.as_numpy(ds), recs, what):
             yield pad(b, local_batch)
             done += 1
         empty = {"image": np.zeros((local_batch, size, size, 3), np.uint8),
@@ -197,7 +187,7 @@ def pad(batch: dict, size: int) -> dict:
     return {**pad, "mask": mask}
 
 
-def check_split(src: Source, split: str) -> int:
+def check_split(src, split: str) -> int:
     """Examples in `split`, or a DataError that lists the dataset's splits."""
     n = src.num_examples(split)
     if n == 0:

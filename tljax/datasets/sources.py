@@ -1,17 +1,19 @@
 """Where the images come from: a TFDS dataset by name, `digits`, or a local folder.
 
-`source(name, data_dir)` returns a `Source` whose `read(split)` gives undecoded examples
-(`image` bytes, `label`, and `image/filename` for folders), so that the input pipeline decodes
-them itself, after shuffling and skipping, and can name a file that does not decode.
+`source(name, data_dir)` returns a `Source`: the dataset's splits and classes, and
+`records(split, budget)`, random access to a split's encoded examples (`tljax.datasets.records`)
+that the input pipeline decodes itself, in the order its seed gives, and can name a file that
+does not decode.
 
 Dataset names:
 - `digits`: scikit-learn's handwritten digits as a TFDS builder (`tljax.datasets.digits`); no
   download, prepared in `data_dir` in seconds.
 - `folder:/path/to/images`: a folder with one sub-folder of images per class (then a fixed
-  held-out share becomes the `validation` split), or with split folders holding the class
-  folders (`train/cat/1.jpg`, `test/cat/7.jpg`), read with TFDS's `ImageFolder`.
+  held-out share, drawn with seed 0, becomes the `validation` split), or with split folders
+  holding the class folders (`train/cat/1.jpg`, `test/cat/7.jpg`).
 - any other name: a TFDS dataset (`tf_flowers`, `cifar10`, `oxford_iiit_pet`, `imagenette`, ...),
-  from `data_dir` when prepared there, else downloaded and prepared by TFDS (`download=True`).
+  from `data_dir` when prepared there, else downloaded and prepared by TFDS (`download=True`)
+  as ArrayRecord, which the pipeline reads with random access whatever its size.
 """
 
 from __future__ import annotations
@@ -21,8 +23,12 @@ import difflib
 import logging
 import math
 import os
-import tempfile
-from collections.abc import Sequence
+import types
+from collections.abc import Callable, Sequence
+
+import numpy as np
+
+from tljax.datasets import records as records_
 
 log = logging.getLogger("tljax.datasets")
 
@@ -37,61 +43,45 @@ class DataError(ValueError):
 
 @dataclasses.dataclass
 class Source:
-    """A dataset: its splits, classes, and a reader of undecoded examples."""
+    """A dataset: its splits, classes, and random access to each split's encoded examples."""
 
     name: str
-    builder: object  # tfds.core.DatasetBuilder
     splits: dict[str, int]  # split name -> number of examples
     class_names: list[str]
-    holdout: int = 0  # folder with class sub-folders only: the first `holdout` are validation
+    _records: Callable[[str, int], records_.Records]  # (split, budget bytes) -> Records
+    _bytes: Callable[[str], int]  # split -> its encoded size (estimated for TFDS slices)
+    builder: object = None  # tfds.core.DatasetBuilder, for TFDS datasets
 
     @property
     def num_classes(self) -> int:
         return len(self.class_names)
 
     def num_examples(self, split: str) -> int:
+        return sum((to or n) - (start or 0)
+                   for _, start, to, n in self._instructions(split))
+
+    def _instructions(self, split: str) -> list[tuple[str, int | None, int | None, int]]:
+        import tensorflow_datasets as tfds
+
+        infos = {s: types.SimpleNamespace(num_examples=n) for s, n in self.splits.items()}
         try:
-            if self.holdout:
-                return self.splits[split]
-            return int(self.builder.info.splits[split].num_examples)
-        except (KeyError, ValueError, AssertionError) as e:
-            slices = "" if self.holdout else ". TFDS slices such as 'train[:90%]' work too"
+            spans = tfds.core.ReadInstruction.from_spec(split).to_absolute(infos)
+        except (KeyError, ValueError, AssertionError, AttributeError) as e:
             raise DataError(
                 f"dataset {self.name!r} has no split {split!r} ({e}); its splits are "
-                f"{', '.join(self.splits)}{slices}"
+                f"{', '.join(self.splits)}; slices such as 'train[:90%]' work too"
             ) from None
+        return [(i.splitname, i.from_, i.to, self.splits[i.splitname]) for i in spans]
 
-    def process_split(self, split: str, index: int, count: int) -> str:
-        """The part of `split` that process `index` of `count` reads (TFDS even splits)."""
-        if count == 1 or self.holdout:
-            return split
-        import tensorflow_datasets as tfds
+    def encoded_bytes(self, split: str) -> int:
+        return self._bytes(split)
 
-        return tfds.even_splits(split, n=count, drop_remainder=False)[index]
-
-    def read(self, split: str, index: int = 0, count: int = 1):
-        """Undecoded examples of this process's part of `split`, in a fixed order."""
-        import tensorflow_datasets as tfds
-
-        skip = {"image": tfds.decode.SkipDecoding()}
-        if self.holdout:
-            ds = self.builder.as_dataset(split="train", decoders=skip, shuffle_files=False)
-            ds = ds.take(self.holdout) if split == "validation" else ds.skip(self.holdout)
-            return ds.shard(count, index) if count > 1 else ds
+    def records(self, split: str, budget_bytes: int) -> records_.Records:
+        """Random access to `split`: in memory when its encoded size fits `budget_bytes`."""
         self.num_examples(split)  # a clear error for an unknown split
-        return self.builder.as_dataset(
-            split=self.process_split(split, index, count), decoders=skip, shuffle_files=False,
-            read_config=tfds.ReadConfig(interleave_cycle_length=1, add_tfds_id=False),
-        )
-
-    def process_examples(self, split: str, count: int) -> list[int]:
-        """Examples each of `count` processes reads from `split`."""
-        if count == 1:
-            return [self.num_examples(split)]
-        if self.holdout:
-            n = self.splits[split]
-            return [n // count + (i < n % count) for i in range(count)]
-        return [self.num_examples(self.process_split(split, i, count)) for i in range(count)]
+        r = self._records(split, budget_bytes)
+        log.info("%s [%s]: %d examples, read %s", self.name, split, r.n, r.where)
+        return r
 
     def default_splits(self) -> tuple[str, str]:
         """(train, eval) splits when the config leaves them to the dataset."""
@@ -121,16 +111,20 @@ def source(name: str, data_dir: str | None = None, download: bool = True,
         if not download and name not in BUILTIN:
             raise DataError(
                 f"dataset {name!r} is not prepared in {builder.data_dir} and download is off; "
-                f"prepare it with `tfds build {name} --data_dir DIR` or allow the download"
+                f"prepare it with `tfds build {name} --data_dir DIR --file_format=array_record`"
+                f" or allow the download"
             )
-        log.info("preparing %s in %s", name, builder.data_dir)
+        # ArrayRecord: random access, so that any size trains without a memory cache.
+        builder = tfds.builder(name, data_dir=data_dir, file_format="array_record")
+        log.info("preparing %s in %s (ArrayRecord)", name, builder.data_dir)
         try:
             builder.download_and_prepare()
         except Exception as e:  # network, manual download, disk: the user needs the cause
             raise DataError(
                 f"could not download and prepare {name!r} into {builder.data_dir}: "
                 f"{type(e).__name__}: {e}. Prepare it where there is network "
-                f"(`tfds build {name} --data_dir DIR`) and pass that data_dir"
+                f"(`tfds build {name} --data_dir DIR --file_format=array_record`) and pass "
+                f"that data_dir"
             ) from None
     features = builder.info.features
     if "image" not in features or "label" not in features:
@@ -139,7 +133,54 @@ def source(name: str, data_dir: str | None = None, download: bool = True,
             f"dataset with 'image' and 'label' features is needed"
         )
     splits = {s: int(i.num_examples) for s, i in builder.info.splits.items()}
-    return Source(name, builder, splits, list(features["label"].names))
+    sizes = {s: int(i.num_bytes) for s, i in builder.info.splits.items()}
+    src = Source(name, splits, list(features["label"].names), None, None, builder)
+
+    def encoded(split: str) -> int:
+        # Slices share their split's bytes in proportion to their examples.
+        return int(sum(sizes[s] * ((to or n) - (start or 0)) / max(n, 1)
+                       for s, start, to, n in src._instructions(split)))
+
+    src._bytes = encoded
+    src._records = lambda split, budget: _tfds_records(src, split, budget)
+    return src
+
+
+def _tfds_records(src: Source, split: str, budget: int) -> records_.Records:
+    import tensorflow_datasets as tfds
+
+    builder = src.builder
+    size = src.encoded_bytes(split)
+    skip = {"image": tfds.decode.SkipDecoding()}
+    fmt = str(getattr(builder.info.file_format, "value", builder.info.file_format))
+    n = src.num_examples(split)
+    if fmt == "array_record":
+        data = builder.as_data_source(split=split, decoders=skip)
+        if size > budget:
+            return records_.array_records(data, f"ArrayRecord, {records_.gib(size)}")
+        examples = (data[i] for i in range(n))
+    elif size <= budget:
+        examples = tfds.as_numpy(builder.as_dataset(
+            split=split, decoders=skip, shuffle_files=False,
+            read_config=tfds.ReadConfig(interleave_cycle_length=1)))
+    else:
+        examples = None
+    if examples is not None:
+        from tqdm import tqdm
+
+        images, labels = [], []
+        for ex in tqdm(examples, total=n, leave=False, desc=f"caching {src.name} [{split}]",
+                       unit="img", disable=n < 20_000):
+            images.append(ex["image"])
+            labels.append(ex["label"])
+        return records_.memory_records(images, labels, where=f"{fmt} read once")
+    raise DataError(
+        f"{src.name} [{split}] is {records_.gib(size)} encoded, more than the cache budget "
+        f"of {records_.gib(budget)}, and is prepared as {fmt}, which has no random access. "
+        f"Convert it once to ArrayRecord (`tfds convert_format --dataset_dir "
+        f"{builder.data_dir} --out_file_format array_record`, then use the converted "
+        f"directory), or raise config.data_cache_gb above {size / 2**30:.1f}"
+    )
 
 
 def _unknown(name: str) -> str:
@@ -164,8 +205,6 @@ def _subfolders(folder: str) -> list[str]:
 
 
 def _folder(root: str, holdout_fraction: float) -> Source:
-    import tensorflow_datasets as tfds
-
     root = os.path.abspath(os.path.expanduser(root))
     if not os.path.isdir(root):
         raise DataError(f"folder dataset: {root} is not a directory")
@@ -178,35 +217,54 @@ def _folder(root: str, holdout_fraction: float) -> Source:
             f"({root}/train/cat/1.jpg); image files end in {', '.join(IMAGE_EXTENSIONS)}"
         )
     if class_layout:
-        # ImageFolder wants split folders: give it one, `train`, that is the user's folder.
-        stage = tempfile.mkdtemp(prefix="tljax_folder_")
-        os.symlink(root, os.path.join(stage, "train"))
-        builder = tfds.ImageFolder(stage)
-        n = int(builder.info.splits["train"].num_examples)
+        classes = subs
+        files = [(os.path.join(root, c, f), k) for k, c in enumerate(classes)
+                 for f in _images_in(os.path.join(root, c))]
+        n = len(files)
         holdout = max(1, math.floor(n * holdout_fraction))
         if n - holdout < 1:
             raise DataError(f"folder dataset {root}: {n} image(s) is too few to hold out "
                             f"{holdout_fraction:.0%} for validation")
-        splits = {"train": n - holdout, "validation": holdout}
-        return Source(FOLDER_PREFIX + root, builder, splits,
-                      list(builder.info.features["label"].names), holdout=holdout)
-    builder = tfds.ImageFolder(root)
-    splits = {s: int(i.num_examples) for s, i in builder.info.splits.items()}
-    return Source(FOLDER_PREFIX + root, builder, splits,
-                  list(builder.info.features["label"].names))
+        held = np.zeros(n, bool)
+        held[np.random.default_rng(0).permutation(n)[:holdout]] = True
+        by_split = {"train": [f for f, h in zip(files, held, strict=True) if not h],
+                    "validation": [f for f, h in zip(files, held, strict=True) if h]}
+    else:
+        classes = sorted({c for s in subs for c in _subfolders(os.path.join(root, s))})
+        by_split = {s: [(os.path.join(root, s, c, f), k) for k, c in enumerate(classes)
+                        if os.path.isdir(os.path.join(root, s, c))
+                        for f in _images_in(os.path.join(root, s, c))] for s in subs}
+    src = Source(FOLDER_PREFIX + root, {s: len(v) for s, v in by_split.items()}, classes,
+                 None, None)
+
+    def chosen(split: str) -> list[tuple[str, int]]:
+        return [f for s, start, to, _ in src._instructions(split)
+                for f in by_split[s][start:to]]
+
+    def records(split: str, budget: int) -> records_.Records:
+        files = chosen(split)
+        paths, labels = [f for f, _ in files], [k for _, k in files]
+        if records_.file_size(paths) <= budget:
+            return records_.memory_records(records_.read_files(paths), labels, paths,
+                                           "files read once")
+        return records_.file_records(paths, labels)
+
+    src._records = records
+    src._bytes = lambda split: records_.file_size([f for f, _ in chosen(split)])
+    return src
 
 
-def undecodable(src: Source, split: str, limit: int = 20) -> list[str]:
-    """Files (or example numbers) of `split` that TensorFlow cannot decode as images."""
+def undecodable(recs: records_.Records, limit: int = 20) -> list[str]:
+    """Names of the examples of `recs` that TensorFlow cannot decode as images."""
     import tensorflow as tf
 
     bad = []
-    for i, ex in enumerate(src.read(split)):
+    for i in range(recs.n):
         try:
-            tf.io.decode_image(ex["image"], channels=3, expand_animations=False)
+            data, _ = recs.lookup(tf.constant(i, tf.int64))
+            tf.io.decode_image(data, channels=3, expand_animations=False)
         except (tf.errors.InvalidArgumentError, tf.errors.UnknownError):
-            name = ex.get("image/filename")
-            bad.append(name.numpy().decode() if name is not None else f"example {i}")
+            bad.append(recs.name(i))
             if len(bad) >= limit:
                 break
     return bad

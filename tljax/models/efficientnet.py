@@ -179,9 +179,8 @@ class MBConv(nn.Module):
                 # i.e. drop whole samples and scale the kept ones by 1 / (1 - rate).
                 # A frozen block computes what it computes at inference (Keras's
                 # `base_model(x, training=False)`): no stochastic depth there.
-                x = nn.Dropout(self.drop_rate, broadcast_dims=(1, 2, 3), name="drop")(
-                    x, deterministic=not train or self._frozen(train)
-                )
+                x = layers.Dropout(self.drop_rate, broadcast_dims=(1, 2, 3), name="drop")(
+                    x, train, deterministic=self._frozen(train))
             x = x + inputs
         return x
 
@@ -301,10 +300,17 @@ class EfficientNet(nn.Module):
         if not self.include_top:
             return layers.global_pool(x, self.pooling)
         x = jnp.mean(x, axis=(1, 2))
-        x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
+        x = layers.Dropout(self.dropout_rate)(x, train)
         return nn.Dense(
             self.num_classes, dtype=self.dtype, param_dtype=self.param_dtype, name="head"
         )(x)
+
+
+# Quarter width, half depth, no weights: squeeze-excite blocks, stochastic depth in the blocks
+# with a residual (stages 4-6 have two), the head's dropout, quick to compile. For tests and
+# smoke runs of the training program (as timm's `test_*` models).
+TestEfficientNet = functools.partial(EfficientNet, width=0.25, depth=0.5,
+                                     model_name="test_efficientnet")
 
 
 def build(name: str, **options) -> EfficientNet:

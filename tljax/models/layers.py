@@ -73,15 +73,48 @@ class TrainMode:
       bn_momentum: when set, replaces the family's moving-average momentum (Keras 0.99) for
         the layers that train. Fine-tuning a short run on images unlike ImageNet wants a
         lower one (0.9), or the moving statistics used at evaluation lag far behind.
+      batch_axis: the named device axis the batch is split over, if any: `Dropout` numbers
+        each example by its row in the global batch, so that its mask is the same however
+        the batch is split.
     Hashable, so that a jitted step can take it as a static argument.
     """
 
     frozen_bn: frozenset[str] = frozenset()
     axis_name: str | None = None
     bn_momentum: float | None = None
+    batch_axis: str | None = None
 
     def __bool__(self) -> bool:
         return True
+
+
+class Dropout(nn.Module):
+    """Dropout (`nn.Dropout`'s formula) whose mask for each example is drawn from a key of its
+    own: the layer's `dropout` key folded with the example's row in the global batch. The row
+    is the device's index on `train.batch_axis` (a `TrainMode`) times the per-device batch,
+    plus the row on the device; without an axis, the row here. So an example's mask depends on
+    the step's key and its place in the global batch, not on how many devices share the batch.
+    `broadcast_dims` share the mask (1, 2, 3: whole examples, i.e. stochastic depth)."""
+
+    rate: float
+    broadcast_dims: tuple[int, ...] = ()
+
+    @nn.compact
+    def __call__(self, x, train, deterministic: bool = False):
+        if not train or deterministic or self.rate == 0.0:
+            return x
+        if self.rate >= 1.0:
+            return jnp.zeros_like(x)
+        key = self.make_rng("dropout")
+        n = x.shape[0]
+        axis = getattr(train, "batch_axis", None)
+        first = jax.lax.axis_index(axis) * n if axis else 0
+        shape = tuple(1 if d in self.broadcast_dims else x.shape[d] for d in range(1, x.ndim))
+        keep_prob = 1.0 - self.rate
+        keep = jax.vmap(lambda row: jax.random.bernoulli(
+            jax.random.fold_in(key, row), keep_prob, shape))(first + jnp.arange(n))
+        return jax.lax.select(jnp.broadcast_to(keep, x.shape), x / keep_prob,
+                              jnp.zeros_like(x))
 
 
 class BatchNorm(nn.BatchNorm):

@@ -115,6 +115,8 @@ def _registry() -> dict[str, ModelSpec]:
             ))
     specs.append(ModelSpec("test_resnet", "resnet", resnet.TestResNet, 224, resnet.MIN_SIZE,
                            resnet.NUMERICS_V1, None, None, {}))
+    specs.append(ModelSpec("test_efficientnet", "efficientnet", efficientnet.TestEfficientNet,
+                           224, efficientnet.MIN_SIZE, efficientnet.NUMERICS, None, None, {}))
     for name, variant in efficientnet.VARIANTS.items():
         lite = "lite" in name
         b = name.rsplit("_", 1)[-1]

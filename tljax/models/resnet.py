@@ -182,7 +182,7 @@ class ResNet(nn.Module):
         if not self.include_top:
             return layers.global_pool(x, self.pooling)
         x = jnp.mean(x, axis=(1, 2))
-        x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
+        x = layers.Dropout(self.dropout_rate)(x, train)
         return nn.Dense(self.num_classes, name="head", **kw)(x)
 
 

@@ -75,7 +75,7 @@ class VGG(nn.Module):
         dense = functools.partial(nn.Dense, dtype=self.dtype, param_dtype=self.param_dtype)
         x = nn.relu(dense(4096, name="fc1")(x))
         x = nn.relu(dense(4096, name="fc2")(x))
-        x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
+        x = layers.Dropout(self.dropout_rate)(x, train)
         return dense(self.num_classes, name="head")(x)
 
 

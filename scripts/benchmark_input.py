@@ -1,0 +1,380 @@
+r"""Input pipeline throughput, time to the first batch when resuming, and peak memory.
+
+  python scripts/benchmark_input.py            # ~10 min on 2 cores; --quick: under 2 min
+  python scripts/benchmark_input.py --json out.json
+
+Makes a folder of JPEGs from scikit-image's photos (ImageNet-like: ~500x375 at quality 90; and
+a large-photo variant, ~3000x2000 phone photos), then measures in one process, side by side:
+- tljax's training and evaluation paths (`tljax.datasets.pipeline`), reading from memory and
+  from the files;
+- the previous path (tljax before the crop-in-decoder change): the whole JPEG decoded, cropped,
+  resized with antialiasing;
+- a reference tf.data pipeline: `tf.io.decode_and_crop_jpeg` on the sampled box, bilinear
+  resize without antialiasing (the usual ImageNet input of TF/JAX codebases).
+Throughput is images/s over all cores and per core (TensorFlow uses them all). Then the time to
+the first batch of a run started at step 0, 10^4 and 10^6 on the folder, and on the same
+images prepared as a TFDS ArrayRecord dataset larger than the cache budget; and the peak RSS of
+a pass over a large-photo folder whose encoded size is 4x the cache budget given.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+
+def photos() -> list[np.ndarray]:
+    """scikit-image's colour photos (the cat, the astronaut, coffee, ...)."""
+    from skimage import data
+
+    out = []
+    for name in ("chelsea", "astronaut", "coffee", "rocket", "hubble_deep_field",
+                 "immunohistochemistry", "retina", "cat", "colorwheel", "logo"):
+        try:
+            img = getattr(data, name)()
+        except Exception:  # an image a scikit-image version lacks, or one needing pooch
+            continue
+        if img.ndim == 3 and img.shape[2] >= 3:
+            out.append(np.ascontiguousarray(img[..., :3]))
+    return out
+
+
+def make_folder(root: str, count: int, long_side: tuple[int, int], seed: int = 0,
+                classes: int = 10, quality: int = 90) -> int:
+    """`count` JPEGs in `classes` sub-folders, long side in `long_side`, aspect 4:3 or 3:4
+    (+-10%). Each is a mosaic of tiles cut from the photos at their own resolution (never
+    enlarged), flipped at random, with mild sensor-like noise, so that its detail and its JPEG
+    size are those of a camera photo rather than of an enlarged small one. Returns the total
+    bytes."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    base = photos()
+    grain = np.round(rng.normal(0.0, 5.0, (256, 256, 3))).astype(np.int16)
+    total = 0
+    for c in range(classes):
+        os.makedirs(os.path.join(root, f"class_{c:02d}"), exist_ok=True)
+    for i in range(count):
+        long = int(rng.integers(*long_side))
+        aspect = (4 / 3 if rng.random() < 0.7 else 3 / 4) * rng.uniform(0.9, 1.1)
+        w, h = (long, int(long / aspect)) if aspect > 1 else (int(long * aspect), long)
+        canvas = np.empty((h, w, 3), np.uint8)
+        tile = int(rng.integers(160, 320))
+        for top in range(0, h, tile):
+            for left in range(0, w, tile):
+                img = base[rng.integers(len(base))]
+                th, tw = min(tile, h - top), min(tile, w - left)
+                y = rng.integers(0, img.shape[0] - th + 1) if img.shape[0] >= th else 0
+                x = rng.integers(0, img.shape[1] - tw + 1) if img.shape[1] >= tw else 0
+                part = img[y:y + th, x:x + tw]
+                if rng.random() < 0.5:
+                    part = part[:, ::-1]
+                ph, pw = part.shape[:2]
+                canvas[top:top + th, left:left + tw] = np.pad(
+                    part, ((0, th - ph), (0, tw - pw), (0, 0)), mode="reflect")
+        dy, dx = rng.integers(0, 256, 2)
+        noise = np.tile(grain, (h // 256 + 2, w // 256 + 2, 1))[dy:dy + h, dx:dx + w]
+        canvas = np.clip(canvas + noise, 0, 255).astype(np.uint8)
+        buf = io.BytesIO()
+        Image.fromarray(canvas).save(buf, "JPEG", quality=quality)
+        path = os.path.join(root, f"class_{i % classes:02d}", f"{i:06d}.jpg")
+        with open(path, "wb") as f:
+            f.write(buf.getvalue())
+        total += buf.tell()
+    return total
+
+
+# ----------------------------------------------------------------------------- the pipelines
+
+
+def _paths_labels(root: str):
+    paths, labels = [], []
+    for k, c in enumerate(sorted(os.listdir(root))):
+        for f in sorted(os.listdir(os.path.join(root, c))):
+            paths.append(os.path.join(root, c, f))
+            labels.append(k)
+    return paths, labels
+
+
+def reference(paths, labels, batch: int, size: int, train: bool):
+    """decode_and_crop_jpeg on the sampled box (training) or the central 87.5% (evaluation),
+    bilinear resize without antialiasing."""
+    import tensorflow as tf
+
+    def prepare(path, label, i):
+        data = tf.io.read_file(path)
+        shape = tf.io.extract_jpeg_shape(data)
+        if train:
+            seed = tf.random.experimental.stateless_fold_in([0, 1], i)
+            begin, extent, _ = tf.image.stateless_sample_distorted_bounding_box(
+                shape, tf.constant([[[0.0, 0.0, 1.0, 1.0]]]), seed=seed,
+                min_object_covered=0.0, aspect_ratio_range=(3 / 4, 4 / 3),
+                area_range=(0.08, 1.0), max_attempts=10, use_image_if_no_bounding_boxes=True)
+            window = tf.stack([begin[0], begin[1], extent[0], extent[1]])
+        else:
+            side = tf.cast(tf.cast(tf.reduce_min(shape[:2]), tf.float32) * 0.875, tf.int32)
+            window = tf.stack([(shape[0] - side) // 2, (shape[1] - side) // 2, side, side])
+        image = tf.io.decode_and_crop_jpeg(data, window, channels=3)
+        image = tf.image.resize(image, (size, size), method="bilinear")
+        if train:
+            image = tf.image.stateless_random_flip_left_right(image, seed=[i, 2])
+        return {"image": tf.cast(image, tf.uint8), "label": label}
+
+    n = len(paths)
+    ds = tf.data.Dataset.from_tensor_slices((paths, labels, np.arange(n, dtype=np.int64)))
+    ds = ds.repeat() if train else ds
+    ds = ds.map(prepare, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    return ds.batch(batch, drop_remainder=train).prefetch(tf.data.AUTOTUNE)
+
+
+def previous(paths, labels, batch: int, size: int, train: bool):
+    """tljax's path before this change: whole decode, crop, antialiased resize."""
+    import tensorflow as tf
+
+    def prepare(path, label, i):
+        image = tf.io.decode_image(tf.io.read_file(path), channels=3, expand_animations=False)
+        if train:
+            seed = tf.random.experimental.stateless_fold_in([0, 1], i)
+            begin, extent, _ = tf.image.stateless_sample_distorted_bounding_box(
+                tf.shape(image), tf.constant([[[0.0, 0.0, 1.0, 1.0]]]), seed=seed,
+                min_object_covered=0.0, aspect_ratio_range=(3 / 4, 4 / 3),
+                area_range=(0.08, 1.0), max_attempts=10, use_image_if_no_bounding_boxes=True)
+            image = tf.image.resize(tf.slice(image, begin, extent), (size, size),
+                                    antialias=True)
+            image = tf.image.stateless_random_flip_left_right(image, seed=[i, 2])
+        else:
+            shape = tf.cast(tf.shape(image)[:2], tf.float32)
+            new = tf.cast(tf.math.ceil(shape * (size / 0.875) / tf.reduce_min(shape)), tf.int32)
+            image = tf.image.resize(image, new, antialias=True)
+            top, left = (new[0] - size) // 2, (new[1] - size) // 2
+            image = image[top:top + size, left:left + size]
+        image = tf.cast(tf.clip_by_value(tf.round(image), 0.0, 255.0), tf.uint8)
+        return {"image": image, "label": label}
+
+    n = len(paths)
+    ds = tf.data.Dataset.from_tensor_slices((paths, labels, np.arange(n, dtype=np.int64)))
+    ds = ds.repeat() if train else ds
+    ds = ds.map(prepare, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    return ds.batch(batch, drop_remainder=train).prefetch(tf.data.AUTOTUNE)
+
+
+def tljax_source(root: str, budget_gb: float):
+    from tljax import datasets
+    from tljax.datasets import records
+
+    src = datasets.source(f"folder:{root}", holdout_fraction=0.0001)
+    return src.records("train", records.budget(budget_gb))
+
+
+def tljax_pipeline(recs, batch: int, size: int, train: bool, start_step: int = 0):
+    from tljax.datasets import pipeline
+
+    if train:
+        return pipeline.train_batches(recs, batch, batch, size, 0, pipeline.Augment(),
+                                      start_step)
+    return pipeline.eval_batches(recs, batch, size, 0.875)[0]
+
+
+def rate(batches, seconds: float, warmup: float = 1.5) -> float:
+    """Images/s over `seconds` after `warmup` seconds (tf.data tunes its parallelism first);
+    a finite stream (evaluation) is restarted by the caller's `batches` factory."""
+    it = iter(batches())
+    t = time.perf_counter()
+    while time.perf_counter() - t < warmup:
+        if next(it, None) is None:
+            it = iter(batches())
+    t, done = time.perf_counter(), 0
+    while time.perf_counter() - t < seconds:
+        b = next(it, None)
+        if b is None:
+            it = iter(batches())
+            continue
+        done += len(b["label"])
+    return done / (time.perf_counter() - t)
+
+
+def numpy_batches(ds):
+    import tensorflow_datasets as tfds
+
+    return tfds.as_numpy(ds)
+
+
+# ----------------------------------------------------------------------------- the measures
+
+
+def throughput(root: str, batch: int, size: int, seconds: float, repeats: int) -> list[dict]:
+    """Images/s of each pipeline, training and evaluation, interleaved `repeats` times. An
+    evaluation pass is over the folder 20 times over, so that building the pipeline is not
+    what is timed."""
+    from tljax.datasets import records
+
+    paths, labels = _paths_labels(root)
+    memory = tljax_source(root, 64.0)
+    files = tljax_source(root, 0.0)
+    eval_paths, eval_labels = paths * 20, labels * 20
+    eval_memory = records.memory_records(records.read_files(paths) * 20, eval_labels)
+    eval_files = records.file_records(eval_paths, eval_labels)
+    def cases(train: bool) -> dict:
+        p, y = (paths, labels) if train else (eval_paths, eval_labels)
+        mem, disk = (memory, files) if train else (eval_memory, eval_files)
+        return {
+            "tljax (memory)": lambda: tljax_pipeline(mem, batch, size, train),
+            "tljax (files)": lambda: tljax_pipeline(disk, batch, size, train),
+            "previous tljax": lambda: numpy_batches(previous(p, y, batch, size, train)),
+            "reference decode_and_crop": lambda: numpy_batches(
+                reference(p, y, batch, size, train)),
+        }
+
+    rows = {}
+    for _ in range(repeats):
+        for train in (True, False):
+            for name, make in cases(train).items():
+                rows.setdefault(("train" if train else "eval", name), []).append(
+                    rate(make, seconds))
+    cores = os.cpu_count() or 1
+    out = []
+    for (kind, name), rates in rows.items():
+        ref = np.median(rows[(kind, "reference decode_and_crop")])
+        out.append({"path": kind, "pipeline": name, "img_per_s": float(np.median(rates)),
+                    "img_per_s_per_core": float(np.median(rates)) / cores,
+                    "vs_reference": float(np.median(rates) / ref), "runs": rates})
+    return out
+
+
+def first_batch(recs, batch: int, size: int, steps=(0, 10**4, 10**6)) -> dict:
+    out = {}
+    for s in steps:
+        t = time.perf_counter()
+        next(iter(tljax_pipeline(recs, batch, size, True, start_step=s)))
+        out[str(s)] = time.perf_counter() - t
+    return out
+
+
+def prepare_array_record(root: str, data_dir: str) -> str:
+    """The folder as a TFDS ArrayRecord dataset (`tfds build` of an ImageFolder-like builder),
+    the way the README tells users to prepare large datasets."""
+    import tensorflow_datasets as tfds
+
+    paths, labels = _paths_labels(root)
+    classes = sorted(os.listdir(root))
+
+    class BenchFolder(tfds.core.GeneratorBasedBuilder):
+        VERSION = tfds.core.Version("1.0.0")
+
+        def _info(self):
+            return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
+                "image": tfds.features.Image(), "label": tfds.features.ClassLabel(
+                    names=classes)}), supervised_keys=("image", "label"))
+
+        def _split_generators(self, dl_manager):
+            return {"train": self._generate_examples()}
+
+        def _generate_examples(self):
+            for i, (p, k) in enumerate(zip(paths, labels, strict=True)):
+                yield i, {"image": p, "label": k}
+
+    builder = BenchFolder(data_dir=data_dir, file_format="array_record")
+    builder.download_and_prepare()
+    return builder.name
+
+
+def peak_rss_of_pass(root: str, budget_gb: float, batch: int, size: int, images: int) -> dict:
+    """Peak RSS (MiB) of a child process that trains over `images` images of `root` with a
+    cache budget of `budget_gb`."""
+    code = (
+        "import resource, sys, time; sys.path.insert(0, {root!r})\n"
+        "from scripts.benchmark_input import tljax_source, tljax_pipeline\n"
+        "recs = tljax_source({folder!r}, {budget!r})\n"
+        "it = tljax_pipeline(recs, {batch}, {size}, True); done = 0; t = time.perf_counter()\n"
+        "while done < {images}: done += len(next(it)['label'])\n"
+        "print(recs.where, '|', done / (time.perf_counter() - t), '|',"
+        " resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)\n"
+    ).format(root=ROOT, folder=root, budget=budget_gb, batch=batch, size=size, images=images)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"))
+    where, rate_, rss = out.stdout.strip().splitlines()[-1].split(" | ")
+    return {"budget_gb": budget_gb, "read": where, "img_per_s": float(rate_),
+            "peak_rss_mib": float(rss)}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog=__doc__.split("\n\n", 1)[1])
+    p.add_argument("--quick", action="store_true", help="fewer images and one repeat (<2 min)")
+    p.add_argument("--images", type=int, default=0, help="JPEGs in the folder (default 2000, "
+                   "--quick 400)")
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--size", type=int, default=224)
+    p.add_argument("--repeats", type=int, default=0, help="interleaved repeats (default 3, "
+                   "--quick 1)")
+    p.add_argument("--json", help="also write the figures here")
+    a = p.parse_args(argv)
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    n = a.images or (400 if a.quick else 2000)
+    repeats = a.repeats or (1 if a.quick else 3)
+    work = tempfile.mkdtemp(prefix="tljax_bench_input_")
+    folder = os.path.join(work, "imagenet_like")
+    t = time.perf_counter()
+    size_bytes = make_folder(folder, n, (400, 520))
+    print(f"made {n} ImageNet-like JPEGs ({size_bytes / 2**20:.0f} MiB) in "
+          f"{time.perf_counter() - t:.0f} s; {os.cpu_count()} cores")
+    results = {"cores": os.cpu_count(), "images": n, "batch": a.batch, "size": a.size}
+
+    rows = throughput(folder, a.batch, a.size, 2.0 if a.quick else 5.0, repeats)
+    results["throughput"] = rows
+    print(f"\nimages/s, batch {a.batch}, {a.size}x{a.size}, median of {repeats} "
+          f"(per core = all cores / {os.cpu_count()})")
+    print(f"{'path':6} {'pipeline':28} {'img/s':>8} {'per core':>9} {'vs reference':>13}")
+    for r in rows:
+        print(f"{r['path']:6} {r['pipeline']:28} {r['img_per_s']:8.0f} "
+              f"{r['img_per_s_per_core']:9.0f} {r['vs_reference']:12.2f}x")
+
+    recs = tljax_source(folder, 0.0)
+    fb = {"folder (files)": first_batch(recs, a.batch, a.size)}
+    data_dir = os.path.join(work, "tfds")
+    name = prepare_array_record(folder, data_dir)
+    from tljax import datasets
+
+    src = datasets.source(name, data_dir, download=False)
+    fb["TFDS ArrayRecord (from disk)"] = first_batch(src.records("train", 0), a.batch, a.size)
+    results["first_batch_s"] = fb
+    print("\ntime to the first batch (s) of a run started at step:")
+    print(f"{'':32} {'0':>8} {'10^4':>8} {'10^6':>8}")
+    for k, v in fb.items():
+        print(f"{k:32} {v['0']:8.2f} {v['10000']:8.2f} {v['1000000']:8.2f}")
+
+    large = os.path.join(work, "large_photos")
+    n_large = 60 if a.quick else 200
+    large_bytes = make_folder(large, n_large, (2800, 3200), seed=1, quality=92)
+    budget = large_bytes / 4 / 2**30
+    rss = [peak_rss_of_pass(large, budget, 16, a.size, n_large),
+           peak_rss_of_pass(large, 64.0, 16, a.size, n_large)]
+    results["large_photos"] = {"images": n_large, "encoded_mib": large_bytes / 2**20,
+                               "runs": rss}
+    print(f"\nlarge photos: {n_large} JPEGs ~3000x2250, {large_bytes / 2**20:.0f} MiB encoded")
+    print(f"{'cache budget':>14} {'read':50} {'img/s':>7} {'peak RSS MiB':>13}")
+    for r in rss:
+        print(f"{r['budget_gb'] * 1024:10.0f} MiB {r['read'][:50]:50} {r['img_per_s']:7.0f} "
+              f"{r['peak_rss_mib']:13.0f}")
+    results["peak_rss_mib_self"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(results, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,117 @@
+"""Encoded image -> uint8 RGB at the model's input size, as TensorFlow ops for `tf.data`.
+
+Training takes a random resized crop (the box drawn as `tf.image.sample_distorted_bounding_box`
+draws it, from a stateless seed); evaluation the central square of `crop_fraction` of the
+shorter side. Both resize the box to `size` x `size`.
+
+A JPEG is never decoded whole. Its header gives the image's shape, the box is drawn on that
+shape, and `decode_and_crop_jpeg` decodes only the blocks the box covers, at the largest DCT
+scale (1/2, 1/4 or 1/8) that keeps both sides of the box at least `size` pixels (the box is
+then snapped to multiples of the scale: less than one output pixel). A bilinear resize
+finishes it; after the scaled decode it shrinks by less than 2x, so it needs no antialiasing.
+Other formats (PNG, BMP, GIF) are decoded whole, the box drawn on the decoded shape, and
+resized with antialiasing.
+
+Each op in a `tf.data` function costs ~1.5 us of CPU and each branch ~10 us, against ~1 ms for
+the decode of an ImageNet photo, so the function is kept to one `tf.switch_case` (format and
+DCT scale) and few small ops; docs/benchmarks.md ("Input pipeline") has the measurements.
+"""
+
+from __future__ import annotations
+
+SCALES = (2, 4, 8)  # the reduced DCT scales libjpeg decodes at, besides 1
+FULL_BOX = ((0.0, 0.0, 1.0, 1.0),)
+# A valid 1x1 JPEG header: what `extract_jpeg_shape` reads in place of an image of another
+# format, so that the shape is found without a branch.
+_ONE_PIXEL_JPEG = bytes.fromhex(
+    "ffd8ffe000104a46494600010100000100010000ffdb004300080606070605080707070909080a0c140d0c0b"
+    "0b0c1912130f141d1a1f1e1d1a1c1c20242e2720222c231c1c2837292c30313434341f27393d38323c2e3334"
+    "32ffc0000b080001000101011100ffc4001f0000010501010101010100000000000000000102030405060708"
+    "090a0bffc400b5100002010303020403050504040000017d0102030004110512213141061351610722711432"
+    "8191a1082342b1c11552d1f02433627282090a161718191a25262728292a3435363738393a43444546474849"
+    "4a535455565758595a636465666768696a737475767778797a838485868788898a92939495969798999aa2a3"
+    "a4a5a6a7a8a9aab2b3b4b5b6b7b8b9bac2c3c4c5c6c7c8c9cad2d3d4d5d6d7d8d9dae1e2e3e4e5e6e7e8e9ea"
+    "f1f2f3f4f5f6f7f8f9faffda0008010100003f00fbd3ffd9")
+
+
+def _tf():
+    import tensorflow as tf
+
+    return tf
+
+
+def random_box(shape, seed, area, aspect):
+    """`(begin, extent)` of a random-resized-crop box on an image of `shape` ((h, w, ...)), as
+    `tf.image.stateless_sample_distorted_bounding_box` returns them; `area=None`: the whole
+    image."""
+    tf = _tf()
+    full = tf.concat([shape[:2], [3]], 0)
+    if area is None:
+        return tf.zeros([3], tf.int32), full
+    begin, extent, _ = tf.image.stateless_sample_distorted_bounding_box(
+        full, bounding_boxes=tf.constant([FULL_BOX]), seed=seed, min_object_covered=0.0,
+        aspect_ratio_range=aspect, area_range=area, max_attempts=10,
+        use_image_if_no_bounding_boxes=True)
+    return begin, extent
+
+
+def central_box(shape, crop_fraction: float):
+    """`(begin, extent)` of the central square of side `crop_fraction` x the shorter side
+    (`crop_fraction >= 1`: the whole image, resized without keeping its aspect)."""
+    tf = _tf()
+    hw = shape[:2]
+    if crop_fraction >= 1.0:
+        return tf.zeros([3], tf.int32), tf.concat([hw, [3]], 0)
+    side = tf.maximum(tf.cast(tf.cast(tf.reduce_min(hw), tf.float32) * crop_fraction + 0.5,
+                              tf.int32), 1)
+    return tf.concat([(hw - side) // 2, [0]], 0), tf.stack([side, side, 3])
+
+
+def crop(data, size: int, box_of):
+    """The box `box_of(shape) -> (begin, extent)` of encoded `data`, resized to `size` x
+    `size`, uint8 RGB (see the module docstring)."""
+    tf = _tf()
+    jpeg = tf.io.is_jpeg(data)
+    shape = tf.io.extract_jpeg_shape(tf.where(jpeg, data, _ONE_PIXEL_JPEG))
+    begin, extent = box_of(shape)
+    window = tf.concat([begin[:2], extent[:2]], 0)
+    scale = tf.raw_ops.Bucketize(input=tf.reduce_min(extent[:2]),
+                                 boundaries=[float(r * size) for r in SCALES])
+    branch = tf.where(jpeg, scale + 1, 0)
+
+    def jpeg_at(r):
+        if r == 1:
+            return tf.io.decode_and_crop_jpeg(data, window, channels=3)
+        # The window in the coordinates of the scaled image, whose sides are ceil(side / r).
+        top, left = begin[0] // r, begin[1] // r
+        height = tf.minimum(extent[0] // r, (shape[0] + r - 1) // r - top)
+        width = tf.minimum(extent[1] // r, (shape[1] + r - 1) // r - left)
+        return tf.io.decode_and_crop_jpeg(data, tf.stack([top, left, height, width]),
+                                          channels=3, ratio=r)
+
+    def other():
+        image = tf.io.decode_image(data, channels=3, expand_animations=False)
+        b, e = box_of(tf.shape(image))
+        image = tf.image.resize(tf.slice(image, b, e), (size, size), antialias=True)
+        return tf.cast(tf.clip_by_value(image + 0.5, 0.0, 255.0), tf.uint8)
+
+    image = tf.switch_case(branch, [other] + [lambda r=r: jpeg_at(r) for r in (1,) + SCALES])
+    # Bilinear output lies within its inputs' range: round without clipping.
+    return tf.cast(tf.image.resize(image, (size, size)) + 0.5, tf.uint8)
+
+
+def train_image(data, size: int, seed, area=(0.08, 1.0), aspect=(3 / 4, 4 / 3)):
+    """A random resized crop of encoded `data`, drawn from the stateless `seed` (shape (2,),
+    int64): uint8 (size, size, 3). The flip is the step's (`flip`)."""
+    return crop(data, size, lambda shape: random_box(shape, seed, area, aspect))
+
+
+def eval_image(data, size: int, crop_fraction: float):
+    """The central crop of encoded `data` resized to uint8 (size, size, 3)."""
+    return crop(data, size, lambda shape: central_box(shape, crop_fraction))
+
+
+def flip(seed):
+    """A fair coin from the stateless `seed`: whether to mirror the example."""
+    tf = _tf()
+    return tf.random.stateless_uniform([], seed) < 0.5
