@@ -187,22 +187,28 @@ def tljax_pipeline(recs, batch: int, size: int, train: bool, start_step: int = 0
     return pipeline.eval_batches(recs, batch, size, 0.875)[0]
 
 
-def rate(batches, seconds: float, warmup: float = 1.5) -> float:
-    """Images/s over `seconds` after `warmup` seconds (tf.data tunes its parallelism first);
-    a finite stream (evaluation) is restarted by the caller's `batches` factory."""
+def cpu_seconds() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+def rate(batches, seconds: float, warmup: float = 1.5) -> tuple[float, float]:
+    """(images per second, images per CPU-second of this process) over `seconds`, after
+    `warmup` seconds in which tf.data tunes its parallelism; a finite stream (evaluation) is
+    restarted with the `batches` factory."""
     it = iter(batches())
     t = time.perf_counter()
     while time.perf_counter() - t < warmup:
         if next(it, None) is None:
             it = iter(batches())
-    t, done = time.perf_counter(), 0
+    t, c, done = time.perf_counter(), cpu_seconds(), 0
     while time.perf_counter() - t < seconds:
         b = next(it, None)
         if b is None:
             it = iter(batches())
             continue
         done += len(b["label"])
-    return done / (time.perf_counter() - t)
+    return done / (time.perf_counter() - t), done / (cpu_seconds() - c)
 
 
 def numpy_batches(ds):
@@ -214,7 +220,8 @@ def numpy_batches(ds):
 # ----------------------------------------------------------------------------- the measures
 
 
-def throughput(root: str, batch: int, size: int, seconds: float, repeats: int) -> list[dict]:
+def throughput(root: str, batch: int, size: int, seconds: float, repeats: int,
+               paths_only: tuple[str, ...] = ("train", "eval")) -> list[dict]:
     """Images/s of each pipeline, training and evaluation, interleaved `repeats` times. An
     evaluation pass is over the folder 20 times over, so that building the pipeline is not
     what is timed."""
@@ -224,8 +231,10 @@ def throughput(root: str, batch: int, size: int, seconds: float, repeats: int) -
     memory = tljax_source(root, 64.0)
     files = tljax_source(root, 0.0)
     eval_paths, eval_labels = paths * 20, labels * 20
-    eval_memory = records.memory_records(records.read_files(paths) * 20, eval_labels)
-    eval_files = records.file_records(eval_paths, eval_labels)
+    eval_memory = eval_files = None
+    if "eval" in paths_only:
+        eval_memory = records.memory_records(records.read_files(paths) * 20, eval_labels)
+        eval_files = records.file_records(eval_paths, eval_labels)
     def cases(train: bool) -> dict:
         p, y = (paths, labels) if train else (eval_paths, eval_labels)
         mem, disk = (memory, files) if train else (eval_memory, eval_files)
@@ -239,17 +248,19 @@ def throughput(root: str, batch: int, size: int, seconds: float, repeats: int) -
 
     rows = {}
     for _ in range(repeats):
-        for train in (True, False):
+        for train in [k == "train" for k in paths_only]:
             for name, make in cases(train).items():
                 rows.setdefault(("train" if train else "eval", name), []).append(
                     rate(make, seconds))
-    cores = os.cpu_count() or 1
     out = []
-    for (kind, name), rates in rows.items():
-        ref = np.median(rows[(kind, "reference decode_and_crop")])
-        out.append({"path": kind, "pipeline": name, "img_per_s": float(np.median(rates)),
-                    "img_per_s_per_core": float(np.median(rates)) / cores,
-                    "vs_reference": float(np.median(rates) / ref), "runs": rates})
+    for (kind, name), runs in rows.items():
+        ref = rows[(kind, "reference decode_and_crop")]
+        wall, per_cpu = np.median([w for w, _ in runs]), np.median([c for _, c in runs])
+        out.append({"path": kind, "pipeline": name, "img_per_s": float(wall),
+                    "img_per_cpu_s": float(per_cpu),
+                    "vs_reference": float(per_cpu / np.median([c for _, c in ref])),
+                    "vs_reference_wall": float(wall / np.median([w for w, _ in ref])),
+                    "runs": runs})
     return out
 
 
@@ -294,14 +305,14 @@ def peak_rss_of_pass(root: str, budget_gb: float, batch: int, size: int, images:
     """Peak RSS (MiB) of a child process that trains over `images` images of `root` with a
     cache budget of `budget_gb`."""
     code = (
-        "import resource, sys, time; sys.path.insert(0, {root!r})\n"
+        f"import resource, sys, time; sys.path.insert(0, {ROOT!r})\n"
         "from scripts.benchmark_input import tljax_source, tljax_pipeline\n"
-        "recs = tljax_source({folder!r}, {budget!r})\n"
-        "it = tljax_pipeline(recs, {batch}, {size}, True); done = 0; t = time.perf_counter()\n"
-        "while done < {images}: done += len(next(it)['label'])\n"
+        f"recs = tljax_source({root!r}, {budget_gb!r})\n"
+        f"it = tljax_pipeline(recs, {batch}, {size}, True); done = 0; t = time.perf_counter()\n"
+        f"while done < {images}: done += len(next(it)['label'])\n"
         "print(recs.where, '|', done / (time.perf_counter() - t), '|',"
         " resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)\n"
-    ).format(root=ROOT, folder=root, budget=budget_gb, batch=batch, size=size, images=images)
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"))
     where, rate_, rss = out.stdout.strip().splitlines()[-1].split(" | ")
@@ -318,13 +329,13 @@ def main(argv=None) -> int:
                    "--quick 400)")
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--size", type=int, default=224)
-    p.add_argument("--repeats", type=int, default=0, help="interleaved repeats (default 3, "
+    p.add_argument("--repeats", type=int, default=0, help="interleaved rounds (default 5, "
                    "--quick 1)")
     p.add_argument("--json", help="also write the figures here")
     a = p.parse_args(argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     n = a.images or (400 if a.quick else 2000)
-    repeats = a.repeats or (1 if a.quick else 3)
+    repeats = a.repeats or (1 if a.quick else 5)
     work = tempfile.mkdtemp(prefix="tljax_bench_input_")
     folder = os.path.join(work, "imagenet_like")
     t = time.perf_counter()
@@ -333,14 +344,16 @@ def main(argv=None) -> int:
           f"{time.perf_counter() - t:.0f} s; {os.cpu_count()} cores")
     results = {"cores": os.cpu_count(), "images": n, "batch": a.batch, "size": a.size}
 
-    rows = throughput(folder, a.batch, a.size, 2.0 if a.quick else 5.0, repeats)
+    rows = throughput(folder, a.batch, a.size, 2.0 if a.quick else 4.0, repeats)
     results["throughput"] = rows
-    print(f"\nimages/s, batch {a.batch}, {a.size}x{a.size}, median of {repeats} "
-          f"(per core = all cores / {os.cpu_count()})")
-    print(f"{'path':6} {'pipeline':28} {'img/s':>8} {'per core':>9} {'vs reference':>13}")
+    print(f"\nbatch {a.batch}, {a.size}x{a.size}, median of {repeats} interleaved rounds; "
+          f"per core: images per CPU-second of the process ({os.cpu_count()} cores)")
+    print(f"{'path':6} {'pipeline':28} {'img/s':>7} {'per core':>9} {'vs ref':>7} "
+          f"{'(wall)':>7}")
     for r in rows:
-        print(f"{r['path']:6} {r['pipeline']:28} {r['img_per_s']:8.0f} "
-              f"{r['img_per_s_per_core']:9.0f} {r['vs_reference']:12.2f}x")
+        print(f"{r['path']:6} {r['pipeline']:28} {r['img_per_s']:7.0f} "
+              f"{r['img_per_cpu_s']:9.0f} {r['vs_reference']:6.2f}x "
+              f"{r['vs_reference_wall']:6.2f}x")
 
     recs = tljax_source(folder, 0.0)
     fb = {"folder (files)": first_batch(recs, a.batch, a.size)}
@@ -359,6 +372,13 @@ def main(argv=None) -> int:
     large = os.path.join(work, "large_photos")
     n_large = 60 if a.quick else 200
     large_bytes = make_folder(large, n_large, (2800, 3200), seed=1, quality=92)
+    large_rows = throughput(large, 16, a.size, 2.0 if a.quick else 4.0, 1 if a.quick else 3,
+                            ("train",))
+    results["large_photos_throughput"] = large_rows
+    print("\nlarge photos, training path, batch 16 (per core: images per CPU-second)")
+    for r in large_rows:
+        print(f"{r['pipeline']:28} {r['img_per_s']:7.0f} img/s {r['img_per_cpu_s']:7.0f} per core "
+              f"{r['vs_reference']:6.2f}x")
     budget = large_bytes / 4 / 2**30
     rss = [peak_rss_of_pass(large, budget, 16, a.size, n_large),
            peak_rss_of_pass(large, 64.0, 16, a.size, n_large)]

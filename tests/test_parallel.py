@@ -298,3 +298,36 @@ def test_two_processes_of_four_devices_equal_one_process_of_eight(devices, tmp_p
     for form in ("pmap", "shard_map"):
         got = dict(np.load(out.replace(".npz", f"_{form}.npz")))
         assert_close(traverse_util.unflatten_dict(got, sep="/"), expected)
+
+
+def test_dropout_masks_do_not_depend_on_the_device_count(devices):
+    """`layers.Dropout` (element-wise, and per example as stochastic depth) under shard_map
+    on 8 devices draws for each example the mask it draws on 1: the layer's key folded with
+    the example's row in the global batch."""
+    import jax.numpy as jnp
+    from jax.sharding import PartitionSpec as P
+
+    from tljax.models import layers
+
+    class Net(layers.nn.Module):
+        @layers.nn.compact
+        def __call__(self, x, train):
+            x = layers.Dropout(0.5, broadcast_dims=(1, 2, 3))(x, train)
+            return layers.Dropout(0.3)(x, train)
+
+    x = jnp.ones((16, 4, 4, 3))
+    mode = TrainMode(batch_axis="batch")
+    key = jax.random.key(3)
+
+    def on(mesh_devices):
+        fn = jax.shard_map(lambda v: Net().apply({}, v, mode, rngs={"dropout": key}),
+                           mesh=parallel.mesh(mesh_devices), in_specs=P("batch"),
+                           out_specs=P("batch"))
+        return np.asarray(jax.jit(fn)(x))
+
+    one, eight = on(devices[:1]), on(devices)
+    np.testing.assert_array_equal(one, eight)
+    dropped = (one == 0).reshape(16, -1)
+    assert 0 < dropped.all(1).sum() < 16  # whole examples dropped, not all
+    assert 0.2 < dropped.mean() < 0.8
+    assert np.array_equal(Net().apply({}, x, False), x)  # inference: the identity

@@ -8,7 +8,8 @@ A JPEG is never decoded whole. Its header gives the image's shape, the box is dr
 shape, and `decode_and_crop_jpeg` decodes only the blocks the box covers, at the largest DCT
 scale (1/2, 1/4 or 1/8) that keeps both sides of the box at least `size` pixels (the box is
 then snapped to multiples of the scale: less than one output pixel). A bilinear resize
-finishes it; after the scaled decode it shrinks by less than 2x, so it needs no antialiasing.
+finishes it; after the scaled decode it shrinks by less than 2x, so it needs no antialiasing
+(beyond 16x the output, the 1/8-scale decode is resized with antialiasing).
 Other formats (PNG, BMP, GIF) are decoded whole, the box drawn on the decoded shape, and
 resized with antialiasing.
 
@@ -86,8 +87,12 @@ def crop(data, size: int, box_of):
         top, left = begin[0] // r, begin[1] // r
         height = tf.minimum(extent[0] // r, (shape[0] + r - 1) // r - top)
         width = tf.minimum(extent[1] // r, (shape[1] + r - 1) // r - left)
-        return tf.io.decode_and_crop_jpeg(data, tf.stack([top, left, height, width]),
-                                          channels=3, ratio=r)
+        image = tf.io.decode_and_crop_jpeg(data, tf.stack([top, left, height, width]),
+                                           channels=3, ratio=r)
+        if r == SCALES[-1]:  # a box beyond 16x the output still shrinks by more than 2x
+            image = tf.image.resize(image, (size, size), antialias=True)
+            image = tf.cast(tf.clip_by_value(image + 0.5, 0.0, 255.0), tf.uint8)
+        return image
 
     def other():
         image = tf.io.decode_image(data, channels=3, expand_animations=False)
