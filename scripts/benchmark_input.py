@@ -1,20 +1,23 @@
-r"""Input pipeline throughput, time to the first batch when resuming, and peak memory.
+r"""Input pipeline throughput, quality, time to the first batch when resuming, and memory.
 
   python scripts/benchmark_input.py            # ~10 min on 2 cores; --quick: under 2 min
   python scripts/benchmark_input.py --json out.json
 
 Makes a folder of JPEGs from scikit-image's photos (ImageNet-like: ~500x375 at quality 90; and
-a large-photo variant, ~3000x2000 phone photos), then measures in one process, side by side:
+a large-photo variant, ~3000x2250), then measures in one process, side by side:
 - tljax's training and evaluation paths (`tljax.datasets.pipeline`), reading from memory and
-  from the files;
+  from the files (the training flip is left to the device);
 - the previous path (tljax before the crop-in-decoder change): the whole JPEG decoded, cropped,
   resized with antialiasing;
-- a reference tf.data pipeline: `tf.io.decode_and_crop_jpeg` on the sampled box, bilinear
-  resize without antialiasing (the usual ImageNet input of TF/JAX codebases).
-Throughput is images/s over all cores and per core (TensorFlow uses them all). Then the time to
-the first batch of a run started at step 0, 10^4 and 10^6 on the folder, and on the same
-images prepared as a TFDS ArrayRecord dataset larger than the cache budget; and the peak RSS of
-a pass over a large-photo folder whose encoded size is 4x the cache budget given.
+- a reference tf.data pipeline: `tf.io.decode_and_crop_jpeg` on the sampled box (training, with
+  a flip) or the central 87.5% (evaluation), bilinear resize without antialiasing.
+Each is timed alone for a few seconds, in interleaved rounds: images/s, and images per
+CPU-second of the process ("per core"); the ratios to the reference are of the per-core
+medians. Then: the PSNR of each path's crops against a Lanczos-5 resize of the fully decoded
+box; the time from opening the split to the first batch of a run started at step 0, 10^4 and
+10^6 (the folder, the same images as a TFDS ArrayRecord dataset read from disk, and as a
+TFRecord one, read into memory first); and the peak RSS of a pass over the large photos with a
+cache budget of a quarter of their encoded size, and with all of them in memory.
 """
 
 from __future__ import annotations
@@ -264,24 +267,63 @@ def throughput(root: str, batch: int, size: int, seconds: float, repeats: int,
     return out
 
 
-def first_batch(recs, batch: int, size: int, steps=(0, 10**4, 10**6)) -> dict:
+def quality(root: str, size: int, count: int) -> dict:
+    """PSNR (dB) of each path's training crops against a Lanczos-5 antialiased resize of the
+    fully decoded box it crops (tljax's box snapped to its DCT scale's grid), over `count`
+    images x 3 boxes."""
+    import tensorflow as tf
+
+    from tljax.datasets import images
+
+    paths, _ = _paths_labels(root)
+    out: dict[str, list[float]] = {}
+    for j, path in enumerate(paths[:count]):
+        with open(path, "rb") as f:
+            data = f.read()
+        whole = tf.io.decode_jpeg(data, channels=3)
+        for k in range(3):
+            seed = tf.constant([j, k], tf.int64)
+            begin, extent = images.random_box(tf.shape(whole), seed, (0.08, 1.0),
+                                              (3 / 4, 4 / 3))
+            top, left, h, w = (int(v) for v in (*begin[:2], *extent[:2]))
+            r = max(x for x in (1, 2, 4, 8) if min(h, w) >= x * size)
+            exact = tf.cast(whole[top:top + h, left:left + w], tf.float32)
+            snapped = tf.cast(whole[top // r * r:top // r * r + h // r * r,
+                                    left // r * r:left // r * r + w // r * r], tf.float32)
+            cases = {
+                "tljax": (images.train_image(data, size, seed, (0.08, 1.0)), snapped),
+                "previous tljax": (tf.image.resize(exact, (size, size), antialias=True),
+                                   exact),
+                "reference decode_and_crop": (tf.image.resize(exact, (size, size)), exact),
+            }
+            for name, (got, box) in cases.items():
+                truth = tf.round(tf.image.resize(box, (size, size), "lanczos5", antialias=True))
+                got = tf.clip_by_value(tf.round(tf.cast(got, tf.float32)), 0.0, 255.0)
+                mse = float(tf.reduce_mean((got - tf.clip_by_value(truth, 0.0, 255.0)) ** 2))
+                out.setdefault(name, []).append(10 * np.log10(255.0**2 / max(mse, 1e-6)))
+    return {k: float(np.mean(v)) for k, v in out.items()}
+
+
+def first_batch(make_records, batch: int, size: int, steps=(0, 10**4, 10**6)) -> dict:
+    """Seconds from opening the split (`make_records()`: for a split read into memory, that
+    read) to the first batch of a run started at each of `steps`."""
     out = {}
     for s in steps:
         t = time.perf_counter()
-        next(iter(tljax_pipeline(recs, batch, size, True, start_step=s)))
+        next(iter(tljax_pipeline(make_records(), batch, size, True, start_step=s)))
         out[str(s)] = time.perf_counter() - t
     return out
 
 
-def prepare_array_record(root: str, data_dir: str) -> str:
-    """The folder as a TFDS ArrayRecord dataset (`tfds build` of an ImageFolder-like builder),
-    the way the README tells users to prepare large datasets."""
+def prepare_tfds(root: str, data_dir: str, file_format: str = "array_record") -> str:
+    """The folder as a TFDS dataset (`tfds build` of an ImageFolder-like builder): ArrayRecord,
+    the way the README tells users to prepare large datasets, or TFRecord, TFDS's default."""
     import tensorflow_datasets as tfds
 
     paths, labels = _paths_labels(root)
     classes = sorted(os.listdir(root))
 
-    class BenchFolder(tfds.core.GeneratorBasedBuilder):
+    class Builder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         VERSION = tfds.core.Version("1.0.0")
 
         def _info(self):
@@ -296,7 +338,9 @@ def prepare_array_record(root: str, data_dir: str) -> str:
             for i, (p, k) in enumerate(zip(paths, labels, strict=True)):
                 yield i, {"image": p, "label": k}
 
-    builder = BenchFolder(data_dir=data_dir, file_format="array_record")
+    # One registered name per format: `datasets.source` finds it by name.
+    name = "BenchFolder" + "".join(w.title() for w in file_format.split("_"))
+    builder = type(name, (Builder,), {})(data_dir=data_dir, file_format=file_format)
     builder.download_and_prepare()
     return builder.name
 
@@ -355,14 +399,15 @@ def main(argv=None) -> int:
               f"{r['img_per_cpu_s']:9.0f} {r['vs_reference']:6.2f}x "
               f"{r['vs_reference_wall']:6.2f}x")
 
-    recs = tljax_source(folder, 0.0)
-    fb = {"folder (files)": first_batch(recs, a.batch, a.size)}
-    data_dir = os.path.join(work, "tfds")
-    name = prepare_array_record(folder, data_dir)
+    fb = {"folder (files)": first_batch(lambda: tljax_source(folder, 0.0), a.batch, a.size)}
     from tljax import datasets
 
-    src = datasets.source(name, data_dir, download=False)
-    fb["TFDS ArrayRecord (from disk)"] = first_batch(src.records("train", 0), a.batch, a.size)
+    for fmt, label, budget in (("array_record", "TFDS ArrayRecord (from disk)", 0.0),
+                               ("tfrecord", "TFDS TFRecord (read into memory)", 64.0)):
+        data_dir = os.path.join(work, f"tfds_{fmt}")
+        src = datasets.source(prepare_tfds(folder, data_dir, fmt), data_dir, download=False)
+        fb[label] = first_batch(lambda src=src, budget=budget: src.records(
+            "train", datasets.budget(budget)), a.batch, a.size)
     results["first_batch_s"] = fb
     print("\ntime to the first batch (s) of a run started at step:")
     print(f"{'':32} {'0':>8} {'10^4':>8} {'10^6':>8}")
@@ -379,6 +424,12 @@ def main(argv=None) -> int:
     for r in large_rows:
         print(f"{r['pipeline']:28} {r['img_per_s']:7.0f} img/s {r['img_per_cpu_s']:7.0f} per core "
               f"{r['vs_reference']:6.2f}x")
+    q = {"ImageNet-like": quality(folder, a.size, 20 if a.quick else 60),
+         "large photos": quality(large, a.size, 10 if a.quick else 30)}
+    results["quality_psnr_db"] = q
+    print("\nquality: PSNR (dB) against Lanczos-5 of the fully decoded box")
+    for k, v in q.items():
+        print(f"{k:14} " + "  ".join(f"{n} {x:.1f}" for n, x in v.items()))
     budget = large_bytes / 4 / 2**30
     rss = [peak_rss_of_pass(large, budget, 16, a.size, n_large),
            peak_rss_of_pass(large, 64.0, 16, a.size, n_large)]

@@ -27,7 +27,7 @@ def test_registry_lists_every_required_model():
                 "resnet101_v2", "resnet152_v2", "inception_v3"}
     required |= {f"efficientnet_b{i}" for i in range(8)}
     required |= {f"efficientnet_lite{i}" for i in range(5)}
-    assert required | {"test_resnet"} == set(models.names())
+    assert required | {"test_resnet", "test_efficientnet"} == set(models.names())
 
 
 @pytest.mark.parametrize("name", REPRESENTATIVES)

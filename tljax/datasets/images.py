@@ -13,17 +13,18 @@ finishes it; after the scaled decode it shrinks by less than 2x, so it needs no 
 Other formats (PNG, BMP, GIF) are decoded whole, the box drawn on the decoded shape, and
 resized with antialiasing.
 
-Each op in a `tf.data` function costs ~1.5 us of CPU and each branch ~10 us, against ~1 ms for
-the decode of an ImageNet photo, so the function is kept to one `tf.switch_case` (format and
-DCT scale) and few small ops; docs/benchmarks.md ("Input pipeline") has the measurements.
+Every op of a `tf.data` function, and every branch most of all, costs CPU time per image, so
+the function is kept to one `tf.switch_case` (format and DCT scale) and few small ops; the
+shape of a non-JPEG image is read in that branch. docs/benchmarks.md ("Input pipeline") has
+the measurements.
 """
 
 from __future__ import annotations
 
 SCALES = (2, 4, 8)  # the reduced DCT scales libjpeg decodes at, besides 1
 FULL_BOX = ((0.0, 0.0, 1.0, 1.0),)
-# A valid 1x1 JPEG header: what `extract_jpeg_shape` reads in place of an image of another
-# format, so that the shape is found without a branch.
+# A 1x1 JPEG: what `extract_jpeg_shape` reads in place of an image of another format, so that
+# the JPEG shape is found without a branch.
 _ONE_PIXEL_JPEG = bytes.fromhex(
     "ffd8ffe000104a46494600010100000100010000ffdb004300080606070605080707070909080a0c140d0c0b"
     "0b0c1912130f141d1a1f1e1d1a1c1c20242e2720222c231c1c2837292c30313434341f27393d38323c2e3334"

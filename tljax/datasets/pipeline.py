@@ -1,17 +1,19 @@
-"""The input pipeline: decoded, cropped and augmented uint8 batches in an order fixed by the seed.
+"""The input pipeline: decoded and cropped uint8 batches in an order fixed by the seed.
 
 Images leave the pipeline as uint8 RGB at the model's input size; the model's own preprocessing
 (`tljax.models.preprocess`) runs on the device inside the step (`StepConfig.preprocess`), so
-four times fewer bytes cross to the device.
+four times fewer bytes cross to the device. So does the training flip: a batch carries a
+`flip` flag per example, and the step mirrors those images before preprocessing them.
 
 Order. The training stream is a function of the seed and of the global example position
 alone: position `p` (batch `p // global_batch`, row `p % global_batch`) holds, in epoch
 `e = p // n`, example `index_shuffle(p % n, (seed, e))` of the split's `n`, a permutation
-computed per position without materialising it; its crop and flip draw from a stateless seed
-folded with `p`. Process `k` of `P` makes rows `[k * local, (k + 1) * local)` of every global
-batch and reads only those examples. So the same seed and global batch give the same batches
-whatever the number of devices and processes, and a run restored at step `s` starts at
-position `s * global_batch` at once, reading nothing that came before.
+computed per position without materialising it; its crop box draws from the stateless seed
+`(8 * seed + 1, p)` and its flip from `(8 * seed + 2, p)`. Process `k` of `P` makes rows
+`[k * local, (k + 1) * local)` of every global batch and reads only those examples. So the
+same seed and global batch give the same batches whatever the number of devices and
+processes, and a run restored at step `s` starts at position `s * global_batch` at once,
+reading nothing that came before.
 
 Reading. Each split is random access (`tljax.datasets.records`): held in memory when its
 encoded size fits the cache budget, else read per example from its files or ArrayRecord.
@@ -102,9 +104,9 @@ def train_batches(recs: Records, local_batch: int, global_batch: int, size: int,
                   what: str = "train") -> Iterator[dict[str, np.ndarray]]:
     """Endless training batches: this process's rows of global batches `start_step`,
     `start_step + 1`, ... (see the module docstring), as `{'image': uint8 (B, size, size, 3),
-    'label': int32 (B,), 'flip': bool (B,)}`. The flip is applied on the device, by the step
-    (`train_step.StepConfig.inputs`), where it costs nothing; on the host it cost ~8% of the
-    pipeline's time."""
+    'label': int32 (B,), 'flip': bool (B,)}`. The step applies the flip on the device
+    (`train_step.StepConfig.inputs`), which does it for free, where the host would pay for
+    it (docs/benchmarks.md, "Input pipeline")."""
     import tensorflow as tf
     import tensorflow_datasets as tfds
 
