@@ -29,6 +29,7 @@ from __future__ import annotations
 import ml_collections
 
 from tljax.config_args import parse_arg
+from tljax.datasets.records import DEFAULT_BUDGET_GB
 
 # What each dataset needs beyond the generic defaults (anything not listed: natural photos).
 DATASETS = {
@@ -61,8 +62,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.train_split = ""  # '' = 'train' (or 'train[:90%]' when the dataset has no other split)
     c.eval_split = ""  # '' = 'test', else 'validation', else the held-out 'train[90%:]'
     c.holdout = 0.1  # folder datasets without split folders: share held out for validation
-    c.data_cache_gb = 2.0  # encoded images held in memory per process (train split first,
-    #                        then eval); a split that does not fit is read from disk
+    c.data_cache_gb = DEFAULT_BUDGET_GB  # encoded images held in memory per process (train
+    #                                      split first, then eval); larger splits read from disk
     c.num_classes = 0  # 0 = the dataset's
     c.image_size = d["image_size"]  # 0 = the model's default (224 for ResNet50, ...)
 

@@ -269,8 +269,8 @@ def throughput(root: str, batch: int, size: int, seconds: float, repeats: int,
 
 def quality(root: str, size: int, count: int) -> dict:
     """PSNR (dB) of each path's training crops against a Lanczos-5 antialiased resize of the
-    fully decoded box it crops (tljax's box snapped to its DCT scale's grid), over `count`
-    images x 3 boxes."""
+    fully decoded box it crops (tljax's box with its edges rounded to its DCT scale's grid),
+    over `count` images x 3 boxes."""
     import tensorflow as tf
 
     from tljax.datasets import images
@@ -286,10 +286,11 @@ def quality(root: str, size: int, count: int) -> dict:
             begin, extent = images.random_box(tf.shape(whole), seed, (0.08, 1.0),
                                               (3 / 4, 4 / 3))
             top, left, h, w = (int(v) for v in (*begin[:2], *extent[:2]))
-            r = max(x for x in (1, 2, 4, 8) if min(h, w) >= x * size)
+            r = max([x for x in (1, 2, 4, 8) if min(h, w) >= x * size], default=1)
             exact = tf.cast(whole[top:top + h, left:left + w], tf.float32)
-            snapped = tf.cast(whole[top // r * r:top // r * r + h // r * r,
-                                    left // r * r:left // r * r + w // r * r], tf.float32)
+            t0, l0 = (top + r // 2) // r * r, (left + r // 2) // r * r
+            t1, l1 = (top + h + r // 2) // r * r, (left + w + r // 2) // r * r
+            snapped = tf.cast(whole[t0:t1, l0:l1], tf.float32)
             cases = {
                 "tljax": (images.train_image(data, size, seed, (0.08, 1.0)), snapped),
                 "previous tljax": (tf.image.resize(exact, (size, size), antialias=True),
@@ -323,7 +324,7 @@ def prepare_tfds(root: str, data_dir: str, file_format: str = "array_record") ->
     paths, labels = _paths_labels(root)
     classes = sorted(os.listdir(root))
 
-    class Builder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+    class BenchFolderBase(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         VERSION = tfds.core.Version("1.0.0")
 
         def _info(self):
@@ -340,7 +341,7 @@ def prepare_tfds(root: str, data_dir: str, file_format: str = "array_record") ->
 
     # One registered name per format: `datasets.source` finds it by name.
     name = "BenchFolder" + "".join(w.title() for w in file_format.split("_"))
-    builder = type(name, (Builder,), {})(data_dir=data_dir, file_format=file_format)
+    builder = type(name, (BenchFolderBase,), {})(data_dir=data_dir, file_format=file_format)
     builder.download_and_prepare()
     return builder.name
 

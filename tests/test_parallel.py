@@ -331,3 +331,9 @@ def test_dropout_masks_do_not_depend_on_the_device_count(devices):
     assert 0 < dropped.all(1).sum() < 16  # whole examples dropped, not all
     assert 0.2 < dropped.mean() < 0.8
     assert np.array_equal(Net().apply({}, x, False), x)  # inference: the identity
+
+
+def test_process_rows_of_a_mesh(devices):
+    """One process holds every row; the rows are those `put_batch` lays out on its devices."""
+    assert parallel.process_rows(parallel.mesh(devices), 16) == (0, 16)
+    assert parallel.process_rows(parallel.mesh(devices[:2]), 4) == (0, 4)

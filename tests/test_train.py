@@ -25,6 +25,7 @@ def tiny_args(data_dir: str, steps: int = STEPS, extra: str = "") -> list[str]:
             + extra,
             "--config.image_size=32", "--config.eval_every=6", "--config.log_every=2",
             "--config.checkpoint_every=4", "--config.keep_checkpoints=2",
+            "--config.dropout_rate=0.3", "--config.augment.flip=true",
             f"--config.data_dir={data_dir}"]
 
 
@@ -41,6 +42,8 @@ def tiny_config(data_dir: str, steps: int = STEPS, **overrides):
     c = config_module().get_config(f"model=test_resnet,init=scratch,steps={steps},batch_size=16")
     c.image_size, c.eval_every, c.log_every = 32, 6, 2
     c.checkpoint_every, c.keep_checkpoints, c.data_dir = 4, 2, data_dir
+    # Dropout before the head and flips on the device: the random streams a resume must keep.
+    c.dropout_rate, c.augment.flip = 0.3, True
     for k, v in overrides.items():
         node = c
         *parents, last = k.split(".")

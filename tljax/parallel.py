@@ -214,6 +214,20 @@ def put_batch(batch: dict, mesh_: Mesh, axis: str = AXIS):
         lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), batch)
 
 
+def process_rows(mesh_: Mesh, global_batch: int, axis: str = AXIS) -> tuple[int, int]:
+    """[start, stop) of the rows of a global batch that this process's devices hold when
+    `put_batch` lays it out on `mesh_`: the rows this process's input must make. An error if
+    they are not one contiguous range (a mesh whose devices are not grouped by process)."""
+    index = NamedSharding(mesh_, P(axis)).addressable_devices_indices_map((global_batch,))
+    spans = sorted((s[0].start or 0, global_batch if s[0].stop is None else s[0].stop)
+                   for s in index.values())
+    for (_, stop), (start, _) in zip(spans, spans[1:], strict=False):
+        if stop != start:
+            raise ValueError(f"this process's devices hold rows {spans} of the global batch, "
+                             f"not one range: order the mesh's devices by process")
+    return spans[0][0], spans[-1][1]
+
+
 def compile_train_step(config: steps.StepConfig, form: str = "shard_map",
                        devices: list | None = None) -> tuple[Callable, Callable, Callable]:
     """The compiled train step in `form` ('shard_map', the measured default, or 'pmap'), with

@@ -39,6 +39,9 @@ import numpy as np
 log = logging.getLogger("tljax.train")
 
 PREEMPTED_EXIT = 143  # 128 + SIGTERM
+# The training stream's definition (`tljax.datasets.pipeline`): recorded in config.json, so
+# that resuming a workdir made with another one is named in the warning of changed fields.
+INPUT_ORDER = "position-v1"
 # Fields that fix the shapes of a run's state: resuming with other values is refused.
 SHAPE_FIELDS = ("model", "num_classes", "image_size", "dtype")
 
@@ -139,7 +142,7 @@ def _source(config):
 def _config_record(r: Resolved) -> dict:
     c = r.config.to_dict()
     c.update(num_classes=r.num_classes, image_size=r.image_size, train_split=r.train_split,
-             eval_split=r.eval_split)
+             eval_split=r.eval_split, input_order=INPUT_ORDER)
     return json.loads(json.dumps(c, default=list))
 
 
@@ -400,8 +403,10 @@ def _train_and_evaluate(config, workdir: str, stop: _Stop, t_start: float) -> di
             return feature_cache.eval_batches(eval_x, eval_y, local_eval, eval_count)
     else:
         augment = datasets.Augment(tuple(c.augment.crop_area) or None, flip=c.augment.flip)
+        rows = parallel.process_rows(mesh, c.batch_size)
+        assert rows[1] - rows[0] == local_batch, (rows, local_batch)
         batches = datasets.train_batches(train_recs, local_batch, c.batch_size, r.image_size,
-                                         c.seed, augment, start, pi, train_name)
+                                         c.seed, augment, start, pi, train_name, rows[0])
 
         def eval_stream():
             return datasets.eval_batches(eval_recs, local_eval, r.image_size, c.eval_crop, pi,
@@ -421,9 +426,9 @@ def _train_and_evaluate(config, workdir: str, stop: _Stop, t_start: float) -> di
     try:
         while step < c.steps:
             t_wait = time.time()
-            batch = parallel.put_batch(next(batches), mesh)
+            host_batch = next(batches)
             waited += time.time() - t_wait
-            state, m = train_fn(state, batch, rng)
+            state, m = train_fn(state, parallel.put_batch(host_batch, mesh), rng)
             step += 1
             pending.append(m)
             images += c.batch_size

@@ -6,12 +6,14 @@ shorter side. Both resize the box to `size` x `size`.
 
 A JPEG is never decoded whole. Its header gives the image's shape, the box is drawn on that
 shape, and `decode_and_crop_jpeg` decodes only the blocks the box covers, at the largest DCT
-scale (1/2, 1/4 or 1/8) that keeps both sides of the box at least `size` pixels (the box is
-then snapped to multiples of the scale: less than one output pixel). A bilinear resize
-finishes it; after the scaled decode it shrinks by less than 2x, so it needs no antialiasing
-(beyond 16x the output, the 1/8-scale decode is resized with antialiasing).
+scale (1/2, 1/4 or 1/8) that keeps both sides of the box at least `size` pixels (the box's
+edges then rounded to the scaled image's pixels: less than half an output pixel). A bilinear
+resize finishes it; after the scaled decode it shrinks by less than 2x, so it needs no
+antialiasing. At 1/8, the smallest scale, what is left may shrink by more, and that resize
+is antialiased.
 Other formats (PNG, BMP, GIF) are decoded whole, the box drawn on the decoded shape, and
-resized with antialiasing.
+resized with antialiasing. (Those two branches resize to the output size themselves; the
+bilinear resize after the branch is then an identity.)
 
 Every op of a `tf.data` function, and every branch most of all, costs CPU time per image, so
 the function is kept to one `tf.switch_case` (format and DCT scale) and few small ops; the
@@ -43,30 +45,29 @@ def _tf():
 
 
 def random_box(shape, seed, area, aspect):
-    """`(begin, extent)` of a random-resized-crop box on an image of `shape` ((h, w, ...)), as
-    `tf.image.stateless_sample_distorted_bounding_box` returns them; `area=None`: the whole
-    image."""
+    """`(begin, extent)` of a random-resized-crop box on an image of `shape` ((h, w, c)), as
+    `tf.image.stateless_sample_distorted_bounding_box` returns them (only their first two
+    entries count); `area=None`: the whole image."""
     tf = _tf()
-    full = tf.concat([shape[:2], [3]], 0)
     if area is None:
-        return tf.zeros([3], tf.int32), full
+        return tf.zeros([3], tf.int32), shape
     begin, extent, _ = tf.image.stateless_sample_distorted_bounding_box(
-        full, bounding_boxes=tf.constant([FULL_BOX]), seed=seed, min_object_covered=0.0,
+        shape, bounding_boxes=tf.constant([FULL_BOX]), seed=seed, min_object_covered=0.0,
         aspect_ratio_range=aspect, area_range=area, max_attempts=10,
         use_image_if_no_bounding_boxes=True)
     return begin, extent
 
 
 def central_box(shape, crop_fraction: float):
-    """`(begin, extent)` of the central square of side `crop_fraction` x the shorter side
-    (`crop_fraction >= 1`: the whole image, resized without keeping its aspect)."""
+    """`(begin, extent)` of the central square of side `crop_fraction` x the shorter side of an
+    image of `shape` ((h, w, c); only the first two entries count), or with
+    `crop_fraction >= 1` the whole image, resized without keeping its aspect."""
     tf = _tf()
-    hw = shape[:2]
     if crop_fraction >= 1.0:
-        return tf.zeros([3], tf.int32), tf.concat([hw, [3]], 0)
-    side = tf.maximum(tf.cast(tf.cast(tf.reduce_min(hw), tf.float32) * crop_fraction + 0.5,
-                              tf.int32), 1)
-    return tf.concat([(hw - side) // 2, [0]], 0), tf.stack([side, side, 3])
+        return tf.zeros([3], tf.int32), shape
+    side = tf.maximum(tf.cast(tf.cast(tf.reduce_min(shape[:2]), tf.float32) * crop_fraction
+                              + 0.5, tf.int32), 1)
+    return (shape - side) // 2, tf.fill([3], side)
 
 
 def crop(data, size: int, box_of):
@@ -84,13 +85,15 @@ def crop(data, size: int, box_of):
     def jpeg_at(r):
         if r == 1:
             return tf.io.decode_and_crop_jpeg(data, window, channels=3)
-        # The window in the coordinates of the scaled image, whose sides are ceil(side / r).
-        top, left = begin[0] // r, begin[1] // r
-        height = tf.minimum(extent[0] // r, (shape[0] + r - 1) // r - top)
-        width = tf.minimum(extent[1] // r, (shape[1] + r - 1) // r - left)
+        # The box's edges rounded to the nearest pixel of the scaled image (sides
+        # ceil(side / r)): each within half a scaled pixel, less than half an output pixel.
+        top, left = (begin[0] + r // 2) // r, (begin[1] + r // 2) // r
+        bottom = tf.minimum((begin[0] + extent[0] + r // 2) // r, (shape[0] + r - 1) // r)
+        right = tf.minimum((begin[1] + extent[1] + r // 2) // r, (shape[1] + r - 1) // r)
+        height, width = bottom - top, right - left
         image = tf.io.decode_and_crop_jpeg(data, tf.stack([top, left, height, width]),
                                            channels=3, ratio=r)
-        if r == SCALES[-1]:  # a box beyond 16x the output still shrinks by more than 2x
+        if r == SCALES[-1]:  # no smaller scale: what is left to shrink may exceed 2x
             image = tf.image.resize(image, (size, size), antialias=True)
             image = tf.cast(tf.clip_by_value(image + 0.5, 0.0, 255.0), tf.uint8)
         return image
@@ -98,12 +101,15 @@ def crop(data, size: int, box_of):
     def other():
         image = tf.io.decode_image(data, channels=3, expand_animations=False)
         b, e = box_of(tf.shape(image))
-        image = tf.image.resize(tf.slice(image, b, e), (size, size), antialias=True)
+        image = tf.slice(image, tf.concat([b[:2], [0]], 0), tf.concat([e[:2], [-1]], 0))
+        image = tf.image.resize(image, (size, size), antialias=True)
         return tf.cast(tf.clip_by_value(image + 0.5, 0.0, 255.0), tf.uint8)
 
     image = tf.switch_case(branch, [other] + [lambda r=r: jpeg_at(r) for r in (1,) + SCALES])
-    # Bilinear output lies within its inputs' range: round without clipping.
-    return tf.cast(tf.image.resize(image, (size, size)) + 0.5, tf.uint8)
+    # Cast first: TensorFlow's bilinear resize is faster from float32 than from uint8. Its
+    # output lies within its inputs' range: round without clipping.
+    image = tf.image.resize(tf.cast(image, tf.float32), (size, size))
+    return tf.cast(image + 0.5, tf.uint8)
 
 
 def train_image(data, size: int, seed, area=(0.08, 1.0), aspect=(3 / 4, 4 / 3)):

@@ -49,10 +49,6 @@ class Augment:
     aspect: tuple[float, float] = (3 / 4, 4 / 3)
     flip: bool = True
 
-    @property
-    def off(self) -> bool:
-        return self.area is None and not self.flip
-
 
 def _options(ds):
     import tensorflow as tf
@@ -101,9 +97,12 @@ def stream_key(seed: int, stream: int):
 
 def train_batches(recs: Records, local_batch: int, global_batch: int, size: int, seed: int,
                   augment: Augment, start_step: int = 0, process_index: int = 0,
-                  what: str = "train") -> Iterator[dict[str, np.ndarray]]:
-    """Endless training batches: this process's rows of global batches `start_step`,
-    `start_step + 1`, ... (see the module docstring), as `{'image': uint8 (B, size, size, 3),
+                  what: str = "train", first_row: int | None = None
+                  ) -> Iterator[dict[str, np.ndarray]]:
+    """Endless training batches: rows `[first_row, first_row + local_batch)` of global batches
+    `start_step`, `start_step + 1`, ... (see the module docstring; `first_row` defaults to
+    `process_index * local_batch`, and `tljax.parallel.process_rows` gives it for a mesh), as
+    `{'image': uint8 (B, size, size, 3),
     'label': int32 (B,), 'flip': bool (B,)}`. The step applies the flip on the device
     (`train_step.StepConfig.inputs`), which does it for free, where the host would pay for
     it (docs/benchmarks.md, "Input pipeline")."""
@@ -113,7 +112,11 @@ def train_batches(recs: Records, local_batch: int, global_batch: int, size: int,
     if recs.n < global_batch:
         raise DataError(f"{what} has {recs.n} examples, fewer than the global batch of "
                         f"{global_batch}; use a smaller batch_size")
-    n, b, first = recs.n, local_batch, process_index * local_batch
+    n, b = recs.n, local_batch
+    first = process_index * local_batch if first_row is None else first_row
+    if not 0 <= first <= global_batch - b:
+        raise ValueError(f"rows [{first}, {first + b}) are not within the global batch of "
+                         f"{global_batch}")
     box_key, flip_key = stream_key(seed, BOX_STREAM), stream_key(seed, FLIP_STREAM)
     area = tuple(augment.area) if augment.area is not None else None
 
@@ -184,9 +187,9 @@ def pad(batch: dict, size: int) -> dict:
     mask[:n] = 1.0
     if n == size:
         return {**batch, "mask": mask}
-    pad = {k: np.concatenate([v, np.zeros((size - n,) + v.shape[1:], v.dtype)])
-           for k, v in batch.items()}
-    return {**pad, "mask": mask}
+    padded = {k: np.concatenate([v, np.zeros((size - n,) + v.shape[1:], v.dtype)])
+              for k, v in batch.items()}
+    return {**padded, "mask": mask}
 
 
 def check_split(src, split: str) -> int:

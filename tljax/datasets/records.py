@@ -7,11 +7,10 @@ is a `Records`: `n`, and `lookup(i) -> (encoded image, label)` as TensorFlow ops
 - `MemoryRecords`: the encoded bytes held in memory. Used when the split's encoded size fits
   the cache budget (`budget_bytes`), whatever the format on disk; filled by one sequential read.
 - `FileRecords`: one image file per example (folder datasets), read when asked for.
-- `ArrayRecords`: a TFDS dataset prepared as ArrayRecord (`tfds build NAME
-  --file_format=array_record`), read record by record through `tfds.data_source`.
-
-A TFDS dataset prepared as TFRecord (TFDS's default) has no random access: it is read into
-memory when it fits the budget, and refused with the conversion command when it does not.
+- `array_records`: a TFDS dataset prepared as ArrayRecord (`tfds build NAME
+  --file_format=array_record`), read record by record through `tfds.data_source`; or a split
+  of a TFRecord-prepared one (TFDS's default, which has no random access) that does not fit
+  the budget, copied once into an ArrayRecord file of tljax's cache (`converted`).
 """
 
 from __future__ import annotations
@@ -42,9 +41,6 @@ class Records:
     name: Callable[[int], str]
     where: str
     held: int = 0  # bytes held in memory
-
-    def __len__(self) -> int:
-        return self.n
 
 
 def memory_records(images: Sequence[bytes], labels: Sequence[int], names=None,
@@ -83,19 +79,71 @@ def read_files(paths: Sequence[str]) -> list[bytes]:
     return out
 
 
-def array_records(source, where: str) -> Records:
-    """Records of a `tfds.data_source` whose image feature is not decoded."""
+def _python_records(get: Callable, n: int, where: str) -> Records:
+    """Records whose `get(i) -> (bytes, label)` is Python (a reader that releases the GIL while
+    it reads)."""
     import tensorflow as tf
 
-    def get(i):
-        ex = source[int(i)]
-        return np.asarray(ex["image"], object).reshape(()), np.int64(ex["label"])
+    def fetch(i):
+        data, label = get(int(i))
+        return np.asarray(data, object).reshape(()), np.int64(label)
 
     def lookup(i):
-        image, label = tf.numpy_function(get, [i], (tf.string, tf.int64), stateful=False)
+        image, label = tf.numpy_function(fetch, [i], (tf.string, tf.int64), stateful=False)
         return tf.ensure_shape(image, ()), tf.ensure_shape(label, ())
 
-    return Records(len(source), lookup, lambda i: f"example {i}", f"from disk ({where})")
+    return Records(n, lookup, lambda i: f"example {i}", where)
+
+
+def array_records(source, where: str) -> Records:
+    """Records of a `tfds.data_source` whose image feature is not decoded."""
+
+    def get(i):
+        ex = source[i]
+        return ex["image"], ex["label"]
+
+    return _python_records(get, len(source), f"from disk ({where})")
+
+
+def cache_root() -> str:
+    """tljax's cache (`$TLJAX_CACHE`, default ~/.cache/tljax): converted weights and splits."""
+    return os.environ.get("TLJAX_CACHE") or os.path.join(os.path.expanduser("~"), ".cache",
+                                                          "tljax")
+
+
+def converted(path: str, examples, n: int, what: str) -> Records:
+    """Records of the ArrayRecord file `path`, written first from `examples` (`(image bytes,
+    label)` pairs, `n` of them) unless a complete one is there. Each record is the label
+    (int64, little-endian) then the encoded image."""
+    from array_record.python import array_record_data_source, array_record_module
+
+    if not os.path.exists(path):
+        from tqdm import tqdm
+
+        log.info("%s: copying it once into %s for random access (TFRecord has none)", what,
+                 path)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        partial = f"{path}.{os.getpid()}.partial"
+        writer = array_record_module.ArrayRecordWriter(partial, "group_size:1")
+        count = 0
+        for image, label in tqdm(examples, total=n, desc=f"copying {what}", unit="img",
+                                 leave=False, disable=n < 20_000):
+            writer.write(int(label).to_bytes(8, "little", signed=True) + bytes(image))
+            count += 1
+        writer.close()
+        if count != n:
+            os.remove(partial)
+            raise OSError(f"{what}: read {count} examples of {n}; not converted")
+        os.replace(partial, path)  # complete or absent, whatever else runs beside it
+    source = array_record_data_source.ArrayRecordDataSource([path])
+    if len(source) != n:
+        raise OSError(f"{path} holds {len(source)} examples, not the {n} of {what}: remove it")
+
+    def get(i):
+        rec = source[i]
+        return rec[8:], int.from_bytes(rec[:8], "little", signed=True)
+
+    return _python_records(get, n, f"from disk (ArrayRecord copy in {path})")
 
 
 def budget(gb: float) -> int:

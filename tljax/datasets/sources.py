@@ -13,7 +13,9 @@ Dataset names:
   holding the class folders (`train/cat/1.jpg`, `test/cat/7.jpg`).
 - any other name: a TFDS dataset (`tf_flowers`, `cifar10`, `oxford_iiit_pet`, `imagenette`, ...),
   from `data_dir` when prepared there, else downloaded and prepared by TFDS (`download=True`)
-  as ArrayRecord, which the pipeline reads with random access whatever its size.
+  as ArrayRecord, which the pipeline reads with random access whatever its size. A split of a
+  dataset prepared as TFRecord is read once: into memory when it fits the budget, else into an
+  ArrayRecord copy in tljax's cache (`$TLJAX_CACHE/datasets/...`), made once.
 """
 
 from __future__ import annotations
@@ -57,8 +59,7 @@ class Source:
         return len(self.class_names)
 
     def num_examples(self, split: str) -> int:
-        return sum((to or n) - (start or 0)
-                   for _, start, to, n in self._instructions(split))
+        return sum(_span(start, to, n) for _, start, to, n in self._instructions(split))
 
     def _instructions(self, split: str) -> list[tuple[str, int | None, int | None, int]]:
         import tensorflow_datasets as tfds
@@ -92,6 +93,11 @@ class Source:
                 return train, candidate
         # A dataset with a single split (tf_flowers): hold out its last 10%.
         return f"{train}[:90%]", f"{train}[90%:]"
+
+
+def _span(start: int | None, to: int | None, n: int) -> int:
+    """Examples in [start, to) of a split of `n` (None: its start or end)."""
+    return max(0, (n if to is None else to) - (start or 0))
 
 
 def source(name: str, data_dir: str | None = None, download: bool = True,
@@ -138,7 +144,7 @@ def source(name: str, data_dir: str | None = None, download: bool = True,
 
     def encoded(split: str) -> int:
         # Slices share their split's bytes in proportion to their examples.
-        return int(sum(sizes[s] * ((to or n) - (start or 0)) / max(n, 1)
+        return int(sum(sizes[s] * _span(start, to, n) / max(n, 1)
                        for s, start, to, n in src._instructions(split)))
 
     src._bytes = encoded
@@ -152,35 +158,35 @@ def _tfds_records(src: Source, split: str, budget: int) -> records_.Records:
     builder = src.builder
     size = src.encoded_bytes(split)
     skip = {"image": tfds.decode.SkipDecoding()}
-    fmt = str(getattr(builder.info.file_format, "value", builder.info.file_format))
+    formats = {str(getattr(f, "value", f)) for f in builder.info.available_file_formats()}
     n = src.num_examples(split)
-    if fmt == "array_record":
-        data = builder.as_data_source(split=split, decoders=skip)
+    what = f"{src.name} [{split}]"
+    if "array_record" in formats:
+        data = builder.as_data_source(split=split, decoders=skip, file_format="array_record")
         if size > budget:
             return records_.array_records(data, f"ArrayRecord, {records_.gib(size)}")
-        examples = (data[i] for i in range(n))
-    elif size <= budget:
-        examples = tfds.as_numpy(builder.as_dataset(
-            split=split, decoders=skip, shuffle_files=False,
-            read_config=tfds.ReadConfig(interleave_cycle_length=1)))
+        examples, fmt = ((data[i]["image"], data[i]["label"]) for i in range(n)), "array_record"
     else:
-        examples = None
-    if examples is not None:
-        from tqdm import tqdm
+        ds = builder.as_dataset(split=split, decoders=skip, shuffle_files=False,
+                                read_config=tfds.ReadConfig(interleave_cycle_length=1))
+        examples = ((ex["image"], ex["label"]) for ex in tfds.as_numpy(ds))
+        fmt = "tfrecord"
+        if size > budget:
+            path = os.path.join(records_.cache_root(), "datasets", builder.info.full_name,
+                                f"{_file_name(split)}.array_record")
+            return records_.converted(path, examples, n, what)
+    from tqdm import tqdm
 
-        images, labels = [], []
-        for ex in tqdm(examples, total=n, leave=False, desc=f"caching {src.name} [{split}]",
-                       unit="img", disable=n < 20_000):
-            images.append(ex["image"])
-            labels.append(ex["label"])
-        return records_.memory_records(images, labels, where=f"{fmt} read once")
-    raise DataError(
-        f"{src.name} [{split}] is {records_.gib(size)} encoded, more than the cache budget "
-        f"of {records_.gib(budget)}, and is prepared as {fmt}, which has no random access. "
-        f"Convert it once to ArrayRecord (`tfds convert_format --dataset_dir "
-        f"{builder.data_dir} --out_file_format array_record`, then use the converted "
-        f"directory), or raise config.data_cache_gb above {size / 2**30:.1f}"
-    )
+    images, labels = [], []
+    for image, label in tqdm(examples, total=n, leave=False, desc=f"caching {what}",
+                             unit="img", disable=n < 20_000):
+        images.append(image)
+        labels.append(label)
+    return records_.memory_records(images, labels, where=f"{fmt} read once")
+
+
+def _file_name(split: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_" else "_" for c in split)
 
 
 def _unknown(name: str) -> str:
