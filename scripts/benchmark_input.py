@@ -1,6 +1,6 @@
 r"""Input pipeline throughput, quality, time to the first batch when resuming, and memory.
 
-  python scripts/benchmark_input.py            # ~10 min on 2 cores; --quick: under 2 min
+  python scripts/benchmark_input.py            # --quick: one round, 400 images
   python scripts/benchmark_input.py --json out.json
 
 Makes a folder of JPEGs from scikit-image's photos (ImageNet-like: ~500x375 at quality 90; and
@@ -348,15 +348,17 @@ def prepare_tfds(root: str, data_dir: str, file_format: str = "array_record") ->
 
 def peak_rss_of_pass(root: str, budget_gb: float, batch: int, size: int, images: int) -> dict:
     """Peak RSS (MiB) of a child process that trains over `images` images of `root` with a
-    cache budget of `budget_gb`."""
+    cache budget of `budget_gb`: its VmHWM (`ru_maxrss` would carry the parent's, inherited
+    through fork)."""
     code = (
-        f"import resource, sys, time; sys.path.insert(0, {ROOT!r})\n"
+        f"import sys, time; sys.path.insert(0, {ROOT!r})\n"
         "from scripts.benchmark_input import tljax_source, tljax_pipeline\n"
         f"recs = tljax_source({root!r}, {budget_gb!r})\n"
         f"it = tljax_pipeline(recs, {batch}, {size}, True); done = 0; t = time.perf_counter()\n"
         f"while done < {images}: done += len(next(it)['label'])\n"
-        "print(recs.where, '|', done / (time.perf_counter() - t), '|',"
-        " resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)\n"
+        "rate = done / (time.perf_counter() - t)\n"
+        "hwm = [int(x.split()[1]) for x in open('/proc/self/status') if x.startswith('VmHWM')]\n"
+        "print(recs.where, '|', rate, '|', hwm[0] / 1024)\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"))
