@@ -19,6 +19,16 @@ def _private_cache(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("TLJAX_CACHE", str(tmp_path_factory.mktemp("cache")))
 
 
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    """`digits` prepared once per test module (and xdist worker)."""
+    from tljax import datasets
+
+    d = str(tmp_path_factory.mktemp("tfds"))
+    datasets.source("digits", d)
+    return d
+
+
 def pytest_report_header(config):
     """Which path of tljax's CPU layers this run tests (tests/test_varying.py names them)."""
     return [_paths()]

@@ -51,15 +51,6 @@ def folder(tmp_path_factory):
     return str(root)
 
 
-@pytest.fixture(scope="module")
-def digits_dir(tmp_path_factory):
-    from tljax import datasets
-
-    d = str(tmp_path_factory.mktemp("tfds"))
-    datasets.source("digits", d)
-    return d
-
-
 def _take(batches, k: int) -> list[dict]:
     return [next(batches) for _ in range(k)]
 
@@ -117,13 +108,13 @@ def test_every_epoch_is_a_fresh_permutation():
     assert not np.array_equal(other, epochs[0])
 
 
-def test_memory_and_disk_give_the_same_batches(folder, digits_dir):
+def test_memory_and_disk_give_the_same_batches(folder, data_dir):
     """Whether a split is held in memory or read per example (files, ArrayRecord) changes
     nothing in the batches."""
     from tljax import datasets
 
-    for name, data_dir in ((f"folder:{folder}", None), ("digits", digits_dir)):
-        src = datasets.source(name, data_dir)
+    for name, where in ((f"folder:{folder}", None), ("digits", data_dir)):
+        src = datasets.source(name, where)
         memory, disk = (src.records("train", datasets.budget(b)) for b in (1.0, 0.0))
         assert memory.held > 0 and memory.where.startswith("in memory")
         assert disk.held == 0 and disk.where.startswith("from")
@@ -163,10 +154,10 @@ def test_a_tfrecord_split_over_the_budget_is_copied_once_for_random_access(tmp_p
     assert src.num_examples("train[:0]") == 0 and src.num_examples("train[:50%]") == 718
 
 
-def test_evaluation_shares_cover_every_example_once(digits_dir):
+def test_evaluation_shares_cover_every_example_once(data_dir):
     from tljax import datasets
 
-    recs = datasets.source("digits", digits_dir).records("test", datasets.budget(1.0))
+    recs = datasets.source("digits", data_dir).records("test", datasets.budget(1.0))
     labels = []
     counts = set()
     for k in range(3):

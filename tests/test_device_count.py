@@ -11,14 +11,12 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 
 import pytest
+from processes import CONFIG, ROOT, config_module, finish, free_port
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CONFIG = os.path.join(ROOT, "configs", "finetune.py")
 pytestmark = pytest.mark.xdist_group("device_count")
 STEPS = 8
 RTOL = 1e-5
@@ -56,44 +54,17 @@ def cli(extra: list[str], devices: int):
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
-def finish(procs) -> list[str]:
-    try:
-        logs = [p.communicate(timeout=600)[0] for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-    for p, log in zip(procs, logs, strict=True):
-        assert p.returncode == 0, log[-3000:]
-    return logs
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    from tljax import datasets
-
-    d = str(tmp_path_factory.mktemp("tfds"))
-    datasets.source("digits", d)
-    return d
-
-
 @pytest.fixture(scope="module")
 def eight_devices(data_dir, tmp_path_factory):
     """The run in this process, on its 8 CPU devices."""
-    import importlib.util
-
     import jax
 
     from tljax import train
 
     assert jax.device_count() == 8
     workdir = str(tmp_path_factory.mktemp("eight"))
-    spec = importlib.util.spec_from_file_location("finetune_config", CONFIG)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    c = module.get_config(f"model=test_efficientnet,init=scratch,steps={STEPS},batch_size=16,"
-                          "freeze=top:3")
+    c = config_module().get_config(
+        f"model=test_efficientnet,init=scratch,steps={STEPS},batch_size=16,freeze=top:3")
     c.image_size, c.eval_every, c.log_every, c.checkpoint_every = 32, STEPS, 2, STEPS
     c.sync_bn, c.augment.flip, c.optimizer.learning_rate = True, True, 0.05
     c.data_dir = data_dir
@@ -111,9 +82,7 @@ def test_one_device_trains_as_eight(eight_devices, data_dir, tmp_path):
 
 
 def test_two_processes_of_four_devices_train_as_eight(eight_devices, data_dir, tmp_path):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     workdir = str(tmp_path / "two")
     logs = finish([cli([*args(data_dir, workdir), "--distributed",
                         f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",

@@ -10,6 +10,7 @@ import jax
 import numpy as np
 import pytest
 from flax import traverse_util
+from processes import finish, free_port
 from tiny_training import GLOBAL_BATCH, SIZE, config, setup, tiny_model  # noqa: F401
 
 from tljax import freeze, parallel
@@ -263,14 +264,6 @@ def test_global_batch_not_divisible_by_devices():
         parallel.shard({"image": np.zeros((12, 4)), "label": np.zeros(12)}, 8)
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_processes_of_four_devices_equal_one_process_of_eight(devices, tmp_path):
     """Two processes x 4 CPU devices (jax.distributed on 127.0.0.1, gloo collectives), each
     feeding its own half of every global batch, end with the parameters of 1 process x 8, with
@@ -280,20 +273,12 @@ def test_two_processes_of_four_devices_equal_one_process_of_eight(devices, tmp_p
     import sys
 
     worker = os.path.join(os.path.dirname(__file__), "multiprocess_worker.py")
-    port, out = str(_free_port()), str(tmp_path / "params.npz")
+    port, out = str(free_port()), str(tmp_path / "params.npz")
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     procs = [subprocess.Popen([sys.executable, worker, str(i), "2", port, out], env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
              for i in range(2)]
-    try:
-        logs = [p.communicate(timeout=400)[0] for p in procs]
-    finally:
-        for p in procs:  # never leave a worker behind
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-    for p, log in zip(procs, logs, strict=True):
-        assert p.returncode == 0, log[-3000:]
+    finish(procs, timeout=400)
     expected = run_pmap(devices, sync_bn=True).params
     for form in ("pmap", "shard_map"):
         got = dict(np.load(out.replace(".npz", f"_{form}.npz")))

@@ -12,9 +12,8 @@ import time
 
 import numpy as np
 import pytest
+from processes import CONFIG, ROOT, config_module, finish, free_port
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CONFIG = os.path.join(ROOT, "configs", "finetune.py")
 STEPS = 12
 # One xdist worker runs this module, so that the reference run and the prepared data are shared.
 pytestmark = pytest.mark.xdist_group("train_program")
@@ -27,15 +26,6 @@ def tiny_args(data_dir: str, steps: int = STEPS, extra: str = "") -> list[str]:
             "--config.checkpoint_every=4", "--config.keep_checkpoints=2",
             "--config.dropout_rate=0.3", "--config.augment.flip=true",
             f"--config.data_dir={data_dir}"]
-
-
-def config_module():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("finetune_config", CONFIG)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def tiny_config(data_dir: str, steps: int = STEPS, **overrides):
@@ -51,16 +41,6 @@ def tiny_config(data_dir: str, steps: int = STEPS, **overrides):
             node = node[p]
         node[last] = v
     return c
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    """`digits` prepared once for the module's tests."""
-    from tljax import datasets
-
-    d = str(tmp_path_factory.mktemp("tfds"))
-    datasets.source("digits", d)
-    return d
 
 
 def run_cli(args: list[str], env_extra: dict | None = None, wait: bool = True,
@@ -313,28 +293,15 @@ def test_check_workdir_refuses_other_shapes(tmp_path, field):
 def test_two_processes_train_together(data_dir, tmp_path):
     """`--distributed`: two processes of four CPU devices (127.0.0.1, gloo) run the program as
     one job: both finish, process 0 writes the metrics, the checkpoint holds the last step."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     workdir = str(tmp_path / "two")
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
-    procs = [subprocess.Popen(
+    logs = finish([subprocess.Popen(
         [sys.executable, "-m", "tljax.train", *tiny_args(data_dir, steps=6),
          f"--workdir={workdir}", "--distributed", f"--coordinator_address=127.0.0.1:{port}",
          "--num_processes=2", f"--process_id={i}"], cwd=ROOT, env=env,
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
-    try:
-        logs = [p.communicate(timeout=600)[0] for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-    for p, log in zip(procs, logs, strict=True):
-        assert p.returncode == 0, log[-3000:]
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)])
     assert "8 device(s) in 2 process(es)" in logs[0]
     assert "test top-1" in logs[0] and "test top-1" not in logs[1]
     assert checkpoints(workdir)[-1] == 6

@@ -167,10 +167,13 @@ def _tfds_records(src: Source, split: str, budget: int) -> records_.Records:
             return records_.array_records(data, f"ArrayRecord, {records_.gib(size)}")
         examples, fmt = ((data[i]["image"], data[i]["label"]) for i in range(n)), "array_record"
     else:
-        ds = builder.as_dataset(split=split, decoders=skip, shuffle_files=False,
-                                read_config=tfds.ReadConfig(interleave_cycle_length=1))
-        examples = ((ex["image"], ex["label"]) for ex in tfds.as_numpy(ds))
-        fmt = "tfrecord"
+        def read():  # one sequential pass, only when it is needed
+            ds = builder.as_dataset(split=split, decoders=skip, shuffle_files=False,
+                                    read_config=tfds.ReadConfig(interleave_cycle_length=1))
+            for ex in tfds.as_numpy(ds):
+                yield ex["image"], ex["label"]
+
+        examples, fmt = read(), "tfrecord"
         if size > budget:
             path = os.path.join(records_.cache_root(), "datasets", builder.info.full_name,
                                 f"{_file_name(split)}.array_record")
