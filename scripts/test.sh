@@ -3,7 +3,7 @@
 # kept: "no tests ran" (5) fails.
 #   --slow          only the slow checks (B6/B7 parity, ...)
 #   --kernels off   the tests of layers, steps and parallelism (or the test files given) again
-#                   with tljax's C++ CPU kernels off (TLJAX_NATIVE=0): the pure-JAX path of a
+#                   with tljax's C++ CPU kernels off (TLJAX_CPU_ENGINE=jax): the pure-JAX path of a
 #                   machine without g++
 #   --kernels avx2  the same tests with the kernels built for x86-64-v3 (AVX2 and FMA, no
 #                   AVX-512) and XLA capped at AVX2: the path of a CPU without AVX-512, on a CPU
@@ -30,7 +30,7 @@ while [ $# -gt 0 ]; do
 done
 case "$kernels" in
   none) ;;
-  off) export TLJAX_NATIVE=0 ;;
+  off) export TLJAX_CPU_ENGINE=jax ;;
   avx2)
     if ! grep -qw avx2 /proc/cpuinfo 2>/dev/null; then
       echo "test.sh: --kernels avx2 needs an x86-64 CPU with AVX2; this one has none" >&2

@@ -41,12 +41,13 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
 
 
 def _paths() -> str:
+    from tljax import cpu
     from tljax.native import build
 
-    if not build.enabled():
-        path = "off (TLJAX_NATIVE=0): the pure-JAX layers"
+    if cpu.selected() != "native":
+        path = f"{cpu.VARIABLE}={cpu.selected()}: the C++ kernels off"
     elif not build.available():
-        path = "not built: the pure-JAX layers"
+        path = "not built: the pure-JAX rewrites"
     else:
         from tljax.native import conv
 

@@ -24,11 +24,11 @@ def preprocess_input(name: str):
     """Keras's `preprocess_input` for registered model `name`."""
     spec = models.spec(name)
     apps = keras.applications
-    if spec.family == "vgg":
+    if spec.family.name == "vgg":
         return getattr(apps, name).preprocess_input
-    if spec.family == "inception":
+    if spec.family.name == "inception":
         return apps.inception_v3.preprocess_input
-    if spec.family == "resnet":
+    if spec.family.name == "resnet":
         return apps.resnet_v2.preprocess_input if "v2" in name else apps.resnet.preprocess_input
     return apps.efficientnet.preprocess_input
 

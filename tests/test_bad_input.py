@@ -149,9 +149,9 @@ def test_missing_or_foreign_checkpoint_directory(tmp_path):
 
 
 def test_corrupt_image_is_named(capsys, tmp_path):
-    from tljax.demo import lite0_checkpoint
+    from tljax.weights.fetch import bundled_lite0
 
-    ckpt = lite0_checkpoint(str(tmp_path / "cache"))
+    ckpt = bundled_lite0(str(tmp_path / "cache"))
     bad = tmp_path / "broken.jpg"
     bad.write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
     code = predict_main(["--model", "efficientnet_lite0", "--weights", ckpt, str(bad)])

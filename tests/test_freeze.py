@@ -17,24 +17,24 @@ SIZE = {"vgg": 32, "resnet": 32, "inception": 75, "efficientnet": 32}
 @functools.cache
 def variables(name: str):
     module = models.create(name, num_classes=10)
-    size = SIZE[models.spec(name).family]
+    size = SIZE[models.spec(name).family.name]
     x = jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32)
     return jax.eval_shape(module.init, jax.random.key(0), x)
 
 
 def _presets(name):
-    params = variables(name)["params"]
-    return ["none", "backbone", f"up_to:{freeze.units(params)[1]}",
-            f"up_to:{freeze.units(params)[-2]}", "top:1", "top:3"]
+    params, family = variables(name)["params"], models.family(name)
+    return ["none", "backbone", f"up_to:{freeze.units(params, family)[1]}",
+            f"up_to:{freeze.units(params, family)[-2]}", "top:1", "top:3"]
 
 
 @pytest.mark.parametrize("name", models.names())
 def test_every_preset_covers_every_parameter(name):
     v = variables(name)
-    params = v["params"]
+    params, family = v["params"], models.family(name)
     n_params = len(freeze.paths(params))
     for preset in _presets(name):
-        labels = freeze.resolve(params, preset)
+        labels = freeze.resolve(params, preset, family)
         flat = jax.tree_util.tree_leaves(labels)
         assert len(flat) == n_params
         assert set(flat) <= {freeze.FROZEN, freeze.TRAIN, freeze.HEAD}
@@ -44,33 +44,35 @@ def test_every_preset_covers_every_parameter(name):
             assert len(trained) == n_params
         if preset == "backbone":
             assert all(p.startswith("head/") for p in trained)
-            if models.spec(name).family != "vgg":  # VGG has no BatchNorm
+            if family.name != "vgg":  # VGG has no BatchNorm
                 assert len(freeze.frozen_batchnorm(labels, v["batch_stats"])) > 0
         if preset.startswith("top:"):
             n = int(preset[4:])
-            blocks = freeze.blocks(params)
+            blocks = freeze.blocks(params, family)
             learned_blocks = {b for b in blocks if any(p.startswith(b + "/") for p in trained)}
             assert learned_blocks == set(blocks[-n:]), preset
 
 
 def test_up_to_freezes_the_stem_and_stages_up_to_the_named_one():
-    params = variables("resnet50")["params"]
-    labels = freeze.resolve(params, "up_to:stage2")
+    params, family = variables("resnet50")["params"], models.family("resnet50")
+    labels = freeze.resolve(params, "up_to:stage2", family)
     trained = freeze.trainable(labels)
     assert not any(p.startswith(("stem/", "stage1/", "stage2/")) for p in trained)
     assert any(p.startswith("stage3/") for p in trained)
-    assert freeze.units(params) == ["stem", "stage1", "stage2", "stage3", "stage4", "head"]
+    assert freeze.units(params, family) == ["stem", "stage1", "stage2", "stage3", "stage4",
+                                            "head"]
 
 
 def test_units_and_blocks_are_in_model_order():
     p = variables("inception_v3")["params"]
-    assert freeze.units(p) == ["stem"] + [f"mixed{i}" for i in range(11)] + ["head"]
-    e = variables("efficientnet_b0")["params"]
-    assert freeze.blocks(e)[:3] == ["stage1/block1", "stage2/block1", "stage2/block2"]
-    assert freeze.units(e)[-2:] == ["top", "head"]
+    assert freeze.units(p, models.family("inception_v3")) == (
+        ["stem"] + [f"mixed{i}" for i in range(11)] + ["head"])
+    e, ef = variables("efficientnet_b0")["params"], models.family("efficientnet_b0")
+    assert freeze.blocks(e, ef)[:3] == ["stage1/block1", "stage2/block1", "stage2/block2"]
+    assert freeze.units(e, ef)[-2:] == ["top", "head"]
     v = variables("vgg16")["params"]
-    assert freeze.units(v) == ["block1", "block2", "block3", "block4", "block5", "fc1", "fc2",
-                               "head"]
+    assert freeze.units(v, models.family("vgg16")) == ["block1", "block2", "block3", "block4",
+                                                       "block5", "fc1", "fc2", "head"]
 
 
 def test_first_match_wins_and_table_counts_parameters():
@@ -88,7 +90,8 @@ def test_first_match_wins_and_table_counts_parameters():
 def test_regex_that_matches_nothing_names_the_units():
     params = variables("resnet50")["params"]
     with pytest.raises(freeze.FreezeError) as e:
-        freeze.resolve(params, [(r"stage9/.*", "train"), (r".*", freeze.FROZEN)])
+        freeze.resolve(params, [(r"stage9/.*", "train"), (r".*", freeze.FROZEN)],
+                       models.family("resnet50"))
     msg = str(e.value)
     assert "'stage9/.*'" in msg and "stem, stage1, stage2, stage3, stage4, head" in msg
 
@@ -106,14 +109,17 @@ def test_invalid_regex_and_unknown_preset():
     with pytest.raises(freeze.FreezeError, match="unknown freeze preset 'head_only'"):
         freeze.resolve(params, "head_only")
     with pytest.raises(freeze.FreezeError, match="no unit 'stage5'.*stem, stage1"):
-        freeze.resolve(params, "up_to:stage5")
+        freeze.resolve(params, "up_to:stage5", models.family("resnet50"))
     with pytest.raises(freeze.FreezeError, match="has 16 blocks"):
-        freeze.resolve(params, "top:17")
+        freeze.resolve(params, "top:17", models.family("resnet50"))
+    with pytest.raises(freeze.FreezeError, match="needs the model's family"):
+        freeze.resolve(params, "top:1")
 
 
 def test_layerwise_decay_multipliers():
     params = variables("resnet50")["params"]
-    spec, mult = freeze.layerwise_decay(params, 0.5, head_multiplier=10)
+    spec, mult = freeze.layerwise_decay(params, models.family("resnet50"), 0.5,
+                                        head_multiplier=10)
     labels = freeze.resolve(params, spec)
     assert mult["head"] == 10 and mult["block016"] == 1 and mult["block015"] == 0.5
     assert mult["stem"] == 0.5 ** 16
@@ -131,8 +137,9 @@ def test_frozen_efficientnet_blocks_drop_no_stochastic_depth():
     infer = module.apply(v, x)
 
     def train(preset, seed):
-        labels = freeze.resolve(v["params"], preset)
-        mode = TrainMode(frozen_bn=freeze.frozen_batchnorm(labels, v["batch_stats"]))
+        family = models.family("efficientnet_b0")
+        labels = freeze.resolve(v["params"], preset, family)
+        mode = TrainMode(frozen_bn=freeze.frozen_batchnorm(labels, v["batch_stats"], family))
         out, _ = module.apply(v, x, train=mode, mutable=["batch_stats"],
                               rngs={"dropout": jax.random.key(seed)})
         return out

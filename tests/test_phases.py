@@ -11,6 +11,7 @@ from tiny_training import setup
 
 from tljax import freeze, parallel, phases
 from tljax import train_step as steps
+from tljax.models import resnet
 
 
 def run_phase(phase, labels, state, model, batches):
@@ -27,7 +28,7 @@ def test_classic_two_phase_recipe():
     model, variables, _, _, batches = setup()
     schedule = phases.classic(head_steps=2, finetune_steps=1, head_lr=0.05, finetune_lr=0.01,
                               top_blocks=1)
-    labels = phases.resolve(schedule, variables["params"])
+    labels = phases.resolve(schedule, variables["params"], resnet.FAMILY)
     state = steps.create_state(variables, schedule[0].optimizer(0.0))
     after_head = run_phase(schedule[0], labels[0], state, model, batches)
     p0 = traverse_util.flatten_dict(variables["params"], sep="/")
@@ -49,7 +50,7 @@ def test_phase_naming_a_stage_the_model_lacks_is_refused():
                 phases.Phase(5, "up_to:stage7", 0.01, name="finetune")]
     with pytest.raises(phases.PhaseError, match=r"phase 1 \('finetune'\): .*no unit 'stage7'.*"
                                                 r"stem, stage1, stage2, stage3, stage4"):
-        phases.resolve(schedule, variables["params"])
+        phases.resolve(schedule, variables["params"], resnet.FAMILY)
 
 
 def test_carrying_optimizer_state_needs_the_same_groups():
@@ -57,10 +58,10 @@ def test_carrying_optimizer_state_needs_the_same_groups():
     schedule = [phases.Phase(5, "backbone", 0.1),
                 phases.Phase(5, "top:1", 0.01, optimizer_state="carry")]
     with pytest.raises(phases.PhaseError, match="same freeze groups.*'reset'"):
-        phases.resolve(schedule, variables["params"])
+        phases.resolve(schedule, variables["params"], resnet.FAMILY)
     same = [phases.Phase(5, "top:1", 0.1), phases.Phase(5, "top:1", 0.01,
                                                          optimizer_state="carry")]
-    assert len(phases.resolve(same, variables["params"])) == 2
+    assert len(phases.resolve(same, variables["params"], resnet.FAMILY)) == 2
 
 
 def test_bfloat16_step_keeps_float32_parameters_statistics_and_loss():

@@ -184,22 +184,21 @@ def test_evaluate_restores_a_run_from_8_devices_onto_1(reference_run):
 
 
 def test_resuming_with_another_number_of_classes_is_refused(reference_run, data_dir):
-    from tljax import train
+    from tljax import run, train
 
     workdir, _ = reference_run
-    with pytest.raises(train.RunError, match=r"num_classes: 10 -> 12.*new --workdir"):
+    with pytest.raises(run.RunError, match=r"num_classes: 10 -> 12.*new --workdir"):
         train.train_and_evaluate(tiny_config(data_dir, num_classes=12), workdir)
 
 
 def test_linear_probe_trains_on_cached_features(data_dir, tmp_path):
-    from tljax import train
+    from tljax import run, train
 
     config = tiny_config(data_dir, steps=6, freeze="backbone", **{
         "augment.crop_area": (), "augment.flip": False, "eval_every": 6})
-    assert train.resolve(config).cached
+    assert run.resolve(config).cached
     workdir = str(tmp_path / "probe")
-    start = train.initial_variables(train.resolve(config),
-                                    train.build_model(train.resolve(config)))
+    start = run.initial_variables(run.resolve(config), run.build_model(run.resolve(config)))
     summary = train.train_and_evaluate(config, workdir)
     end = final_params(workdir, 6)
     for k, v in end.items():
@@ -277,15 +276,15 @@ def test_help_explains_multi_host_runs():
 
 @pytest.mark.parametrize("field", ["model", "image_size"])
 def test_check_workdir_refuses_other_shapes(tmp_path, field):
-    from tljax import train
+    from tljax import run
 
     record = {"model": "resnet50", "num_classes": 10, "image_size": 224, "dtype": "float32"}
     with open(tmp_path / "config.json", "w") as f:
         json.dump(record, f)
     changed = dict(record, **{field: "vgg19" if field == "model" else 160})
-    with pytest.raises(train.RunError, match=field):
-        train.check_workdir(str(tmp_path), changed)
-    train.check_workdir(str(tmp_path), dict(record, steps=5))
+    with pytest.raises(run.RunError, match=field):
+        run.check_workdir(str(tmp_path), changed)
+    run.check_workdir(str(tmp_path), dict(record, steps=5))
 
 
 

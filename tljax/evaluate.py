@@ -9,6 +9,11 @@ checkpoint is laid out over this machine's devices, whatever number the run had.
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # the program's allocator policy, before any thread allocates
+    from tljax import host_memory
+
+    host_memory.keep_freed_memory()
+
 import argparse
 import json
 import logging
@@ -26,13 +31,13 @@ def evaluate(workdir: str, checkpoint: str = "best", split: str = "",
     import ml_collections
 
     from tljax import checkpoint as ckpt_lib
-    from tljax import datasets, freeze, parallel, train
+    from tljax import datasets, freeze, parallel, run, train
     from tljax import train_step as steps
     from tljax.models import preprocessing, registry
 
     path = os.path.join(workdir, "config.json")
     if not os.path.exists(path):
-        raise train.RunError(f"{workdir} is not a training workdir: config.json is missing")
+        raise run.RunError(f"{workdir} is not a training workdir: config.json is missing")
     with open(path) as f:
         record = json.load(f)
     config = ml_collections.ConfigDict(record)
@@ -44,22 +49,22 @@ def evaluate(workdir: str, checkpoint: str = "best", split: str = "",
     else:
         step = int(checkpoint)
         if step not in ckpts.steps():
-            raise train.RunError(f"{workdir} has no checkpoint at step {step}; it has "
+            raise run.RunError(f"{workdir} has no checkpoint at step {step}; it has "
                                  f"{ckpts.steps()}")
     if step is None:
-        raise train.RunError(f"{workdir} has no checkpoint yet")
+        raise run.RunError(f"{workdir} has no checkpoint yet")
 
     src = datasets.source(config.dataset, config.data_dir or None, config.download,
                           config.holdout)
     split = split or config.eval_split
-    r = train.Resolved(config, src, config.num_classes, config.image_size, config.train_split,
+    r = run.Resolved(config, src, config.num_classes, config.image_size, config.train_split,
                        split, cached=False)
-    model = train.build_model(r)
+    model = run.build_model(r)
     shapes = jax.eval_shape(model.init, jax.random.key(0),
                             jax.ShapeDtypeStruct((1, r.image_size, r.image_size, 3), "float32"))
-    labels = freeze.resolve(shapes["params"], config.freeze if isinstance(config.freeze, str)
-                            else [tuple(x) for x in config.freeze])
-    tx, _ = train._optimizer(config, labels)
+    spec = config.freeze if isinstance(config.freeze, str) else [tuple(x) for x in config.freeze]
+    labels = freeze.resolve(shapes["params"], spec, registry.family(config.model))
+    tx, _ = run.optimizer(config, labels)
     mesh = parallel.mesh()
     abstract = jax.eval_shape(
         lambda v: steps.create_state(v, tx),
@@ -100,11 +105,11 @@ def main(argv=None) -> int:
                         datefmt="%H:%M:%S")
     for noisy in ("absl", "orbax", "jax._src", "tensorflow"):  # their warnings are not ours
         logging.getLogger(noisy).setLevel(logging.ERROR)
-    from tljax import checkpoint, datasets, train
+    from tljax import checkpoint, datasets, run
 
     try:
         result = evaluate(args.workdir, args.checkpoint, args.split, args.batch_size)
-    except (train.RunError, datasets.DataError, checkpoint.CheckpointError) as e:
+    except (run.RunError, datasets.DataError, checkpoint.CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if args.json:

@@ -10,14 +10,16 @@ whose learning rate is the base rate times the group's multiplier (default 1).
 A parameter that matches no rule, and a rule that matches no parameter, are errors: a typo in a
 regex must not silently train (or freeze) the wrong layers.
 
-Presets, for every registered model (`preset(name, params)`):
+Presets, for every registered model (`preset(name, params, family)`):
 - `none`: everything trains (full fine-tuning);
 - `backbone`: only the head trains (linear probing);
 - `up_to:STAGE`: the model's units from the first up to STAGE (e.g. `stem`, `stage2`, `mixed5`,
   `block3`) are frozen, the rest trains;
 - `top:N`: only the last N blocks (`stage4/block3`, `mixed10`, ...), what follows them and the
   head train.
-The head is its own group, `head`, so that it can learn faster (`multipliers={'head': 10}`).
+The units, their order and what a block is come from the model's family
+(`tljax.models.family.Family`). The head is its own group, `head`, so that it can learn faster
+(`multipliers={'head': 10}`).
 """
 
 from __future__ import annotations
@@ -28,6 +30,8 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 from flax import traverse_util
+
+from tljax.models.family import Family
 
 log = logging.getLogger("tljax.freeze")
 
@@ -43,58 +47,50 @@ class FreezeError(ValueError):
 
 
 def paths(params: Mapping) -> list[str]:
-    """Parameter paths (`stage1/block1/conv1/kernel`), in natural model order."""
+    """Parameter paths (`stage1/block1/conv1/kernel`), numbered parts in number order."""
     flat = traverse_util.flatten_dict(params)
     return sorted(("/".join(k) for k in flat), key=_natural_key)
 
 
-def _unit_rank(name: str) -> tuple:
-    if name == "stem":
-        return (0, 0, "")
-    if name == HEAD:
-        return (3, 0, "")
-    m = re.fullmatch(r"([a-z_]+?)(\d+)", name)
-    if m and m.group(1) in ("stage", "mixed", "block"):
-        return (1, int(m.group(2)), "")
-    return (2, 0, name)  # post_bn, top, fc1, fc2: after the numbered units, before the head
-
-
 def _natural_key(path: str) -> tuple:
-    parts = path.split("/")
-    return (_unit_rank(parts[0]),) + tuple(
-        (0, int(p), "") if p.isdigit() else (1, int(m.group(1)), p)
-        if (m := re.fullmatch(r"[a-z_]*?(\d+)", p)) else (2, 0, p)
-        for p in parts[1:]
-    )
+    return tuple((int(m.group(1)), p) if (m := re.fullmatch(r"[a-z_]*?(\d+)", p)) else (-1, p)
+                 for p in path.split("/"))
 
 
-def units(params: Mapping) -> list[str]:
-    """The model's top-level units in order: `stem`, `stage1`..., `post_bn`/`top`, `head`."""
-    return sorted({p.split("/")[0] for p in paths(params)}, key=_unit_rank)
+def units(params: Mapping, family: Family | None = None) -> list[str]:
+    """The model's top-level units, in the family's order (`stem`, `stage1`, ..., `head`);
+    without a family, by name."""
+    names = {p.split("/")[0] for p in paths(params)}
+    if family is None:
+        return sorted(names, key=_natural_key)
+    return sorted(names, key=family.unit_rank)
 
 
-def blocks(params: Mapping) -> list[str]:
-    """The model's blocks in order: `stage1/block1`, ... for ResNet and EfficientNet; the
-    numbered units themselves (`mixed0`, `block1`) for InceptionV3 and VGG."""
-    out: list[str] = []
+def blocks(params: Mapping, family: Family) -> list[str]:
+    """The model's blocks in order (`family.blocks`: `stage1/block1`, ... for ResNet and
+    EfficientNet; the numbered units themselves, `mixed0`, `block1`, for InceptionV3 and
+    VGG)."""
+    pattern = re.compile(family.blocks)
+    found = set()
     for p in paths(params):
         parts = p.split("/")
-        if _unit_rank(parts[0])[0] != 1:
-            continue
-        block = "/".join(parts[:2]) if re.fullmatch(r"block\d+", parts[1]) else parts[0]
-        if block not in out:
-            out.append(block)
-    return out
+        for n in range(1, len(parts)):
+            if pattern.fullmatch("/".join(parts[:n])):
+                found.add("/".join(parts[:n]))
+                break
+    return sorted(found, key=lambda b: (family.unit_rank(b.split("/")[0]), _natural_key(b)))
 
 
 def _alternation(names: Sequence[str]) -> str:
     return "(?:" + "|".join(re.escape(n) for n in names) + ")"
 
 
-def preset(name: str, params: Mapping) -> list[tuple[str, str]]:
-    """The freeze specification of preset `name` for a model with these `params`."""
-    all_units = units(params)
-    head = [(r"head/.*", HEAD)] if HEAD in all_units else []
+def preset(name: str, params: Mapping, family: Family | None = None) -> list[tuple[str, str]]:
+    """The freeze specification of preset `name` for a model of `family` with these `params`
+    (`none` and `backbone` need no family)."""
+    head_unit = family.head if family is not None else HEAD
+    all_units = units(params, family)
+    head = [(re.escape(head_unit) + "/.*", HEAD)] if head_unit in all_units else []
     if name == "none":
         return head + [(r".*", TRAIN)]
     if name == "backbone":
@@ -102,9 +98,12 @@ def preset(name: str, params: Mapping) -> list[tuple[str, str]]:
             raise FreezeError("preset 'backbone' trains only the head, but the model has none "
                               "(create it with include_top=True)")
         return head + [(r".*", FROZEN)]
+    if name.startswith(("up_to:", "top:")) and family is None:
+        raise FreezeError(f"preset {name!r} needs the model's family (`tljax.models.family`): "
+                          f"pass family=models.family(MODEL)")
     if name.startswith("up_to:"):
         stage = name.split(":", 1)[1]
-        body = [u for u in all_units if u != HEAD]
+        body = [u for u in all_units if u != head_unit]
         if stage not in body:
             raise FreezeError(
                 f"preset {name!r}: the model has no unit {stage!r}; its units are "
@@ -118,7 +117,7 @@ def preset(name: str, params: Mapping) -> list[tuple[str, str]]:
             n = int(name.split(":", 1)[1])
         except ValueError:
             raise FreezeError(f"preset {name!r}: N must be an integer, as in 'top:2'") from None
-        all_blocks = blocks(params)
+        all_blocks = blocks(params, family)
         if not 0 <= n <= len(all_blocks):
             raise FreezeError(
                 f"preset {name!r}: the model has {len(all_blocks)} blocks "
@@ -127,8 +126,7 @@ def preset(name: str, params: Mapping) -> list[tuple[str, str]]:
         if n == 0:
             return preset("backbone", params)
         trained = all_blocks[len(all_blocks) - n:]
-        last = all_blocks[-1].split("/")[0]
-        after = [u for u in all_units if _unit_rank(u) > _unit_rank(last) and u != HEAD]
+        after = _after_blocks(all_units, all_blocks, family)
         return head + [(_alternation(trained + after) + "/.*", TRAIN), (r".*", FROZEN)]
     raise FreezeError(
         f"unknown freeze preset {name!r}; presets are 'none', 'backbone', 'up_to:STAGE' and "
@@ -136,14 +134,21 @@ def preset(name: str, params: Mapping) -> list[tuple[str, str]]:
     )
 
 
-def resolve(params: Mapping, spec: Spec | str) -> dict:
-    """Labels for every parameter (a pytree shaped like `params`); `spec` may be a preset name.
+def _after_blocks(all_units: list[str], all_blocks: list[str], family: Family) -> list[str]:
+    """The units after the last block's, less the head (`top`, `post_bn`, `fc1`, ...)."""
+    last = family.unit_rank(all_blocks[-1].split("/")[0])
+    return [u for u in all_units if family.unit_rank(u) > last and u != family.head]
+
+
+def resolve(params: Mapping, spec: Spec | str, family: Family | None = None) -> dict:
+    """Labels for every parameter (a pytree shaped like `params`); `spec` may be a preset name
+    (`up_to:` and `top:` need the model's `family`).
 
     Raises FreezeError for an invalid regex, a rule that matches nothing, and a parameter that
     no rule covers.
     """
     if isinstance(spec, str):
-        spec = preset(spec, params)
+        spec = preset(spec, params, family)
     rules = []
     for i, (pattern, label) in enumerate(spec):
         try:
@@ -177,7 +182,7 @@ def resolve(params: Mapping, spec: Spec | str) -> dict:
             raise FreezeError(
                 f"freeze rule {i} ({pattern!r} -> {label!r}) matches no parameter (rules match "
                 f"the whole path with re.fullmatch, first match wins). The model's units are "
-                f"{', '.join(units(params))}; paths look like {paths(params)[0]}"
+                f"{', '.join(units(params, family))}; paths look like {paths(params)[0]}"
             )
     return traverse_util.unflatten_dict(labels)
 
@@ -188,17 +193,18 @@ def trainable(labels: Mapping) -> frozenset[str]:
                      if v != FROZEN)
 
 
-def frozen_batchnorm(labels: Mapping, batch_stats: Mapping) -> frozenset[str]:
-    """Module paths of the BatchNorm layers whose parameters are all frozen: they run on their
-    moving statistics and keep them unchanged. A BatchNorm layer is found through its
-    statistics (`.../mean`, `.../var`); EfficientNet's input Normalization (which only has
-    `mean` and `std`) is never trained and needs no entry."""
+def frozen_batchnorm(labels: Mapping, batch_stats: Mapping,
+                     family: Family | None = None) -> frozenset[str]:
+    """Module paths whose statistics stay unchanged: the BatchNorm layers whose parameters are
+    all frozen (they run on their moving statistics), and the modules whose statistics are the
+    family's constants (`Family.constants`: an input normalisation)."""
     flat = traverse_util.flatten_dict(labels)
     modules: dict[str, set] = {}
     for key, label in flat.items():
         modules.setdefault("/".join(key[:-1]), set()).add(label)
-    bn = {"/".join(k[:-1]) for k in traverse_util.flatten_dict(batch_stats) if k[-1] == "var"}
-    return frozenset(m for m in bn if modules.get(m) == {FROZEN})
+    stats = {"/".join(k[:-1]) for k in traverse_util.flatten_dict(batch_stats)}
+    return frozenset(m for m in stats if modules.get(m) == {FROZEN}
+                     or (family is not None and family.constant(m)))
 
 
 def table(labels: Mapping, params: Mapping) -> str:
@@ -223,16 +229,18 @@ def log_table(labels: Mapping, params: Mapping) -> None:
         log.info(line)
 
 
-def layerwise_decay(params: Mapping, decay: float, head_multiplier: float = 1.0):
+def layerwise_decay(params: Mapping, family: Family, decay: float,
+                    head_multiplier: float = 1.0):
     """Layer-wise learning-rate decay: the last block learns at the base rate, each earlier
-    block `decay` times slower, the stem slowest. Returns `(spec, multipliers)`."""
-    all_blocks = blocks(params)
+    block `decay` times slower, the units before the first block slowest. Returns
+    `(spec, multipliers)`."""
+    all_blocks = blocks(params, family)
+    all_units = units(params, family)
     spec, multipliers = [], {}
-    if HEAD in units(params):
-        spec.append((r"head/.*", HEAD))
+    if family.head in all_units:
+        spec.append((re.escape(family.head) + "/.*", HEAD))
         multipliers[HEAD] = head_multiplier
-    last_unit = all_blocks[-1].split("/")[0]
-    after = [u for u in units(params) if _unit_rank(u) > _unit_rank(last_unit) and u != HEAD]
+    after = _after_blocks(all_units, all_blocks, family)
     if after:
         spec.append((_alternation(after) + "/.*", "top"))
         multipliers["top"] = 1.0
@@ -241,7 +249,9 @@ def layerwise_decay(params: Mapping, decay: float, head_multiplier: float = 1.0)
         label = f"block{n - i:03d}"
         spec.append((re.escape(b) + "/.*", label))
         multipliers[label] = decay ** i
-    if "stem" in units(params):
-        spec.append((r"stem/.*", "stem"))
+    first = family.unit_rank(all_blocks[0].split("/")[0])
+    before = [u for u in all_units if family.unit_rank(u) < first]
+    if before:
+        spec.append((_alternation(before) + "/.*", "stem"))
         multipliers["stem"] = decay ** n
     return spec, multipliers

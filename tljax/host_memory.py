@@ -1,23 +1,25 @@
-"""Host memory that XLA:CPU can reuse from one step to the next.
+"""Host memory that XLA:CPU can reuse from one step to the next: a process-wide allocator
+policy that tljax's programs set for themselves, and that library users opt into.
 
 XLA:CPU takes each program's buffers from the C library's `malloc`. glibc serves large blocks
 with fresh `mmap`s (in each thread's own arena) and unmaps them when freed, so every step of a
-training loop page-faults its whole working set in again: on the 2-core test machine an
-elementwise pass over 64 MB ran at 2.5 GB/s with a fresh output buffer against 17 GB/s with a
-reused one, and in `scripts/benchmark.py --quick` (112x112, batch 16) the EfficientNet-B0 full
-fine-tune step went from 14.4 to 20.5 images/s and its inference from 141 to 203 when freed
-memory was kept (docs/benchmarks.md).
+training loop page-faults its whole working set in again, at a fraction of the memory
+bandwidth (docs/performance.md has the figures).
 
 `keep_freed_memory()` makes glibc keep it: one arena for all threads, no `mmap` for large
-blocks, no trimming of the heap (`M_TRIM_THRESHOLD` -1, which glibc reads as "never"; the
-largest positive threshold, 2 GiB, still trimmed ResNet50's heap at 224x224, whose full step
-uses ~1.8 GB of temporaries: 440-460 thousand page faults, +300-400 ms, in 1-3 of the 12
-steps after the first two, against none with -1; docs/benchmarks.md). The process's
-resident memory then stays at its high-water mark, as a caching allocator's does (PyTorch's,
-or XLA's own on GPUs). It only works when called before the threads that allocate exist, so
-`import tljax` calls it, on Linux with glibc when JAX will compute on the CPU (no GPU or TPU
-plugin installed, or `JAX_PLATFORMS=cpu`). Opt out with `TLJAX_KEEP_FREED_MEMORY=0` in the
-environment. `state()` says what was done, for run records.
+blocks, no trimming of the heap (`M_TRIM_THRESHOLD` -1, which glibc reads as "never": the
+largest positive threshold, 2 GiB, still trims the heap of a large model's step). The
+process's resident memory then stays at its high-water mark, as a caching allocator's does
+(PyTorch's, or XLA's own on GPUs). It only works before the threads that allocate exist, so
+the programs (`python -m tljax.train`, `tljax.evaluate`, `tljax.demo`, the benchmark's
+worker) call it first thing; `import tljax` does not. A script or notebook opts in with
+
+    from tljax import host_memory
+    host_memory.keep_freed_memory()  # before importing JAX
+
+It acts on Linux with glibc when JAX will compute on the CPU (no GPU or TPU plugin installed,
+or `JAX_PLATFORMS=cpu`); `TLJAX_KEEP_FREED_MEMORY=0` in the environment turns it off.
+`state()` says what was done, for run records.
 """
 
 from __future__ import annotations

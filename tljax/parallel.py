@@ -19,14 +19,8 @@ Many hosts: every process calls `jax.distributed.initialize` first, then builds 
 each process passes its own shard of the global batch (`shard` for pmap, `put_batch` for
 shard_map, which assembles the global array from the process-local pieces).
 
-Default form (`compile_train_step`): shard_map. Measured on this project's 2-core CPU machine
-with 8 virtual devices, a one-block-per-stage ResNet at 64x64, global batch 32, SGD (median of
-6 steps after compilation; `form` comparison script in the commit that set this default):
-    pmap       unsynced BN: 1880 ms/step (max 7464), compile 8.0 s; synced: 1960 ms, 7.9 s
-    shard_map  unsynced BN: 1750 ms/step (max 1795), compile 7.1 s; synced: 1807 ms, 7.7 s
-shard_map is ~7% faster and compiles no slower (pmap's 7.5 s outlier was a second compilation
-of the step, since removed: see `replicate`); it is also the form
-current JAX recommends and into which pmap itself now lowers.
+Default form (`compile_train_step`): shard_map, the form current JAX recommends and into
+which pmap itself now lowers; on CPU it also ran faster than pmap (docs/performance.md).
 """
 
 from __future__ import annotations
@@ -118,10 +112,7 @@ class ShardMapTrainStep:
     donated nor returned: the new state holds the very arrays it was given for them. The others
     (step, trained parameters, statistics that train, optimizer state) are donated and replaced.
     With a frozen backbone that is nearly every leaf, and each one costs host time at the call
-    boundary, where nothing computes: EfficientNet-B0's frozen step (316 leaves, 5 of them
-    changing) at 112x112, batch 16, on 2 CPU cores was 3.2% faster this way than when it
-    returned the whole state, ResNet50's 2.1% (paired medians of 40 and 30 alternating calls;
-    docs/benchmarks.md, "Frozen leaves in, not out").
+    boundary, where nothing computes.
 
     When the step is traced, each carried leaf is checked to come back as the same traced value
     it went in as, so a carried set that disagreed with `train_step` would stop with

@@ -25,6 +25,7 @@ import optax
 
 from tljax import freeze
 from tljax import train_step as steps
+from tljax.models.family import Family
 
 
 def sgd_momentum(learning_rate) -> optax.GradientTransformation:
@@ -61,8 +62,9 @@ def _label(i: int, phase: Phase) -> str:
     return f"phase {i}" + (f" ({phase.name!r})" if phase.name else "")
 
 
-def resolve(phases: Sequence[Phase], params) -> list[dict]:
-    """The freeze labels of every phase, checked before any training starts."""
+def resolve(phases: Sequence[Phase], params, family: Family | None = None) -> list[dict]:
+    """The freeze labels of every phase, checked before any training starts (presets
+    `up_to:` and `top:` need the model's `family`)."""
     out = []
     for i, phase in enumerate(phases):
         if phase.steps <= 0:
@@ -73,7 +75,7 @@ def resolve(phases: Sequence[Phase], params) -> list[dict]:
         if i == 0 and phase.optimizer_state == "carry":
             raise PhaseError(f"{_label(i, phase)}: the first phase has no state to carry")
         try:
-            out.append(freeze.resolve(params, phase.freeze))
+            out.append(freeze.resolve(params, phase.freeze, family))
         except freeze.FreezeError as e:
             raise PhaseError(f"{_label(i, phase)}: {e}") from None
         if phase.optimizer_state == "carry" and out[-1] != out[-2]:
@@ -85,8 +87,8 @@ def resolve(phases: Sequence[Phase], params) -> list[dict]:
 
 
 def begin(phase: Phase, labels: Mapping, state: steps.TrainState, model,
-          sync_bn: bool = False, bn_follows_freeze: bool = True,
-          axis_name: str = "batch") -> tuple[steps.TrainState, steps.StepConfig]:
+          sync_bn: bool = False, bn_follows_freeze: bool = True, axis_name: str = "batch",
+          family: Family | None = None) -> tuple[steps.TrainState, steps.StepConfig]:
     """The state and step configuration for `phase`, continuing from `state` (parameters and
     BatchNorm statistics kept; optimizer state reset or carried as the phase says)."""
     freeze.log_table(labels, state.params)
@@ -101,7 +103,7 @@ def begin(phase: Phase, labels: Mapping, state: steps.TrainState, model,
         opt_state = tx.init(state.params)
     config = steps.StepConfig(
         model=model, tx=tx, trainable=freeze.trainable(labels),
-        frozen_bn=(freeze.frozen_batchnorm(labels, state.batch_stats)
+        frozen_bn=(freeze.frozen_batchnorm(labels, state.batch_stats, family)
                    if bn_follows_freeze else frozenset()),
         sync_bn=sync_bn, axis_name=axis_name,
     )

@@ -34,9 +34,7 @@ def imagenet_weights(model: str, num_classes: int) -> str:
     from tljax.weights import fetch
 
     if model == "efficientnet_lite0":
-        from tljax.demo import lite0_checkpoint
-
-        return lite0_checkpoint(fetch.cache_dir())
+        return fetch.bundled_lite0()
     s = registry.spec(model)
     if not s.weights:
         raise InitError(
@@ -45,7 +43,7 @@ def imagenet_weights(model: str, num_classes: int) -> str:
             f"pass init=DIR, or use init=scratch"
         )
     # Without the 1000-class top unless it is needed: VGG's top holds fc1/fc2.
-    notop = num_classes != 1000 and s.family != "vgg"
+    notop = num_classes != 1000 and s.family.name != "vgg"
     return fetch.fetch(model, notop=notop)
 
 

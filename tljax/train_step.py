@@ -162,10 +162,7 @@ def _stats_paths_cached(keys: tuple[str, ...], frozen_bn: frozenset[str], train:
     def module(k: str) -> str:
         return k.rsplit("/", 1)[0]
 
-    # Statistics of modules that never train (EfficientNet's input Normalization: mean, std)
-    # count as frozen: they are read, never updated.
-    frozen = {k for k in keys if module(k) in frozen_bn or k.endswith("/std")
-              or (k.endswith("/mean") and module(k) + "/std" in keys)}
+    frozen = {k for k in keys if module(k) in frozen_bn}
     return frozenset(k for k in keys if (k not in frozen) == train)
 
 

@@ -3,13 +3,8 @@ applies them.
 
 XLA:CPU (jaxlib 0.10) hands three kinds of work to the YNNPACK library by default: single
 matrix products, single convolutions and reductions. Its convolutions are the slow ones on
-x86: on the 2-core test machine (AMD EPYC, no AVX-512) a 3x3 convolution of (16, 56, 56, 64)
-to 64 channels ran its forward pass in 65.7 ms with YNNPACK and 34.4 ms with XLA's own
-(Eigen) convolution, its input gradient in 110.8 against 29.5 ms and its kernel gradient in
-284.1 against 54.1 ms; at (16, 28, 28, 128) 42.5 / 60.8 / 91.8 against 30.5 / 29.6 / 37.8 ms.
-Products and reductions stay with YNNPACK: without its reductions EfficientNet-B0's full
-fine-tune step took 1058 ms instead of 510 (112x112, batch 16). Measured figures of whole
-models: docs/benchmarks.md.
+x86 (2-4x slower than XLA's own Eigen convolutions, forward and both gradients), while its
+products and reductions are the fast ones (docs/performance.md).
 
 So on CPU tljax compiles with YNNPACK's convolutions off (the same as
 `XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type=-individual_convolution`). It sets nothing

@@ -8,10 +8,10 @@ import logging
 import sys
 
 from tljax import models
-from tljax.models.layer_map import WeightMismatchError
 from tljax.weights import WeightsError
-from weights_conversion.convert import convert
-from weights_conversion.readers import UnreadableFileError
+from tljax.weights.convert import convert
+from tljax.weights.layer_map import WeightMismatchError
+from tljax.weights.readers import UnreadableFileError
 
 
 def main(argv=None) -> int:

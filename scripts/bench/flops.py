@@ -5,8 +5,8 @@ elementwise updates are a few percent and are not what MFU measures).
 Why not XLA's cost analysis: it counts the compiled program, which differs by backend. On GPUs
 the convolutions become cuDNN custom calls, which it counts as 0 FLOPs (an H200 run reported
 121 GFLOP for a ResNet50 step of ~6 TFLOP); on CPU tljax writes 1x1 and depthwise convolutions
-as matmuls and multiply-adds (`tljax.models.layers.cpu_rewrites`). Counting the jaxpr traced
-under `layers.plain_convolutions()` gives one figure per program on every backend.
+as matmuls and multiply-adds (the CPU engine, `tljax.cpu`). Counting the jaxpr traced
+under `tljax.cpu.engine_scope('xla')` gives one figure per program on every backend.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import math
 import jax
 from jax.extend import core
 
-from tljax.models import layers
+from tljax import cpu
 
 
 def _conv(eqn) -> float:
@@ -58,10 +58,10 @@ def jaxpr_flops(jaxpr) -> float:
 
 def model_flops(fn, *args, axis_env=None) -> float:
     """FLOPs of convolutions and matrix products in one call of `fn(*args)`, traced with XLA's
-    plain convolution ops (`layers.plain_convolutions`); `axis_env`: `[(name, size)]` for
+    own convolution ops (`cpu.engine_scope('xla')`); `axis_env`: `[(name, size)]` for
     collectives over named axes. `fn` is traced through a new function: `make_jaxpr` reuses
     `jax.jit`'s cached trace of the same function, which for a program already traced on CPU
     holds the C++ kernels' custom calls (not counted) in place of its convolutions."""
-    with layers.plain_convolutions():
+    with cpu.engine_scope("xla"):
         closed = jax.make_jaxpr(lambda *a: fn(*a), axis_env=axis_env or [])(*args)
     return jaxpr_flops(closed.jaxpr)

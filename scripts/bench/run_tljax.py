@@ -19,6 +19,10 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+from tljax import host_memory  # noqa: E402
+
+host_memory.keep_freed_memory()  # as the training program: before any thread allocates
+
 import common  # noqa: E402
 import flops  # noqa: E402
 import jax  # noqa: E402
@@ -26,10 +30,8 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
-from tljax import freeze, models, parallel, xla_options  # noqa: E402
+from tljax import cpu, freeze, models, parallel, xla_options  # noqa: E402
 from tljax import train_step as steps  # noqa: E402
-from tljax.native import build as native_build  # noqa: E402
-from tljax.native import conv as native_conv  # noqa: E402
 
 
 def best_time(call, repeat: int = 5) -> float:
@@ -97,7 +99,8 @@ def setup(model: str, size: int, batch: int, classes: int, dtype=jnp.float32):
     return module, variables, images, labels
 
 
-def program(kind: str, module, variables, images, labels, device, bn: str = "follow"):
+def program(kind: str, module, variables, images, labels, device, bn: str = "follow",
+            family=None):
     """A no-argument call running `kind` once, `analysis` of its compiled program, and a
     no-argument function that lowers that program again (for `profile_ops.py`)."""
     if kind == "inference":
@@ -116,8 +119,8 @@ def program(kind: str, module, variables, images, labels, device, bn: str = "fol
     bn_labels = (jax.tree.map(lambda _: freeze.FROZEN, labels_tree) if bn == "inference"
                  else labels_tree)
     config = steps.StepConfig(model=module, tx=tx, trainable=freeze.trainable(labels_tree),
-                              frozen_bn=freeze.frozen_batchnorm(bn_labels,
-                                                                variables.get("batch_stats", {})))
+                              frozen_bn=freeze.frozen_batchnorm(
+                                  bn_labels, variables.get("batch_stats", {}), family))
     step, put_state, put_batch = parallel.compile_train_step(config, devices=[device])
     state = steps.create_state(variables, tx)
     host_batch = {"image": images, "label": labels}
@@ -156,8 +159,8 @@ def main() -> None:
               "dtype": jnp.dtype(dtype).name, "peak_flops": matmul_peak(dtype),
               # The C++ kernels (tljax.native), or the pure-JAX form without them; with or
               # without the AVX-512 ones (the direct convolution and product).
-              "native_kernels": jax.default_backend() == "cpu" and native_build.available(),
-              "native_avx512": jax.default_backend() == "cpu" and native_conv.direct_available(),
+              "native_kernels": cpu.native(),
+              "native_avx512": cpu.direct(),
               "bandwidth": copy_bandwidth()}
 
     def sync(out):
@@ -169,7 +172,8 @@ def main() -> None:
         result["peak_flops"] = max(result["peak_flops"], matmul_peak(dtype))
         # Compiled ahead of the first call (for the analyses): `common.run` counts the
         # compile_s in the first call, like the peers'.
-        fn, info, _ = program(kind, module, variables, images, labels, device, args.bn)
+        fn, info, _ = program(kind, module, variables, images, labels, device, args.bn,
+                              models.family(args.model))
 
         def after():
             if not (accel and "xla_memory_mb" in info):

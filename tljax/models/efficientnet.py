@@ -22,6 +22,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from tljax.models import layers
+from tljax.models.family import Family
 
 NUMERICS = layers.Numerics(
     bn_epsilon=1e-3,  # Keras BatchNormalization default; TF EfficientNet batch_norm_epsilon
@@ -32,6 +33,9 @@ NUMERICS = layers.Numerics(
 )
 NUMERICS_LITE = dataclasses.replace(NUMERICS, preprocessing="lite")  # (x - 127) / 128 outside
 MIN_SIZE = 32
+# The input normalisation's statistics (`stem/normalization`: mean, std) are constants.
+FAMILY = Family("efficientnet", units=("stem", r"stage\d+", "top", "head"),
+                blocks=r"stage\d+/block\d+", constants=r"stem/normalization")
 
 # ImageNet statistics of the Keras EfficientNet Normalization layer.
 IMAGENET_MEAN_RGB = (0.485, 0.456, 0.406)
@@ -109,9 +113,11 @@ class Normalization(nn.Module):
 
     `mean` and `std` come from the converted file (`std = max(sqrt(variance), 1e-7)`, times
     Keras's extra `sqrt(stddev)` rescaling for the official ImageNet files; see
-    `weights_conversion`). They live in `batch_stats`, never trained; a freshly initialised
-    model uses the ImageNet statistics.
+    `tljax.weights.convert`). They live in `batch_stats`, constants (`FAMILY.constants`); a
+    freshly initialised model uses the ImageNet statistics.
     """
+
+    SOURCE_KIND = "normalization"  # the Keras layer class its weights are read from
 
     @nn.compact
     def __call__(self, x):
@@ -157,10 +163,10 @@ class MBConv(nn.Module):
         filters = self.filters_in * self.expand_ratio
         x = inputs
         if self.expand_ratio != 1:
-            x = layers.conv_bn(conv(filters, (1, 1), name="expand_conv"),
+            x = layers.conv_norm(conv(filters, (1, 1), name="expand_conv"),
                                norm("expand_bn", activation=act), x)
         x = layers.DepthwiseConv(self.kernel, self.stride, self.dtype, self.param_dtype,
-                                 use_conv=not layers.cpu_rewrites(), name="dwconv")(x)
+                                 name="dwconv")(x)
         x = norm("bn", activation=act)(x)
         if 0 < self.se_ratio <= 1:
             filters_se = max(1, int(self.filters_in * self.se_ratio))
@@ -171,7 +177,7 @@ class MBConv(nn.Module):
             se = act(dense(filters_se, name="se_reduce")(se))
             se = nn.sigmoid(dense(filters, name="se_expand")(se))
             x = x * se
-        x = layers.conv_bn(conv(self.filters_out, (1, 1), name="project_conv"),
+        x = layers.conv_norm(conv(self.filters_out, (1, 1), name="project_conv"),
                            norm("project_bn"), x)
         if self.stride == 1 and self.filters_in == self.filters_out:
             if self.drop_rate > 0:
@@ -207,7 +213,7 @@ class ConvBNAct(nn.Module):
             padding="SAME", use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype,
             name="conv",
         )
-        return layers.conv_bn(conv, layers.batch_norm(self.numerics, train, self.dtype,
+        return layers.conv_norm(conv, layers.batch_norm(self.numerics, train, self.dtype,
                                                       self.param_dtype, "bn",
                                                       activation=self.activation), x)
 

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from tljax.models import layers
+from tljax.models.family import Family
 
 NUMERICS = layers.Numerics(
     bn_epsilon=1e-3,  # Keras BatchNormalization default
@@ -26,6 +27,7 @@ NUMERICS = layers.Numerics(
     padding="'valid' or TF 'SAME' per layer as in Keras; 'SAME' average pooling excludes the pad",
 )
 MIN_SIZE = 75
+FAMILY = Family("inception", units=("stem", r"mixed\d+", "head"), blocks=r"mixed\d+")
 DEFAULT_SIZE = 299
 
 
@@ -47,7 +49,7 @@ class ConvBN(nn.Module):
         )
         norm = layers.batch_norm(NUMERICS, train, self.dtype, self.param_dtype, "bn",
                                  activation=nn.relu)
-        return layers.conv_bn(conv, norm, x)
+        return layers.conv_norm(conv, norm, x)
 
 
 def _avg_pool_same(x):

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from tljax.models import efficientnet, inception, layers, resnet, vgg
+from tljax.models.family import Family
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,7 +38,8 @@ class ModelSpec:
 
     Attributes:
       name: registry name (`resnet50`).
-      family: `vgg`, `resnet`, `inception` or `efficientnet`.
+      family: the family's contract (`tljax.models.family.Family`): its units and blocks for
+        the freezing presets, its constant statistics; `family.name` is `vgg`, `resnet`, ...
       build: `build(**options) -> nn.Module`.
       default_size: the input size the weights were trained at.
       min_size: the smallest input accepted.
@@ -49,7 +51,7 @@ class ModelSpec:
     """
 
     name: str
-    family: str
+    family: Family
     build: Callable[..., nn.Module]
     default_size: int
     min_size: int
@@ -90,13 +92,13 @@ _EFFICIENTNET_MD5 = {  # keras/src/applications/efficientnet.py WEIGHTS_HASHES
 
 def _registry() -> dict[str, ModelSpec]:
     specs = [
-        ModelSpec("vgg16", "vgg", vgg.VGG16, 224, vgg.MIN_SIZE, vgg.NUMERICS, "VGG16",
+        ModelSpec("vgg16", vgg.FAMILY, vgg.VGG16, 224, vgg.MIN_SIZE, vgg.NUMERICS, "VGG16",
                   vgg.keras_name, _keras_files(f"{_KA}/vgg16/vgg16",
                   "64373286793e3c8b2b4e3219cbf3544b", "6d6bbae143d832006294945121d1f1fc")),
-        ModelSpec("vgg19", "vgg", vgg.VGG19, 224, vgg.MIN_SIZE, vgg.NUMERICS, "VGG19",
+        ModelSpec("vgg19", vgg.FAMILY, vgg.VGG19, 224, vgg.MIN_SIZE, vgg.NUMERICS, "VGG19",
                   vgg.keras_name, _keras_files(f"{_KA}/vgg19/vgg19",
                   "cbe5617147190e668d6c5d5026f83318", "253f8cb515780f3b799900260a226db6")),
-        ModelSpec("inception_v3", "inception", inception.InceptionV3, 299, inception.MIN_SIZE,
+        ModelSpec("inception_v3", inception.FAMILY, inception.InceptionV3, 299, inception.MIN_SIZE,
                   inception.NUMERICS, "InceptionV3", inception.keras_name,
                   _keras_files(f"{_KA}/inception_v3/inception_v3",
                                "9a0d58056eeedaa3f26cb7ebd46da564",
@@ -110,12 +112,12 @@ def _registry() -> dict[str, ModelSpec]:
             stem = f"resnet{depth}{suffix}"
             name = f"resnet{depth}" + ("_v2" if suffix else "")
             specs.append(ModelSpec(
-                name, "resnet", build, 224, resnet.MIN_SIZE, numerics, keras, resnet.keras_name,
-                _keras_files(f"{_KA}/resnet/{stem}", *_RESNET_MD5[stem]),
+                name, resnet.FAMILY, build, 224, resnet.MIN_SIZE, numerics, keras,
+                resnet.keras_name, _keras_files(f"{_KA}/resnet/{stem}", *_RESNET_MD5[stem]),
             ))
-    specs.append(ModelSpec("test_resnet", "resnet", resnet.TestResNet, 224, resnet.MIN_SIZE,
+    specs.append(ModelSpec("test_resnet", resnet.FAMILY, resnet.TestResNet, 224, resnet.MIN_SIZE,
                            resnet.NUMERICS_V1, None, None, {}))
-    specs.append(ModelSpec("test_efficientnet", "efficientnet", efficientnet.TestEfficientNet,
+    specs.append(ModelSpec("test_efficientnet", efficientnet.FAMILY, efficientnet.TestEfficientNet,
                            224, efficientnet.MIN_SIZE, efficientnet.NUMERICS, None, None, {}))
     for name, variant in efficientnet.VARIANTS.items():
         lite = "lite" in name
@@ -127,7 +129,7 @@ def _registry() -> dict[str, ModelSpec]:
             ),
         }
         specs.append(ModelSpec(
-            name, "efficientnet", functools.partial(efficientnet.build, name),
+            name, efficientnet.FAMILY, functools.partial(efficientnet.build, name),
             variant.resolution, efficientnet.MIN_SIZE,
             efficientnet.NUMERICS_LITE if lite else efficientnet.NUMERICS,
             None if lite else f"EfficientNet{b.upper()}",
@@ -138,6 +140,19 @@ def _registry() -> dict[str, ModelSpec]:
 
 
 REGISTRY: dict[str, ModelSpec] = _registry()
+
+
+def register(spec: ModelSpec) -> None:
+    """Add an architecture to the registry (a new family's file calls it for each model; see
+    docs/adding_a_model.md). A name already taken is refused."""
+    if spec.name in REGISTRY:
+        raise ValueError(f"a model named {spec.name!r} is registered already")
+    REGISTRY[spec.name] = spec
+
+
+def family(name: str) -> Family:
+    """The family contract of model `name` (`spec(name).family`)."""
+    return spec(name).family
 
 
 def names() -> list[str]:
@@ -176,7 +191,8 @@ def create(name: str, **options: Any) -> nn.Module:
     pooled features, or the last feature map when `pooling=None`.
     """
     s = spec(name)
-    allowed = set(_OPTIONS) - ({"drop_connect_rate"} if s.family != "efficientnet" else set())
+    allowed = set(_OPTIONS) - ({"drop_connect_rate"} if s.family.name != "efficientnet"
+                               else set())
     unknown = sorted(set(options) - allowed)
     if unknown:
         raise TypeError(
@@ -229,7 +245,7 @@ def info(name: str) -> dict[str, Any]:
     s = spec(name)
     return {
         "name": s.name,
-        "family": s.family,
+        "family": s.family.name,
         "default_size": s.default_size,
         "min_size": s.min_size,
         "preprocessing": s.numerics.preprocessing,

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from tljax.models import layers
+from tljax.models.family import Family
 
 NUMERICS_V1 = layers.Numerics(
     bn_epsilon=1.001e-5,  # Keras resnet.py: BatchNormalization(epsilon=1.001e-5)
@@ -34,6 +35,8 @@ NUMERICS_V2 = layers.Numerics(
     padding="explicit symmetric 3 (conv1), 1 (pool1 and each block's 3x3), as Keras",
 )
 MIN_SIZE = 32
+FAMILY = Family("resnet", units=("stem", r"stage\d+", "post_bn", "head"),
+                blocks=r"stage\d+/block\d+")
 DEFAULT_SIZE = 224
 STAGE_WIDTHS = (64, 128, 256, 512)
 
@@ -54,20 +57,19 @@ class BottleneckV1(nn.Module):
             layers.batch_norm, NUMERICS_V1, train, self.dtype, self.param_dtype
         )
         s = (self.stride, self.stride)
-        # conv_bn: inference BatchNorms (and the last one's shortcut add and ReLU) folded into
-        # the 1x1 convolutions' C++ product on CPU; else conv then BatchNorm, as written.
         if self.conv_shortcut:
-            shortcut = layers.conv_bn(
+            shortcut = layers.conv_norm(
                 conv(4 * self.filters, (1, 1), strides=s, name="shortcut_conv"),
                 norm("shortcut_bn"), x)
         else:
             shortcut = x
-        y = layers.conv_bn(conv(self.filters, (1, 1), strides=s, name="conv1"),
-                           norm("bn1", activation=nn.relu), x)
+        y = layers.conv_norm(conv(self.filters, (1, 1), strides=s, name="conv1"),
+                             norm("bn1", activation=nn.relu), x)
         y = conv(self.filters, (3, 3), padding="SAME", name="conv2")(y)
         y = norm("bn2", activation=nn.relu)(y)
-        return layers.conv_bn(conv(4 * self.filters, (1, 1), name="conv3"), norm("bn3"), y,
-                              residual=shortcut, activation=nn.relu)
+        # conv3, bn3, then Add([shortcut, y]) and ReLU.
+        return layers.conv_norm(conv(4 * self.filters, (1, 1), name="conv3"), norm("bn3"), y,
+                                shortcut=shortcut, activation=nn.relu)
 
 
 class BottleneckV2(nn.Module):

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from tljax.models import layers
+from tljax.models.family import Family
 
 NUMERICS = layers.Numerics(
     bn_epsilon=0.0,  # VGG has no BatchNorm.
@@ -23,6 +24,7 @@ NUMERICS = layers.Numerics(
     padding="3x3 stride-1 'SAME' convolutions (symmetric), 'valid' 2x2 max pooling, as Keras",
 )
 MIN_SIZE = 32
+FAMILY = Family("vgg", units=(r"block\d+", "fc1", "fc2", "head"), blocks=r"block\d+")
 DEFAULT_SIZE = 224
 
 # Convolutions per block (Keras `vgg16.py` / `vgg19.py`).

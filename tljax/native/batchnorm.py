@@ -7,11 +7,9 @@ variance), then `act` ('relu', 'silu' or None) applied: `(y, mean, var)`. XLA:CP
 x - mean, the normalised value, the sigmoid and the product each as a full-size tensor, and
 its backward reads them back; these kernels read x three times and write y once forward, and
 read x and dy twice and write dx once backward, recomputing the activation's derivative from
-x. One (16, 112, 112, 96) BatchNorm + SiLU of EfficientNet-B0 at 224x224, forward and
-backward: 61.0 -> 33.3 ms; ResNet50's (16, 56, 56, 256) BatchNorm + ReLU 44.6 -> 21.2 ms
-(docs/benchmarks.md).
+x.
 
-Call it only where `tljax.native.build.available()`; `tljax.models.layers.BatchNorm` decides.
+Call it only where `tljax.native.build.available()`; `tljax.cpu.batchnorm` decides.
 """
 
 from __future__ import annotations
@@ -58,7 +56,7 @@ def add_stats_cotangents(dx, x, mean, dmean, dvar):
     """`dx` plus what the cotangents of BatchNorm's returned batch mean and (biased) variance
     contribute, dmean / n and dvar * 2 (x - mean) / n, each skipped when symbolically zero (in
     a train step they only feed the moving averages). Shared by both CPU forms of training
-    BatchNorm (`tljax.models.layers._bn_train_bwd` too)."""
+    BatchNorm (`tljax.cpu.batchnorm._bn_train_bwd` too)."""
     n = x.size // x.shape[-1] if x.shape[-1] else 0
     if n == 0:  # no rows (an empty batch): dx is empty, nothing to add (and 1 / n undefined)
         return dx

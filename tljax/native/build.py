@@ -82,11 +82,6 @@ def cpu_isa() -> str:
     return "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else platform.machine()
 
 
-def enabled() -> bool:
-    """False when `TLJAX_NATIVE=0` (or `false`, `no`, `off`) asks for the pure-JAX layers."""
-    return os.environ.get("TLJAX_NATIVE", "1").strip().lower() not in ("0", "false", "no", "off")
-
-
 def _compiler() -> str:
     cxx = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
     if not cxx:
@@ -179,22 +174,18 @@ def library() -> ctypes.CDLL:
     return lib
 
 
-def available() -> bool:
-    """Whether the C++ kernels are on (`enabled()`, read at each call) and built; when they
-    cannot be built, warns once with the reason and returns False, and the layers use their
-    pure-JAX form."""
-    return enabled() and _built()
-
-
 @functools.cache
-def _built() -> bool:
+def available() -> bool:
+    """Whether the kernels are built (building them the first time); when they cannot be,
+    warns once with the reason and returns False, and the CPU engine uses its pure-JAX
+    rewrites."""
     try:
         library()
     except BuildError as e:
-        warnings.warn(f"{e}\ntljax falls back to its pure-JAX layers (depthwise convolutions, "
+        warnings.warn(f"{e}\ntljax falls back to its pure-JAX rewrites (depthwise convolutions, "
                       "training BatchNorm, convolutions, max pooling): the same numbers, slower "
-                      "training on CPU. Set TLJAX_NATIVE=0 to silence this.", RuntimeWarning,
-                      stacklevel=2)
+                      "training on CPU. Set TLJAX_CPU_ENGINE=jax to silence this.",
+                      RuntimeWarning, stacklevel=2)
         return False
     return True
 

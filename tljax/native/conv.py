@@ -1,4 +1,4 @@
-"""Convolutions on CPU from C++ kernels (`conv_cpu.cc`), for `tljax.models.layers.Conv`.
+"""Convolutions on CPU from C++ kernels (`conv_cpu.cc`), for `tljax.cpu.conv`.
 
 `conv(x, kernel, padding, strides, precision)`: NHWC float32 `x`, an HWIO `kernel`, explicit
 zero padding `((top, bottom), (left, right))`, differentiable in both arguments:
@@ -8,19 +8,18 @@ zero padding `((top, bottom), (left, right))`, differentiable in both arguments:
   for a CPU with AVX-512; else XLA's convolution;
 - the input gradient, at stride 1, is that same forward on dy with the kernel flipped in space
   and transposed to (KH, KW, O, I) by a C++ tiled copy (XLA computes that kernel inside its
-  input gradient at ~2.4 GB/s: 3.8 ms for (3, 3, 512, 512), here 0.36-0.48 ms); strided, it
-  is XLA's transpose of its convolution;
+  input gradient at a fraction of the memory bandwidth); strided, it is XLA's transpose of
+  its convolution;
 - the kernel gradient is the direct kernel gradient (tiles of 6 input x 64 output channels,
   summed over chunks of ~256 pixels), else XLA's.
 `matmul(x, kernel)`: a 1x1 convolution's forward, x (..., C) times kernel (C, F), in the same
 register tiles over the rows, each tile reading the kernel's rows in place (64 columns);
 `matmul_bn` applies the conv bias, an inference BatchNorm, a residual and an activation (the
 training BatchNorm kernels' `ACTIVATIONS`, same codes) to each tile before it is stored.
-XLA:CPU runs these convolutions at 150-185 GFLOP/s on 2 cores of an AVX-512 EPYC, the direct
-kernels at 200-220 (the FMA peak is ~230): ResNet50's full step at 112, 715 -> 664 ms
-(docs/benchmarks.md). `kernel_grad` also serves 1x1 convolutions (`layers.pointwise`).
+`kernel_grad` also serves 1x1 convolutions (`tljax.cpu.conv.pointwise`).
+docs/performance.md says how they compare with XLA:CPU's convolutions.
 
-Call it only where `tljax.native.build.available()`; `tljax.models.layers.Conv` decides.
+Call it only where `tljax.native.build.available()`; `tljax.cpu.conv` decides.
 """
 
 from __future__ import annotations
@@ -44,18 +43,20 @@ def flip_transpose(kernel):
 
 def transpose(matrix):
     """`matrix.T` for a float32 matrix, as a custom call that XLA cannot fold into the
-    product that made `matrix` (`tljax.models.layers.pointwise`)."""
+    product that made `matrix` (`tljax.cpu.conv.pointwise`)."""
     return flip_transpose(matrix[None, None])[0, 0]
 
 
 def direct_available() -> bool:
-    """Whether the C++ kernels are on and built (`build.available()`) with the direct
-    convolution and product: for a CPU with AVX-512."""
-    return build.available() and _direct_built()
+    """Whether the C++ kernels are built (`build.available()`) with the direct convolution
+    and product: for a CPU with AVX-512."""
+    return build.available() and direct_built()
 
 
 @functools.cache
-def _direct_built() -> bool:
+def direct_built() -> bool:
+    """Whether the built library has the direct convolution and product (AVX-512); call
+    where `build.available()`."""
     return bool(build.library().TljaxDirectConvAvailable())
 
 

@@ -2,10 +2,10 @@
 //
 // - tljax_flip_transpose: the kernel a convolution's input gradient convolves with, a
 //   (KH, KW, I, O) kernel flipped in space and transposed to (KH, KW, O, I). XLA:CPU's
-//   autodiff computes it inside the input gradient as a fused reverse + transpose at
-//   ~2.4 GB/s: 3.8 ms for a (3, 3, 512, 512) kernel. Here each tap's (I, O) matrix is
-//   transposed in 32x32 tiles that stay in L1 (8x8 blocks in AVX registers), split over XLA's
-//   intra-op pool by tap and tile row: 0.36-0.48 ms, the time of a copy.
+//   autodiff computes it inside the input gradient as a fused reverse + transpose at a
+//   fraction of the memory bandwidth. Here each tap's (I, O) matrix is transposed in 32x32
+//   tiles that stay in L1 (8x8 blocks in AVX registers), split over XLA's intra-op pool by
+//   tap and tile row: the time of a copy.
 // - tljax_conv_forward, tljax_conv_kernel_grad: a direct convolution, NHWC x HWIO, any kernel
 //   size, stride and zero padding, and its kernel gradient, in AVX-512 register tiles (below).
 //
@@ -101,8 +101,7 @@ ffi::Error FlipTranspose(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> kernel,
 // narrow, any pixels that meet the same taps) x 16*V output channels in registers and, for
 // each tap and input channel, broadcasts P input values against V kernel vectors; the kernel
 // gradient keeps P input channels x 16*V output channels and runs over the pixels. With P = 6
-// and V = 4, 24 FMAs per 10 loads: 200-220 GFLOP/s on 2 cores whose FMA peak is ~230 (XLA:CPU's
-// convolutions: 150-185; docs/benchmarks.md).
+// and V = 4, 24 FMAs per 10 loads: close to the FMA peak (docs/performance.md).
 
 struct ConvGeom {
   int64_t n, h, w, ci, kh, kw, co, oh, ow, pt, pl, sh, sw;
@@ -234,11 +233,8 @@ void ForwardRow(const ConvGeom& g, const float* x, const float* k, float* y, int
   }
 }
 
-// Below this output width the forward runs flat tiles (below) instead of rows. Per layer, both
-// alternating in one process, 2 cores (docs/benchmarks.md): ResNet50's 3x3 at 7x7x256
-// 5.7 -> 3.9 ms and at 4x4x512 8.8 -> 5.4 ms (XLA's convolution: 6.2 and 8.9), 28x28x64
-// 4.8 -> 4.5 ms; equal at 56x56x64; at 112 pixels wide the rows are 3-5% faster (VGG's
-// 112x112x64), and 13% with 3 input channels.
+// Below this output width the forward runs flat tiles (below) instead of rows: narrow rows
+// leave row tiles partly empty, and wide rows are faster as rows (docs/performance.md).
 constexpr int64_t kFlatBelowWidth = 32;
 
 // Flat tiles of the forward, over the whole batch's output pixels, each of pixels that meet
@@ -417,11 +413,8 @@ void KernelGradItem(const ConvGeom& g, const GradSplit& s, const float* x, const
 // The 1x1 convolution as a product y (M, F) = x (M, C) k (C, F) over the batch's M pixels:
 // tiles of up to 6 rows x 64 columns as the direct forward's. A tile reads k in place: for each
 // input channel, its row's 64 columns of the block (the last vector masked to the columns
-// that remain). Packing k's blocks into contiguous panels first, which this code did before,
-// cost more than it saved, even for ResNet's power-of-two widths whose rows fall into few L1
-// sets: without it (A/Bs in one process, 2 cores) EfficientNet-B0 at 112 ran inference 0.931
-// and its full step 0.968, ResNet50 at 112 inference 0.989 and its frozen step 0.975,
-// InceptionV3 at 150 0.979 (docs/benchmarks.md).
+// that remain). Packing k's blocks into contiguous panels first costs more than it saves, even
+// for ResNet's power-of-two widths whose rows fall into few L1 sets.
 //
 // An optional epilogue applies the convolution's bias, an inference BatchNorm, a residual and
 // an activation to each tile in registers before it is stored, instead of passes over y:

@@ -3,13 +3,10 @@
 `depthwise(x, kernel, stride, padding)`: NHWC float32 `x`, a `(k, k, 1, C)` kernel, explicit
 zero padding `((top, bottom), (left, right))`. The same sums as
 `lax.conv_general_dilated(..., feature_group_count=C)` and as the pure-JAX multiply-adds of
-`tljax.models.layers.depthwise_taps`, in the same tap order. XLA:CPU runs those as one fused
+`tljax.cpu.depthwise.depthwise_taps`, in the same tap order. XLA:CPU runs those as one fused
 pass per tap and the kernel gradient as k*k passes; each kernel here is one pass.
-EfficientNet-B0's train step, batch 16, 2 cores (docs/benchmarks.md): 298 -> 267 ms at
-112x112, 971 -> 824 ms at 224x224; its compilation 29.5 -> 13.7 s.
 
-Call it only where `tljax.native.build.available()`; `tljax.models.layers.DepthwiseConv`
-decides.
+Call it only where `tljax.native.build.available()`; `tljax.cpu.depthwise` decides.
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 // Depthwise convolutions on CPU as XLA FFI custom calls: the forward, the input gradient and
-// the kernel gradient of tljax.models.layers.DepthwiseConv, NHWC float32, TensorFlow 'SAME'
+// the kernel gradient of tljax.cpu.depthwise, NHWC float32, TensorFlow 'SAME'
 // padding given as (pad_top, pad_left), any kernel size and stride.
 //
 // XLA:CPU runs these as one fused pass per tap (k*k passes over the data for the kernel
@@ -10,7 +10,7 @@
 // depend on which thread ran it, and the kernel gradient adds the per-image partial sums in
 // image order, so results are the same with any number of threads.
 //
-// Built on first use by tljax/native/build.py (g++ -O3 -march=native); see docs/benchmarks.md.
+// Built on first use by tljax/native/build.py (g++ -O3 -march=native); see docs/performance.md.
 
 #include <algorithm>
 #include <cstdint>

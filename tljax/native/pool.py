@@ -2,14 +2,14 @@
 NHWC float32, with its gradient.
 
 `max_pool(x, window, stride)`: the same maxima as `flax.linen.max_pool(..., 'VALID')` and as
-the pure-JAX shifted maxima of `tljax.models.layers.max_taps`; the gradient gives each output's
+the pure-JAX shifted maxima of `tljax.cpu.pool.max_taps`; the gradient gives each output's
 dy to the first input of its window (row-major) that equals the maximum, as XLA's
 `select_and_scatter` and the pure-JAX form do (where windows overlap, an input's shares are
-added in output order: last-bit differences from the pure-JAX form). XLA:CPU ran the pure-JAX
-gradient of ResNet50's stem pool at 224x224, batch 16, in ~110 ms (fused loops that place each
-tap's share by division); see docs/benchmarks.md for this kernel's figures.
+added in output order: last-bit differences from the pure-JAX form). XLA:CPU fuses the
+pure-JAX gradient of overlapping windows into loops that place each tap's share by division,
+which run slowly.
 
-Call it only where `tljax.native.build.available()`; `tljax.models.layers.max_pool` decides.
+Call it only where `tljax.native.build.available()`; `tljax.cpu.pool` decides.
 """
 
 from __future__ import annotations

@@ -3,8 +3,7 @@
 //
 // XLA:CPU runs tljax's pure-JAX form (k*k shifted maxima; each tap's share of the gradient
 // put back at its strided positions by an interior-padded pad) in fused loops that compute
-// each element's place by division: ResNet50's stem pool at 224x224, batch 16, spent ~110 ms
-// of its 2.4 s train step in that gradient. Here the gradient runs over the outputs and adds
+// each element's place by division, slowly (docs/performance.md). Here the gradient runs over the outputs and adds
 // each one's dy to the first input of its window (row-major) equal to the maximum, as
 // select_and_scatter does and as the pure-JAX form does (ties included); NaN propagates as in
 // jnp.maximum. Work is split into fixed items (output rows; images x channel blocks for the

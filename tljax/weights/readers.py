@@ -15,7 +15,7 @@ import re
 
 import numpy as np
 
-from tljax.models.layer_map import SourceLayer
+from tljax.weights.layer_map import SourceLayer
 
 
 class UnreadableFileError(ValueError):

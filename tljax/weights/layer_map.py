@@ -68,7 +68,6 @@ class TargetLayer:
 
 def target_layers(module: nn.Module, size: int) -> list[TargetLayer]:
     """The modules of `module` that own variables, in the order they are created."""
-    from tljax.models.efficientnet import Normalization
     from tljax.models.layers import DepthwiseConv
 
     order: list[tuple[tuple[str, ...], str]] = []
@@ -84,10 +83,8 @@ def target_layers(module: nn.Module, size: int) -> list[TargetLayer]:
                 kind = "dense"
             elif isinstance(mod, nn.BatchNorm):
                 kind = "bn"
-            elif isinstance(mod, Normalization):
-                kind = "normalization"
-            else:
-                kind = None
+            else:  # another module with variables names the source layer class it reads
+                kind = getattr(type(mod), "SOURCE_KIND", None)
             if kind and mod.path not in {p for p, _ in order}:
                 order.append((tuple(mod.path), kind))
         return next_fun(*args, **kwargs)

@@ -11,8 +11,8 @@ import numpy as np
 
 import tljax
 from tljax import models, weights
-from tljax.models import efficientnet, layer_map
-from weights_conversion import readers
+from tljax.models import efficientnet
+from tljax.weights import layer_map, readers
 
 log = logging.getLogger("tljax.convert")
 
@@ -103,7 +103,7 @@ def convert(model: str, input_path: str, output_dir: str, fmt: str = "auto",
         include_top = _head_present(sources, fmt)
     num_classes = _head_classes(sources, fmt) if include_top else 1000
     size = spec.default_size
-    if spec.family == "vgg" and include_top:
+    if spec.family.name == "vgg" and include_top:
         size = _vgg_input_size(sources) or size
     module = models.create(model, include_top=include_top, num_classes=num_classes or 1000)
     targets = layer_map.target_layers(module, size)
