@@ -85,7 +85,7 @@ def command(framework: str, model: str, args, size: int) -> list[str]:
     return [sys.executable, os.path.join(HERE, "bench", "run_torch.py")] + common + extra
 
 
-# The host-memory policy `import tljax` sets in its own process (tljax/host_memory.py: glibc keeps
+# The host-memory policy tljax's worker sets in its own process (tljax/host_memory.py: glibc keeps
 # freed memory instead of page-faulting every step's buffers in again), as environment variables
 # that glibc reads at start: with --peer-malloc same (the default) every peer runs under it too,
 # so that the table compares frameworks, not allocator settings. The trim threshold is SIZE_MAX,
