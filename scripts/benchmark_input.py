@@ -10,23 +10,29 @@ a large-photo variant, ~3000x2250), then measures in one process, side by side:
 - the previous path (tljax before the crop-in-decoder change): the whole JPEG decoded, cropped,
   resized with antialiasing;
 - a reference tf.data pipeline: `tf.io.decode_and_crop_jpeg` on the sampled box (training, with
-  a flip) or the central 87.5% (evaluation), bilinear resize without antialiasing.
-Each is timed alone for a few seconds, in interleaved rounds: images/s, and images per
-CPU-second of the process ("per core"); the ratios to the reference are of the per-core
-medians. Then: the PSNR of each path's crops against a Lanczos-5 resize of the fully decoded
-box; the time from opening the split to the first batch of a run started at step 0, 10^4 and
-10^6 (the folder, the same images as a TFDS ArrayRecord dataset read from disk, and as a
-TFRecord one, read into memory first); and the peak RSS of a pass over the large photos with a
-cache budget of a quarter of their encoded size, and with all of them in memory.
+  a flip) or the central 87.5% (evaluation), bilinear resize without antialiasing;
+- Grain (not with --quick): a `grain.MapDataset` over the files with 2 worker processes,
+  decoding with Pillow (DCT-scaled `draft`, then a bilinear resize of the box), or with tljax's
+  own decoding function run as a `tf.function` in the workers.
+Each is timed alone for a few seconds, in interleaved rounds: images/s, and images per CPU-
+second of the process and its workers ("per core"); the ratios to the reference are of the per-
+core medians. Then: the PSNR of each path's crops against a Lanczos-5 resize of the fully
+decoded box; the time from opening the split to the first batch of a run started at step 0,
+10^4 and 10^6 (the folder, the same images as a TFDS ArrayRecord dataset read from disk, and as
+a TFRecord one, read into memory first); and the peak RSS of a pass over the large photos with
+a cache budget of a quarter of their encoded size, and with all of them in memory.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
 import io
 import json
 import os
 import resource
+import signal
 import subprocess
 import sys
 import tempfile
@@ -190,15 +196,108 @@ def tljax_pipeline(recs, batch: int, size: int, train: bool, start_step: int = 0
     return pipeline.eval_batches(recs, batch, size, 0.875)[0]
 
 
+class PillowDecode:
+    """Grain transform: (path, label) at stream index i -> the training box (a random resized
+    crop drawn from `(0, i)`) or the central 87.5%, decoded by Pillow at the largest DCT scale
+    that keeps the box >= `size` (`Image.draft`), resized bilinearly to `size`."""
+
+    def __init__(self, size: int, train: bool):
+        self.size, self.train = size, train
+
+    def __call__(self, i, example):
+        from PIL import Image
+
+        path, label = example
+        image = Image.open(path)
+        w, h = image.size
+        x, y, cw, ch = 0, 0, w, h
+        if self.train:
+            rng = np.random.default_rng([0, i])
+            for _ in range(10):
+                area = w * h * rng.uniform(0.08, 1.0)
+                aspect = np.exp(rng.uniform(np.log(3 / 4), np.log(4 / 3)))
+                bw, bh = round(np.sqrt(area * aspect)), round(np.sqrt(area / aspect))
+                if 0 < bw <= w and 0 < bh <= h:
+                    x, y, cw, ch = rng.integers(w - bw + 1), rng.integers(h - bh + 1), bw, bh
+                    break
+        else:
+            side = round(min(w, h) * 0.875)
+            x, y, cw, ch = (w - side) // 2, (h - side) // 2, side, side
+        r = max([k for k in (1, 2, 4, 8) if min(cw, ch) >= k * self.size], default=1)
+        if r > 1:
+            image.draft("RGB", (w // r, h // r))
+        sx, sy = image.size[0] / w, image.size[1] / h
+        image = image.convert("RGB").resize(
+            (self.size, self.size), Image.BILINEAR,
+            box=(x * sx, y * sy, (x + cw) * sx, (y + ch) * sy))
+        return {"image": np.asarray(image), "label": np.int32(label)}
+
+
+@functools.cache
+def _tljax_decode(size: int, train: bool):
+    """tljax's decoding function as a `tf.function` (one per worker process)."""
+    import tensorflow as tf
+
+    from tljax.datasets import images
+
+    def decode(data, seed):
+        if train:
+            return images.train_image(data, size, seed)
+        return images.eval_image(data, size, 0.875)
+
+    return tf.function(decode, input_signature=[tf.TensorSpec([], tf.string),
+                                                tf.TensorSpec([2], tf.int64)])
+
+
+class TljaxDecode:
+    """Grain transform: tljax's decoding function (`tljax.datasets.images`) as a
+    `tf.function`, called once per example in the worker."""
+
+    def __init__(self, size: int, train: bool):
+        self.size, self.train = size, train
+
+    def __call__(self, i, example):
+        path, label = example
+        with open(path, "rb") as f:
+            data = f.read()
+        image = _tljax_decode(self.size, self.train)(data, np.array([1, i], np.int64))
+        return {"image": image.numpy(), "label": np.int32(label)}
+
+
+def grain_pipeline(paths, labels, batch: int, size: int, train: bool, decode, workers: int = 2):
+    """A Grain stream over the files: a global shuffle (training) and `decode` in `workers`
+    processes."""
+    import grain
+    from absl import flags
+
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
+    ds = grain.MapDataset.source(list(zip(paths, labels, strict=True)))
+    if train:
+        ds = ds.shuffle(seed=0).repeat()
+    ds = ds.map_with_index(decode(size, train)).batch(batch, drop_remainder=train)
+    return ds.to_iter_dataset().mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
+
+
 def cpu_seconds() -> float:
-    r = resource.getrusage(resource.RUSAGE_SELF)
-    return r.ru_utime + r.ru_stime
+    """CPU seconds of this process and of its live children (Grain's workers)."""
+    import psutil
+
+    seconds = 0.0
+    me = psutil.Process()
+    for p in [me, *me.children(recursive=True)]:
+        try:
+            t = p.cpu_times()
+        except psutil.Error:  # a child that has just exited
+            continue
+        seconds += t.user + t.system
+    return seconds
 
 
 def rate(batches, seconds: float, warmup: float = 1.5) -> tuple[float, float]:
-    """(images per second, images per CPU-second of this process) over `seconds`, after
-    `warmup` seconds in which tf.data tunes its parallelism; a finite stream (evaluation) is
-    restarted with the `batches` factory."""
+    """(images per second, images per CPU-second of this process and its workers) over
+    `seconds`, after `warmup` seconds in which tf.data tunes its parallelism (and Grain starts
+    its workers); a finite stream (evaluation) is restarted with the `batches` factory."""
     it = iter(batches())
     t = time.perf_counter()
     while time.perf_counter() - t < warmup:
@@ -224,10 +323,11 @@ def numpy_batches(ds):
 
 
 def throughput(root: str, batch: int, size: int, seconds: float, repeats: int,
-               paths_only: tuple[str, ...] = ("train", "eval")) -> list[dict]:
-    """Images/s of each pipeline, training and evaluation, interleaved `repeats` times. An
-    evaluation pass is over the folder 20 times over, so that building the pipeline is not
-    what is timed."""
+               paths_only: tuple[str, ...] = ("train", "eval"), grain: bool = False
+               ) -> list[dict]:
+    """Images/s of each pipeline, training and evaluation, interleaved `repeats` times (with
+    `grain`, Grain's too). An evaluation pass is over the folder 20 times over, so that
+    building the pipeline is not what is timed."""
     from tljax.datasets import records
 
     paths, labels = _paths_labels(root)
@@ -241,13 +341,14 @@ def throughput(root: str, batch: int, size: int, seconds: float, repeats: int,
     def cases(train: bool) -> dict:
         p, y = (paths, labels) if train else (eval_paths, eval_labels)
         mem, disk = (memory, files) if train else (eval_memory, eval_files)
-        return {
+        out = {
             "tljax (memory)": lambda: tljax_pipeline(mem, batch, size, train),
             "tljax (files)": lambda: tljax_pipeline(disk, batch, size, train),
             "previous tljax": lambda: numpy_batches(previous(p, y, batch, size, train)),
             "reference decode_and_crop": lambda: numpy_batches(
                 reference(p, y, batch, size, train)),
         }
+        return out
 
     rows = {}
     for _ in range(repeats):
@@ -255,6 +356,14 @@ def throughput(root: str, batch: int, size: int, seconds: float, repeats: int,
             for name, make in cases(train).items():
                 rows.setdefault(("train" if train else "eval", name), []).append(
                     rate(make, seconds))
+    out = _rows(rows)
+    if grain:
+        out += grain_throughput(root, batch, size, seconds, min(repeats, 2), paths_only, rows)
+    return out
+
+
+def _rows(rows: dict) -> list[dict]:
+    """Medians of the runs of each `(path, pipeline)`, and their ratios to the reference's."""
     out = []
     for (kind, name), runs in rows.items():
         ref = rows[(kind, "reference decode_and_crop")]
@@ -265,6 +374,52 @@ def throughput(root: str, batch: int, size: int, seconds: float, repeats: int,
                     "vs_reference_wall": float(wall / np.median([w for w, _ in ref])),
                     "runs": runs})
     return out
+
+
+def grain_throughput(root: str, batch: int, size: int, seconds: float, repeats: int,
+                     paths_only: tuple[str, ...], reference_rows: dict) -> list[dict]:
+    """Grain's rows: each run in a fresh process of its own (a Grain iterator that followed
+    another in one process stalled), its ratios to the reference's runs of this process."""
+    rows = {}
+    for _ in range(repeats):
+        for kind in paths_only:
+            for name, decoder in (("Grain + Pillow (2 workers)", "PillowDecode"),
+                                  ("Grain + tljax decode (2 w.)", "TljaxDecode")):
+                code = (f"import json, sys; sys.path.insert(0, {ROOT!r})\n"
+                        "from scripts.benchmark_input import grain_child\n"
+                        "if __name__ == '__main__':\n"
+                        f"    print(json.dumps(grain_child({root!r}, {batch}, {size}, "
+                        f"{seconds}, {kind!r}, {decoder!r})))\n")
+                with tempfile.NamedTemporaryFile("w", suffix=".py", delete=False) as f:
+                    f.write(code)
+                child = subprocess.Popen([sys.executable, f.name], stdout=subprocess.PIPE,
+                                         stderr=subprocess.DEVNULL, text=True,
+                                         start_new_session=True,
+                                         env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"))
+                try:
+                    out, _ = child.communicate(timeout=120)
+                    rows.setdefault((kind, name), []).append(
+                        tuple(json.loads(out.strip().splitlines()[-1])))
+                except (subprocess.TimeoutExpired, ValueError, IndexError):
+                    print(f"{kind} {name}: no result (stalled or failed)", file=sys.stderr)
+                finally:  # the child and any worker it left behind
+                    with contextlib.suppress(ProcessLookupError):
+                        os.killpg(child.pid, signal.SIGKILL)
+                    os.remove(f.name)
+    rows.update({k: v for k, v in reference_rows.items() if k[1].startswith("reference")})
+    return [r for r in _rows(rows) if r["pipeline"].startswith("Grain")]
+
+
+def grain_child(root: str, batch: int, size: int, seconds: float, kind: str,
+                decoder: str) -> tuple[float, float]:
+    """One Grain run (`grain_throughput`), in its own process: (images/s, per core)."""
+    paths, labels = _paths_labels(root)
+    train = kind == "train"
+    p, y = (paths, labels) if train else (paths * 20, labels * 20)
+    decode = {"PillowDecode": PillowDecode, "TljaxDecode": TljaxDecode}[decoder]
+    # The warmup covers the workers' start (and their import of TensorFlow).
+    return rate(functools.partial(grain_pipeline, p, y, batch, size, train, decode), seconds,
+                warmup=8.0)
 
 
 def quality(root: str, size: int, count: int) -> dict:
@@ -391,10 +546,12 @@ def main(argv=None) -> int:
           f"{time.perf_counter() - t:.0f} s; {os.cpu_count()} cores")
     results = {"cores": os.cpu_count(), "images": n, "batch": a.batch, "size": a.size}
 
-    rows = throughput(folder, a.batch, a.size, 2.0 if a.quick else 4.0, repeats)
+    rows = throughput(folder, a.batch, a.size, 2.0 if a.quick else 4.0, repeats,
+                      grain=not a.quick)
     results["throughput"] = rows
     print(f"\nbatch {a.batch}, {a.size}x{a.size}, median of {repeats} interleaved rounds; "
-          f"per core: images per CPU-second of the process ({os.cpu_count()} cores)")
+          f"per core: images per CPU-second of the process and its workers "
+          f"({os.cpu_count()} cores)")
     print(f"{'path':6} {'pipeline':28} {'img/s':>7} {'per core':>9} {'vs ref':>7} "
           f"{'(wall)':>7}")
     for r in rows:

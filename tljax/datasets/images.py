@@ -16,9 +16,9 @@ resized with antialiasing. (Those two branches resize to the output size themsel
 bilinear resize after the branch is then an identity.)
 
 Every op of a `tf.data` function, and every branch most of all, costs CPU time per image, so
-the function is kept to one `tf.switch_case` (format and DCT scale) and few small ops; the
-shape of a non-JPEG image is read in that branch. docs/benchmarks.md ("Input pipeline") has
-the measurements.
+the function is kept to one `tf.switch_case` (format and DCT scale) whose JPEG branches are one
+decode each, and few small ops; the shape of a non-JPEG image is read in its branch.
+docs/benchmarks.md ("Input pipeline") has the measurements.
 """
 
 from __future__ import annotations
@@ -77,22 +77,19 @@ def crop(data, size: int, box_of):
     jpeg = tf.io.is_jpeg(data)
     shape = tf.io.extract_jpeg_shape(tf.where(jpeg, data, _ONE_PIXEL_JPEG))
     begin, extent = box_of(shape)
-    window = tf.concat([begin[:2], extent[:2]], 0)
     scale = tf.raw_ops.Bucketize(input=tf.reduce_min(extent[:2]),
                                  boundaries=[float(r * size) for r in SCALES])
+    # The box on the grid of the image decoded at 1/r (sides ceil(side / r)), its edges rounded
+    # to the nearest scaled pixel: each within half a scaled pixel, less than half an output
+    # pixel. At r = 1 it is the box itself.
+    r = tf.bitwise.left_shift(1, scale)
+    top_left = (begin[:2] + r // 2) // r
+    bottom_right = tf.minimum((begin[:2] + extent[:2] + r // 2) // r, (shape[:2] + r - 1) // r)
+    window = tf.concat([top_left, bottom_right - top_left], 0)
     branch = tf.where(jpeg, scale + 1, 0)
 
     def jpeg_at(r):
-        if r == 1:
-            return tf.io.decode_and_crop_jpeg(data, window, channels=3)
-        # The box's edges rounded to the nearest pixel of the scaled image (sides
-        # ceil(side / r)): each within half a scaled pixel, less than half an output pixel.
-        top, left = (begin[0] + r // 2) // r, (begin[1] + r // 2) // r
-        bottom = tf.minimum((begin[0] + extent[0] + r // 2) // r, (shape[0] + r - 1) // r)
-        right = tf.minimum((begin[1] + extent[1] + r // 2) // r, (shape[1] + r - 1) // r)
-        height, width = bottom - top, right - left
-        image = tf.io.decode_and_crop_jpeg(data, tf.stack([top, left, height, width]),
-                                           channels=3, ratio=r)
+        image = tf.io.decode_and_crop_jpeg(data, window, channels=3, ratio=r)
         if r == SCALES[-1]:  # no smaller scale: what is left to shrink may exceed 2x
             image = tf.image.resize(image, (size, size), antialias=True)
             image = tf.cast(tf.clip_by_value(image + 0.5, 0.0, 255.0), tf.uint8)
