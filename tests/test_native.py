@@ -18,13 +18,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from tljax import cpu
 from tljax.native import batchnorm as native_batchnorm
 from tljax.native import build
 from tljax.native import conv as native_conv
 
 pytestmark = pytest.mark.skipif(
-    jax.default_backend() != "cpu" or not build.available(),
-    reason="the native kernels run on CPU and need a C++ compiler")
+    not cpu.native(),
+    reason="the native kernels run on CPU, need a C++ compiler and TLJAX_CPU_ENGINE=native")
 
 
 def _close(a, b, rtol=1e-5):
