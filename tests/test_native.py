@@ -540,6 +540,7 @@ print("ffi_call" in jaxpr, "|".join(str(w.message) for w in caught))
 @pytest.mark.parametrize("env,warns", [
     (dict(CXX="/nonexistent/c++"), True),
     (dict(TLJAX_CPU_ENGINE="jax"), False),
+    (dict(TLJAX_NATIVE="0"), False),  # the former name of TLJAX_CPU_ENGINE=jax
 ])
 def test_falls_back_to_pure_jax_layers(tmp_path, env, warns):
     """Without a working compiler the layer warns once, naming the reason, and computes the

@@ -16,6 +16,11 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from tljax import cpu
+from tljax.cpu import batchnorm as cpu_batchnorm
+from tljax.cpu import conv as cpu_conv
+from tljax.cpu import depthwise as cpu_depthwise
+from tljax.cpu import pool as cpu_pool
+from tljax.native.conv import batch_norm_formula
 
 
 class Epilogue(NamedTuple):
@@ -30,10 +35,7 @@ class Epilogue(NamedTuple):
     residual: Any = None
 
     def __call__(self, y):
-        y = (y - self.mean) * self.mul + self.bias
-        if self.residual is not None:
-            y = self.residual + y
-        return y if self.act is None else self.act(y)
+        return batch_norm_formula(y, self.mean, self.mul, self.bias, self.act, self.residual)
 
 
 def conv(x, kernel, bias, strides, padding, lhs_dilation=(1, 1), rhs_dilation=(1, 1),
@@ -42,8 +44,6 @@ def conv(x, kernel, bias, strides, padding, lhs_dilation=(1, 1), rhs_dilation=(1
     plus `bias` (None: none), then `epilogue` (None: none). On CPU, the engine may apply the
     epilogue inside the convolution (a 1x1 convolution's product applies it to each tile)."""
     if cpu.rewrites() and groups == 1 and lhs_dilation == rhs_dilation == (1, 1):
-        from tljax.cpu import conv as cpu_conv
-
         y, fused = cpu_conv.conv(x, kernel, bias, strides, padding, precision, epilogue)
         return y if epilogue is None or fused else epilogue(y)
     y = jax.lax.conv_general_dilated(
@@ -57,20 +57,14 @@ def conv(x, kernel, bias, strides, padding, lhs_dilation=(1, 1), rhs_dilation=(1
 def fused_epilogue(activation) -> bool:
     """Whether `conv` may apply an epilogue with `activation` inside the convolution: worth
     folding an inference BatchNorm into an `Epilogue` for (`tljax.models.layers.conv_norm`)."""
-    if not cpu.direct():
-        return False
-    from tljax.cpu import conv as cpu_conv
-
-    return cpu_conv.fuses(activation)
+    return cpu.direct() and cpu_conv.fuses(activation)
 
 
 def depthwise_conv(x, kernel, stride: int):
     """A depthwise convolution of NHWC `x` with a (k, k, 1, C) `kernel`, TensorFlow's 'SAME'
     padding, no bias: `lax.conv_general_dilated(..., feature_group_count=C)`."""
     if cpu.rewrites():
-        from tljax.cpu import depthwise
-
-        return depthwise.depthwise(x, kernel, stride)
+        return cpu_depthwise.depthwise(x, kernel, stride)
     return jax.lax.conv_general_dilated(
         x, kernel, (stride, stride), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"),
         feature_group_count=x.shape[-1])
@@ -79,9 +73,7 @@ def depthwise_conv(x, kernel, stride: int):
 def max_pool(x, window: int, stride: int):
     """`nn.max_pool(x, (window, window), (stride, stride), 'VALID')`."""
     if cpu.rewrites():
-        from tljax.cpu import pool
-
-        return pool.max_pool(x, window, stride)
+        return cpu_pool.max_pool(x, window, stride)
     return nn.max_pool(x, (window, window), strides=(stride, stride), padding="VALID")
 
 
@@ -92,9 +84,7 @@ def avg_pool_same(x, window: int):
     if window % 2 != 1:
         raise ValueError(f"avg_pool_same takes an odd window, got {window}")
     if cpu.rewrites():
-        from tljax.cpu import pool
-
-        return pool.mean_taps(x, window)
+        return cpu_pool.mean_taps(x, window)
     return nn.avg_pool(x, (window, window), strides=(1, 1), padding="SAME",
                        count_include_pad=False)
 
@@ -103,9 +93,7 @@ def batch_norm_train(x, scale, bias, eps: float, activation=None):
     """`(activation(y), mean, var)`: BatchNorm of float32 `x` on its batch statistics over every
     axis but the last, flax's formulas (two-pass variance) in their order, by the CPU engine;
     for where `engine_batch_norm(x)`."""
-    from tljax.cpu import batchnorm
-
-    return batchnorm.train(x, scale, bias, eps, activation)
+    return cpu_batchnorm.train(x, scale, bias, eps, activation)
 
 
 def engine_batch_norm(x) -> bool:

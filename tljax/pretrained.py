@@ -42,23 +42,34 @@ def load(name: str, weights: str | None = "imagenet", seed: int = 0, **options):
     weights directory, a training workdir or one of its checkpoints), or None (random
     initialisation from `seed`). A head of another `num_classes` is replaced by a fresh one
     (the log says so); any other difference is an `InitError` that names it."""
-    import jax
-    import jax.numpy as jnp
-
     from tljax import models
 
     module = models.create(name, **options)
-    if weights is not None:  # first: a wrong path fails before anything compiles
-        loaded, where = read(weights, name, int(options.get("num_classes", 1000)),
+    return module, variables(module, name, weights, registry.spec(name).default_size, seed,
+                             int(options.get("num_classes", 1000)),
                              bool(options.get("include_top", True)))
-    size = registry.spec(name).default_size
-    fresh = jax.jit(module.init)(jax.random.key(seed), jnp.zeros((1, size, size, 3), jnp.float32))
+
+
+def variables(module, model: str, weights: str | None, size: int, seed: int = 0,
+              num_classes: int = 1000, include_top: bool = True) -> dict:
+    """`module`'s variables initialised from `seed` (for `size` x `size` inputs), each replaced
+    by the pretrained one of `weights` ('imagenet' or a path, as `load`; None: none): the head
+    kept fresh where its size differs, any other difference an `InitError`."""
+    import jax
+    import jax.numpy as jnp
+
+    from tljax import xla_options
+
+    if weights is not None:  # first: a wrong path fails before anything compiles
+        loaded, where = read(weights, model, num_classes, include_top)
+    x = jnp.zeros((1, size, size, 3), jnp.float32)
+    fresh = xla_options.jit(module.init)(jax.random.key(seed), x)
     fresh = jax.tree.map(np.asarray, {k: fresh[k] for k in ("params", "batch_stats")
                                       if k in fresh})
     if weights is None:
-        return module, fresh
-    log.info("%s: %s", name, where)
-    return module, merge(fresh, loaded, where)
+        return fresh
+    log.info("init: %s", where)
+    return merge(fresh, loaded, where)
 
 
 def imagenet_weights(model: str, num_classes: int, include_top: bool = True) -> str:

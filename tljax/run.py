@@ -14,8 +14,6 @@ import sys
 import time
 from typing import Any
 
-import numpy as np
-
 log = logging.getLogger("tljax.run")
 
 # The training stream's definition (`tljax.datasets.pipeline`): recorded in config.json, so
@@ -245,22 +243,13 @@ def build_model(r: Resolved):
 
 def initial_variables(r: Resolved, model) -> dict:
     """The run's starting variables: random (`scratch`) or pretrained with a new head."""
-    import jax
-    import jax.numpy as jnp
-
-    from tljax import pretrained, xla_options
+    from tljax import pretrained
 
     c = r.config
-    x = jnp.zeros((1, r.image_size, r.image_size, 3), jnp.float32)
-    fresh = xla_options.jit(model.init)(jax.random.key(c.seed), x)
-    fresh = jax.tree.map(np.asarray, {k: fresh[k] for k in ("params", "batch_stats")
-                                      if k in fresh})
     if c.init == "scratch":
         log.info("init: random weights (scratch)")
-        return fresh
-    loaded, where = pretrained.read(c.init, c.model, r.num_classes)
-    log.info("init: %s", where)
-    return pretrained.merge(fresh, loaded, where)
+    return pretrained.variables(model, c.model, None if c.init == "scratch" else c.init,
+                                r.image_size, c.seed, r.num_classes)
 
 
 # --------------------------------------------------------------------------- the run

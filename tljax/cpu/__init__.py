@@ -26,9 +26,14 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 import os
+import warnings
 
 import jax
+
+from tljax.native import build as native_build
+from tljax.native import conv as native_conv
 
 ENGINES = ("native", "jax", "xla")
 VARIABLE = "TLJAX_CPU_ENGINE"
@@ -38,12 +43,29 @@ _SCOPE: contextvars.ContextVar[str | None] = contextvars.ContextVar("tljax_cpu_e
 
 
 def selected() -> str:
-    """The engine asked for: `engine_scope`'s, else `$TLJAX_CPU_ENGINE`, else `native`."""
-    name = _SCOPE.get() or os.environ.get(VARIABLE, "").strip().lower() or "native"
+    """The engine asked for: `engine_scope`'s, else `$TLJAX_CPU_ENGINE`, else `native` (`jax`
+    where the former `TLJAX_NATIVE=0` is set)."""
+    name = (_SCOPE.get() or os.environ.get(VARIABLE, "").strip().lower() or _former_name()
+            or "native")
     if name not in ENGINES:
         raise ValueError(f"{VARIABLE}={name!r} is not an engine; choose one of "
                          f"{', '.join(ENGINES)}")
     return name
+
+
+def _former_name() -> str | None:
+    """`jax` where `TLJAX_NATIVE` turns the C++ kernels off, as it did before
+    `TLJAX_CPU_ENGINE`."""
+    if os.environ.get("TLJAX_NATIVE", "").strip().lower() not in ("0", "false", "no", "off"):
+        return None
+    _warn_former_name()
+    return "jax"
+
+
+@functools.cache
+def _warn_former_name() -> None:
+    warnings.warn(f"TLJAX_NATIVE=0 is the former name of {VARIABLE}=jax; set {VARIABLE} "
+                  "instead", FutureWarning, stacklevel=3)
 
 
 def engine() -> str:
@@ -73,21 +95,13 @@ def rewrites() -> bool:
 def native() -> bool:
     """Whether the C++ kernels run: engine `native`, and the kernels built (a build that fails
     warns once and leaves the pure-JAX rewrites)."""
-    if engine() != "native":
-        return False
-    from tljax.native import build
-
-    return build.available()
+    return engine() == "native" and native_build.available()
 
 
 def direct() -> bool:
     """Whether the C++ direct convolution and 1x1 product run: `native()`, on a CPU whose
     kernels were built with AVX-512."""
-    if not native():
-        return False
-    from tljax.native import conv
-
-    return conv.direct_available()
+    return native() and native_conv.direct_available()
 
 
 def same_padding(n: int, k: int, s: int) -> tuple[int, int]:
