@@ -122,13 +122,13 @@ def test_default_base_url_is_keras_own(monkeypatch):
 
 def test_load_in_one_call_fetches_and_replaces_the_head(server, resnet50_notop_file,
                                                          monkeypatch):
-    """`pretrained.load('resnet50', 'imagenet', num_classes=3)` fetches the notop file from the
+    """`models.load('resnet50', 'imagenet', num_classes=3)` fetches the notop file from the
     server, converts it, and returns the module with those weights and a fresh 3-class head."""
-    from tljax import pretrained
+    from tljax import models
 
     root, wf, data = _official_notop(server, resnet50_notop_file, monkeypatch)
     _serve(root, wf, data)
-    module, variables = pretrained.load("resnet50", "imagenet", num_classes=3)
+    module, variables = models.load("resnet50", "imagenet", num_classes=3)
     assert module.num_classes == 3 and variables["params"]["head"]["kernel"].shape == (2048, 3)
     converted = weights.load(os.path.join(os.environ["TLJAX_CACHE"], "weights",
                                           "resnet50_notop"))

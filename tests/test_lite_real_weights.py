@@ -106,7 +106,7 @@ def test_lite_architectures_match_torch_port(name, tmp_path):
 
 
 def test_load_in_one_call_offline(photo_files, tmp_path, monkeypatch, caplog):
-    """`pretrained.load('efficientnet_lite0')`: the bundled ImageNet file, converted once into
+    """`models.load('efficientnet_lite0')` (`pretrained.load`): the bundled ImageNet file, converted once into
     $TLJAX_CACHE, classifies the cat; with 3 classes the backbone is the same and the head new
     (the log says so)."""
     import logging
@@ -114,7 +114,7 @@ def test_load_in_one_call_offline(photo_files, tmp_path, monkeypatch, caplog):
     from tljax import pretrained
 
     monkeypatch.setenv("TLJAX_CACHE", str(tmp_path / "cache"))
-    module, variables = pretrained.load("efficientnet_lite0", "imagenet")
+    module, variables = models.load("efficientnet_lite0", "imagenet")
     raw = np.stack([imagenet.load_image(p, 224) for p in photo_files])
     logits = np.asarray(jax.jit(module.apply)(variables, models.preprocess("efficientnet_lite0",
                                                                            raw)))

@@ -18,6 +18,8 @@ reading nothing that came before.
 Reading. Each split is random access (`tljax.datasets.records`): held in memory when its
 encoded size fits the cache budget, else read per example from its files or ArrayRecord.
 Decoding crops inside the JPEG decoder at a reduced DCT scale (`tljax.datasets.images`).
+The pipeline's function decodes `CHUNK` examples per call, which `rebatch` joins into
+batches: the same examples in the same order as one call per example, at less cost.
 
 Evaluation reads each process's contiguous share of the split; batches are padded (with `mask`
 0) to the local batch size, and every process yields the same number of them, so that the
@@ -37,6 +39,9 @@ from tljax.datasets.records import Records
 from tljax.datasets.sources import DataError, describe, undecodable
 
 AUTOTUNE = -1
+# Examples decoded per call of the pipeline's function: one call per example costs tf.data
+# more than the decoding's own branches do (docs/benchmarks.md, "Input pipeline").
+CHUNK = 8
 BOX_STREAM, FLIP_STREAM = 1, 2  # random streams of the run besides the order
 
 
@@ -56,6 +61,23 @@ def _options(ds):
     options = tf.data.Options()
     options.deterministic = True
     return ds.with_options(options)
+
+
+def _stacked(examples: list[dict]) -> dict:
+    import tensorflow as tf
+
+    return {key: tf.stack([ex[key] for ex in examples]) for key in examples[0]}
+
+
+def _traced_once(*dtypes):
+    """`fn` of scalar arguments of `dtypes` as a `tf.function` traced once, so that a chunk's
+    function calls it `CHUNK` times without tracing it as often (TensorFlow inlines it)."""
+    import tensorflow as tf
+
+    def wrap(fn):
+        return tf.function(fn, input_signature=[tf.TensorSpec([], d) for d in dtypes])
+
+    return wrap
 
 
 def _checked(iterator, recs: Records, what: str):
@@ -119,23 +141,27 @@ def train_batches(recs: Records, local_batch: int, global_batch: int, size: int,
                          f"{global_batch}")
     box_key, flip_key = stream_key(seed, BOX_STREAM), stream_key(seed, FLIP_STREAM)
     area = tuple(augment.area) if augment.area is not None else None
+    k = max(d for d in range(1, CHUNK + 1) if b % d == 0)
+    chunks = b // k  # of this process's rows of one global batch
 
-    def positions(step):  # this process's rows of global batch `step`, vectorised
-        p = step * global_batch + first + tf.range(b, dtype=tf.int64)
-        return {"position": p, "index": example_at(p, n, seed)}
-
-    def prepare(ex):
-        p = ex["position"]
-        data, label = recs.lookup(ex["index"])
+    @_traced_once(tf.int64, tf.int64)
+    def prepare(p, index):
+        data, label = recs.lookup(index)
         image = images.train_image(data, size, tf.stack([tf.constant(box_key, tf.int64), p]),
                                    area, augment.aspect)
         flip = (images.flip(tf.stack([tf.constant(flip_key, tf.int64), p])) if augment.flip
                 else tf.constant(False))
         return {"image": image, "label": tf.cast(label, tf.int32), "flip": flip}
 
-    ds = tf.data.Dataset.range(start_step, 2**62).map(positions).unbatch()
-    ds = ds.map(prepare, num_parallel_calls=AUTOTUNE, deterministic=True)
-    ds = _options(ds.batch(b, drop_remainder=True).prefetch(AUTOTUNE))
+    def prepare_chunk(c):  # the k positions of chunk c of this process's rows
+        step, part = c // chunks, c % chunks
+        p = step * global_batch + first + part * k + tf.range(k, dtype=tf.int64)
+        index = example_at(p, n, seed)
+        return _stacked([prepare(p[j], index[j]) for j in range(k)])
+
+    ds = tf.data.Dataset.range(start_step * chunks, 2**62)
+    ds = ds.map(prepare_chunk, num_parallel_calls=AUTOTUNE, deterministic=True)
+    ds = _options(ds.rebatch(b, drop_remainder=True).prefetch(AUTOTUNE))
     return _checked(tfds.as_numpy(ds), recs, what)
 
 
@@ -157,14 +183,20 @@ def eval_batches(recs: Records, local_batch: int, size: int, crop_fraction: floa
                                              for k in range(process_count))) / local_batch)
     start, stop = process_share(recs.n, process_index, process_count)
 
+    @_traced_once(tf.int64)
     def prepare(i):
         data, label = recs.lookup(i)
         return {"image": images.eval_image(data, size, crop_fraction),
                 "label": tf.cast(label, tf.int32)}
 
-    ds = tf.data.Dataset.range(start, stop)
-    ds = ds.map(prepare, num_parallel_calls=AUTOTUNE, deterministic=True)
-    ds = _options(ds.batch(local_batch).prefetch(AUTOTUNE))
+    def prepare_chunk(i):  # examples [i, i + CHUNK) of the share, the last chunk cut short
+        last = tf.minimum(i + tf.range(CHUNK, dtype=tf.int64), stop - 1)
+        chunk = _stacked([prepare(last[j]) for j in range(CHUNK)])
+        return {key: v[:tf.minimum(stop - i, CHUNK)] for key, v in chunk.items()}
+
+    ds = tf.data.Dataset.range(start, stop, CHUNK)
+    ds = ds.map(prepare_chunk, num_parallel_calls=AUTOTUNE, deterministic=True)
+    ds = _options(ds.rebatch(local_batch).prefetch(AUTOTUNE))
 
     def batches():
         done = 0

@@ -82,7 +82,7 @@ def cpu_isa() -> str:
     return "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else platform.machine()
 
 
-def _compiler() -> str:
+def compiler() -> str:
     cxx = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
     if not cxx:
         raise BuildError("no C++ compiler found (set $CXX, or install g++: "
@@ -90,40 +90,37 @@ def _compiler() -> str:
     return cxx
 
 
-def _key(cxx: str) -> str:
-    """What the library depends on: sources, flags, the compiler and what the `-march` target
-    (`march()`) means to it on this CPU (the macros it predefines, `__AVX512F__` among them),
-    jaxlib's FFI headers."""
-    import jaxlib
+def compiler_output(cxx: str, *args: str, hint: str = "") -> bytes:
+    """What the compiler `cxx` prints for `args` (its version, its predefined macros): part of
+    a library's cache key. Raises `BuildError` (with `hint`) when it fails."""
+    try:
+        done = subprocess.run([cxx, *args], capture_output=True, timeout=60)
+    except (OSError, subprocess.SubprocessError) as e:
+        raise BuildError(f"could not run the C++ compiler {cxx!r}: {e}") from e
+    if done.returncode != 0:
+        raise BuildError(f"the C++ compiler {cxx!r} refused `{' '.join(args)}`{hint}:\n"
+                         f"{done.stderr.decode(errors='replace')[-1000:]}")
+    return done.stdout
 
-    here = os.path.dirname(__file__)
+
+def cache_key(cxx: str, files, flags, *extra: bytes) -> str:
+    """A hash of the contents of `files`, the `flags`, the compiler's version and `extra`."""
     h = hashlib.sha256()
-    for name in SOURCES + HEADERS:
-        with open(os.path.join(here, name), "rb") as f:
+    for path in files:
+        with open(path, "rb") as f:
             h.update(f.read())
-    h.update(" ".join(FLAGS).encode())
-    h.update(jaxlib.__version__.encode())
-    target = [cxx, f"-march={march()}", "-E", "-dM", "-x", "c++", os.devnull]
-    for args in ([cxx, "--version"], target):
-        try:
-            done = subprocess.run(args, capture_output=True, timeout=60)
-        except (OSError, subprocess.SubprocessError) as e:
-            raise BuildError(f"could not run the C++ compiler {cxx!r}: {e}") from e
-        if done.returncode != 0:
-            hint = (f" (TLJAX_NATIVE_MARCH={march()} names a target it does not know: try "
-                    "native, x86-64-v3 or x86-64-v4, or unset it)"
-                    if args is target and march() != "native" else "")
-            raise BuildError(f"the C++ compiler {cxx!r} refused `{' '.join(args[1:])}`{hint}:\n"
-                             f"{done.stderr.decode(errors='replace')[-1000:]}")
-        h.update(done.stdout)
+    h.update(" ".join(flags).encode())
+    h.update(compiler_output(cxx, "--version"))
+    for e in extra:
+        h.update(e)
     return h.hexdigest()[:16]
 
 
-def build() -> str:
-    """The path of the compiled library, building it if this machine has none yet."""
-    cxx = _compiler()
-    out_dir = os.path.join(cache_dir(), _key(cxx))
-    path = os.path.join(out_dir, "libtljax_cpu.so")
+def compile_library(cxx: str, name: str, sources, flags, key: str, what: str) -> str:
+    """The path of shared library `name` compiled from `sources` with `flags`, in the cache
+    folder `key`, building it there if it is not there yet (`what` names it in errors)."""
+    out_dir = os.path.join(cache_dir(), key)
+    path = os.path.join(out_dir, name)
     if os.path.exists(path):
         return path
     try:
@@ -133,19 +130,36 @@ def build() -> str:
     except OSError as e:
         raise BuildError(f"cannot write tljax's kernel cache {out_dir} ({e}); set "
                          "TLJAX_NATIVE_CACHE to a writable folder") from e
-    here = os.path.dirname(__file__)
-    cmd = [cxx, *FLAGS, f"-march={march()}", "-I", jax.ffi.include_dir(), "-I", here,
-           *[os.path.join(here, name) for name in SOURCES], "-o", tmp]
+    cmd = [cxx, *sources, *flags, "-o", tmp]
     try:
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
         if done.returncode != 0:
-            raise BuildError(f"compiling tljax's CPU kernels failed:\n  {' '.join(cmd)}\n"
+            raise BuildError(f"compiling {what} failed:\n  {' '.join(cmd)}\n"
                              f"{done.stderr[-2000:]}")
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
     return path
+
+
+def build() -> str:
+    """The path of the compiled library, building it if this machine has none yet. Its key:
+    the sources, flags, the compiler and what the `-march` target (`march()`) means to it on
+    this CPU (the macros it predefines, `__AVX512F__` among them), jaxlib's version."""
+    import jaxlib
+
+    cxx = compiler()
+    here = os.path.dirname(__file__)
+    flags = [*FLAGS, f"-march={march()}", "-I", jax.ffi.include_dir(), "-I", here]
+    hint = (f" (TLJAX_NATIVE_MARCH={march()} names a target it does not know: try native, "
+            "x86-64-v3 or x86-64-v4, or unset it)" if march() != "native" else "")
+    target = compiler_output(cxx, f"-march={march()}", "-E", "-dM", "-x", "c++", os.devnull,
+                             hint=hint)
+    key = cache_key(cxx, [os.path.join(here, n) for n in SOURCES + HEADERS], FLAGS,
+                    jaxlib.__version__.encode(), target)
+    return compile_library(cxx, "libtljax_cpu.so", [os.path.join(here, n) for n in SOURCES],
+                           flags, key, "tljax's CPU kernels")
 
 
 def call(target: str, shapes, *args, **attributes) -> list:
