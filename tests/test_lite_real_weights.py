@@ -106,7 +106,8 @@ def test_lite_architectures_match_torch_port(name, tmp_path):
 
 
 def test_load_in_one_call_offline(photo_files, tmp_path, monkeypatch, caplog):
-    """`models.load('efficientnet_lite0')` (`pretrained.load`): the bundled ImageNet file, converted once into
+    """`models.load('efficientnet_lite0')` (`pretrained.load`): the bundled ImageNet file,
+    converted once into
     $TLJAX_CACHE, classifies the cat; with 3 classes the backbone is the same and the head new
     (the log says so)."""
     import logging

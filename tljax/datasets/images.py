@@ -14,7 +14,7 @@ is antialiased.
 Other formats (PNG, BMP, GIF) are decoded whole, the box drawn on the decoded shape, and
 resized with antialiasing. (Those two branches resize to the output size themselves; the
 bilinear resize after the branch is then an identity.) The bilinear resize is tljax's op
-(`tljax.datasets.resize`), which gives TensorFlow's bits in half its time.
+(`tljax.datasets.resize`), which gives TensorFlow's bits at less cost.
 
 Every op of a `tf.data` function, and every branch most of all, costs CPU time per image, so
 the function is kept to one `tf.switch_case` (format and DCT scale) whose JPEG branches are one

@@ -141,8 +141,8 @@ def train_batches(recs: Records, local_batch: int, global_batch: int, size: int,
                          f"{global_batch}")
     box_key, flip_key = stream_key(seed, BOX_STREAM), stream_key(seed, FLIP_STREAM)
     area = tuple(augment.area) if augment.area is not None else None
-    k = max(d for d in range(1, CHUNK + 1) if b % d == 0)
-    chunks = b // k  # of this process's rows of one global batch
+    per_call = max(d for d in range(1, CHUNK + 1) if b % d == 0)
+    calls_per_step = b // per_call
 
     @_traced_once(tf.int64, tf.int64)
     def prepare(p, index):
@@ -153,13 +153,14 @@ def train_batches(recs: Records, local_batch: int, global_batch: int, size: int,
                 else tf.constant(False))
         return {"image": image, "label": tf.cast(label, tf.int32), "flip": flip}
 
-    def prepare_chunk(c):  # the k positions of chunk c of this process's rows
-        step, part = c // chunks, c % chunks
-        p = step * global_batch + first + part * k + tf.range(k, dtype=tf.int64)
+    def prepare_chunk(c):  # chunk c: `per_call` of this process's rows of one global batch
+        step, part = c // calls_per_step, c % calls_per_step
+        p = (step * global_batch + first + part * per_call
+             + tf.range(per_call, dtype=tf.int64))
         index = example_at(p, n, seed)
-        return _stacked([prepare(p[j], index[j]) for j in range(k)])
+        return _stacked([prepare(p[j], index[j]) for j in range(per_call)])
 
-    ds = tf.data.Dataset.range(start_step * chunks, 2**62)
+    ds = tf.data.Dataset.range(start_step * calls_per_step, 2**62)
     ds = ds.map(prepare_chunk, num_parallel_calls=AUTOTUNE, deterministic=True)
     ds = _options(ds.rebatch(b, drop_remainder=True).prefetch(AUTOTUNE))
     return _checked(tfds.as_numpy(ds), recs, what)
@@ -190,8 +191,8 @@ def eval_batches(recs: Records, local_batch: int, size: int, crop_fraction: floa
                 "label": tf.cast(label, tf.int32)}
 
     def prepare_chunk(i):  # examples [i, i + CHUNK) of the share, the last chunk cut short
-        last = tf.minimum(i + tf.range(CHUNK, dtype=tf.int64), stop - 1)
-        chunk = _stacked([prepare(last[j]) for j in range(CHUNK)])
+        indices = tf.minimum(i + tf.range(CHUNK, dtype=tf.int64), stop - 1)
+        chunk = _stacked([prepare(indices[j]) for j in range(CHUNK)])
         return {key: v[:tf.minimum(stop - i, CHUNK)] for key, v in chunk.items()}
 
     ds = tf.data.Dataset.range(start, stop, CHUNK)

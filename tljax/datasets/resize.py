@@ -3,12 +3,15 @@
 `bilinear(image, size)` gives, bit for bit, what
 `tf.cast(tf.image.resize(tf.cast(image, tf.float32), (size, size)) + 0.5, tf.uint8)` gives
 (half-pixel centres, no antialiasing), with tljax's TensorFlow op `TljaxResizeBilinear`
-(`resize_op.cc`): one pass, no float32 copies of the image, in about half the CPU time.
+(`resize_op.cc`): one pass, no float32 copies of the image (docs/benchmarks.md, "Input
+pipeline", has its cost beside TensorFlow's).
 
 The op is compiled on first use against the installed TensorFlow (its headers and flags,
-`tf.sysconfig`) into tljax's kernel cache (`$TLJAX_NATIVE_CACHE`, as `tljax.native`), a few
-seconds once per machine and TensorFlow version. Where it cannot be built or loaded, or with
-`TLJAX_INPUT_RESIZE=tensorflow`, TensorFlow's own ops compute the same bits, more slowly.
+`tf.sysconfig`) into tljax's kernel cache (`$TLJAX_NATIVE_CACHE`, as `tljax.native`), once per
+machine and TensorFlow version. Where it cannot be built or loaded, TensorFlow's own ops compute
+the same bits, more slowly, after one warning; `TLJAX_INPUT_RESIZE=tensorflow` chooses them
+without one. The setting, `$CXX` and the cache are read once per process, the first time a
+pipeline is built.
 """
 
 from __future__ import annotations
@@ -28,18 +31,18 @@ def _build() -> str:
     from tljax.native import build
 
     cxx = build.compiler()
-    here = os.path.dirname(__file__)
+    source = [os.path.join(os.path.dirname(__file__), SOURCE)]
     flags = [*FLAGS, *tf.sysconfig.get_compile_flags(), *tf.sysconfig.get_link_flags()]
-    key = build.cache_key(cxx, [os.path.join(here, SOURCE)], flags, tf.__version__.encode())
-    return build.compile_library(cxx, "libtljax_resize.so", [os.path.join(here, SOURCE)],
-                                 flags, key, "tljax's resize op for TensorFlow")
+    key = build.cache_key(cxx, source, flags, tf.__version__.encode())
+    return build.compile_library(cxx, "libtljax_resize.so", source, flags, key,
+                                 "tljax's resize op for TensorFlow")
 
 
 @functools.cache
 def op():
-    """The loaded op library, or None (with one warning that says why) where it is off or
-    cannot be built or loaded."""
-    choice = os.environ.get(SETTING, "tljax").strip().lower()
+    """The loaded op library; None with `TLJAX_INPUT_RESIZE=tensorflow`, and where it cannot
+    be built or loaded (after one warning that says why)."""
+    choice = os.environ.get(SETTING, "").strip().lower() or "tljax"
     if choice not in ("tljax", "tensorflow"):
         raise ValueError(f"{SETTING}={choice!r}: use 'tljax' (its op, the default) or "
                          "'tensorflow' (TensorFlow's resize, the same bits, slower)")
@@ -50,9 +53,11 @@ def op():
     from tljax.native.build import BuildError
 
     try:
-        path = _build()
-        return tf.load_op_library(path)
-    except (BuildError, tf.errors.NotFoundError, OSError) as e:
+        library = tf.load_op_library(_build())
+        if not hasattr(library, "tljax_resize_bilinear"):  # another copy is loaded already
+            raise BuildError("the resize op library loaded without its op")
+        return library
+    except (BuildError, OSError, RuntimeError, tf.errors.OpError) as e:
         warnings.warn(f"{e}\ntljax's input pipeline resizes with TensorFlow's ops instead: "
                       f"the same images, more CPU time per image. Set {SETTING}=tensorflow to "
                       "silence this.", RuntimeWarning, stacklevel=2)

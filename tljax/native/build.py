@@ -11,6 +11,9 @@ machine with AVX-512 can then test (`.ci/run` does).
 Concurrent processes (the hosts of a pod, the workers of a test run) may build at once: each
 writes its own temporary file and renames it into place.
 
+`compile_library` and `cache_key` also build the input pipeline's TensorFlow op
+(`tljax.datasets.resize`) into the same cache.
+
 `python -m tljax.native.build` builds ahead of time and prints the library's path.
 """
 
@@ -132,7 +135,10 @@ def compile_library(cxx: str, name: str, sources, flags, key: str, what: str) ->
                          "TLJAX_NATIVE_CACHE to a writable folder") from e
     cmd = [cxx, *sources, *flags, "-o", tmp]
     try:
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+        try:
+            done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+        except (OSError, subprocess.SubprocessError) as e:
+            raise BuildError(f"compiling {what} failed:\n  {' '.join(cmd)}\n{e}") from e
         if done.returncode != 0:
             raise BuildError(f"compiling {what} failed:\n  {' '.join(cmd)}\n"
                              f"{done.stderr[-2000:]}")
