@@ -51,10 +51,12 @@ def load(name: str, weights: str | None = "imagenet", seed: int = 0, **options):
 
 
 def variables(module, model: str, weights: str | None, size: int, seed: int = 0,
-              num_classes: int = 1000, include_top: bool = True) -> dict:
+              num_classes: int = 1000, include_top: bool = True,
+              zero_head: bool = False) -> dict:
     """`module`'s variables initialised from `seed` (for `size` x `size` inputs), each replaced
     by the pretrained one of `weights` ('imagenet' or a path, as `load`; None: none): the head
-    kept fresh where its size differs, any other difference an `InitError`."""
+    kept fresh where its size differs, any other difference an `InitError`. With `zero_head`
+    a fresh head starts at zero (its kernel and bias), as BiT and big_vision start theirs."""
     import jax
     import jax.numpy as jnp
 
@@ -66,6 +68,8 @@ def variables(module, model: str, weights: str | None, size: int, seed: int = 0,
     fresh = xla_options.jit(module.init)(jax.random.key(seed), x)
     fresh = jax.tree.map(np.asarray, {k: fresh[k] for k in ("params", "batch_stats")
                                       if k in fresh})
+    if zero_head and "head" in fresh["params"]:
+        fresh["params"]["head"] = jax.tree.map(np.zeros_like, fresh["params"]["head"])
     if weights is None:
         return fresh
     log.info("init: %s", where)

@@ -58,6 +58,9 @@ def resolve(config) -> Resolved:
     if config.cache_features not in ("auto", "on", "off"):
         raise RunError(f"config.cache_features={config.cache_features!r}: 'auto', 'on' or "
                        f"'off'")
+    if config.head_init not in ("random", "zeros"):
+        raise RunError(f"config.head_init={config.head_init!r}: 'random' (the model's "
+                       "initialiser) or 'zeros'")
     if config.optimizer.name not in ("sgd", "adam", "adamw"):
         raise RunError(f"config.optimizer.name={config.optimizer.name!r}: 'sgd', 'adam' or "
                        f"'adamw'")
@@ -249,7 +252,8 @@ def initial_variables(r: Resolved, model) -> dict:
     if c.init == "scratch":
         log.info("init: random weights (scratch)")
     return pretrained.variables(model, c.model, None if c.init == "scratch" else c.init,
-                                r.image_size, c.seed, r.num_classes)
+                                r.image_size, c.seed, r.num_classes,
+                                zero_head=c.head_init == "zeros")
 
 
 # --------------------------------------------------------------------------- the run

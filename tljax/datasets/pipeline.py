@@ -69,17 +69,6 @@ def _stacked(examples: list[dict]) -> dict:
     return {key: tf.stack([ex[key] for ex in examples]) for key in examples[0]}
 
 
-def _traced_once(*dtypes):
-    """`fn` of scalar arguments of `dtypes` as a `tf.function` traced once, so that a chunk's
-    function calls it `CHUNK` times without tracing it as often (TensorFlow inlines it)."""
-    import tensorflow as tf
-
-    def wrap(fn):
-        return tf.function(fn, input_signature=[tf.TensorSpec([], d) for d in dtypes])
-
-    return wrap
-
-
 def _checked(iterator, recs: Records, what: str):
     """Re-raise a decoding failure with the names of the files that do not decode."""
     import tensorflow as tf
@@ -144,7 +133,6 @@ def train_batches(recs: Records, local_batch: int, global_batch: int, size: int,
     per_call = max(d for d in range(1, CHUNK + 1) if b % d == 0)
     calls_per_step = b // per_call
 
-    @_traced_once(tf.int64, tf.int64)
     def prepare(p, index):
         data, label = recs.lookup(index)
         image = images.train_image(data, size, tf.stack([tf.constant(box_key, tf.int64), p]),
@@ -184,7 +172,6 @@ def eval_batches(recs: Records, local_batch: int, size: int, crop_fraction: floa
                                              for k in range(process_count))) / local_batch)
     start, stop = process_share(recs.n, process_index, process_count)
 
-    @_traced_once(tf.int64)
     def prepare(i):
         data, label = recs.lookup(i)
         return {"image": images.eval_image(data, size, crop_fraction),
