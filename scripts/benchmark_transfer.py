@@ -1,11 +1,13 @@
-"""The value of transfer, measured: the README's main command beside scratch and a linear probe.
+"""The value of transfer, measured: the README's main command beside scratch, a linear probe
+and the two-phase recipe.
 
     python scripts/benchmark_transfer.py [--config configs/finetune.py] [--out runs/benchmark]
 
 Runs `python -m tljax.train` in fresh workdirs, one after the other on this machine: the
 embedded default (EfficientNet-Lite0 with its ImageNet weights, fine-tuned on `digits`), the
-same config with `init=scratch`, and with `freeze=backbone` (the linear probe, its own steps
-and optimizer), and prints wall time and test top-1/top-5 side by side with the
+same config with `init=scratch`, with `freeze=backbone` (the linear probe, its own steps
+and optimizer) and with `recipe=two_phase` (that probe, then the fine-tune), and prints wall
+time and test top-1/top-5 side by side with the
 targets (pretrained: top-1 >= 0.97 in under 10 minutes on 2 CPU cores; a clear margin over
 scratch). Each run starts with an empty cache (no compiled programs, the bundled Lite0 file
 converted again), as on a fresh machine; `--warm` reuses $TLJAX_CACHE. `--json PATH` writes
@@ -61,7 +63,8 @@ def main(argv=None) -> int:
     for key, name, config in (
             ("pretrained", "pretrained (ImageNet)", args.config),
             ("scratch", "scratch", args.config + joined + "init=scratch"),
-            ("probe", "linear probe (ImageNet)", args.config + joined + "freeze=backbone")):
+            ("probe", "linear probe (ImageNet)", args.config + joined + "freeze=backbone"),
+            ("two_phase", "two-phase (ImageNet)", args.config + joined + "recipe=two_phase")):
         print(f"running {name}: python -m tljax.train --config={config} ...", flush=True)
         rows.append((name, run(config, os.path.join(args.out, key), args.warm)))
     print(f"\n{rows[0][1]['model']} on {rows[0][1]['dataset']}, {cores} CPU cores")
@@ -69,7 +72,10 @@ def main(argv=None) -> int:
     for name, s in rows:
         print(f"{name:<24} {s['steps']:>6} {s['command_seconds'] / 60:>12.1f} min "
               f"{s['top1']:>11.4f} {s['top5']:>7.4f}")
-    pre, scratch, probe = (s for _, s in rows)
+    for name, s in rows:
+        for phase, p in s.get("phases", {}).items():
+            print(f"  {name}: after {phase} ({p['end_step']} steps) top-1 {p['top1']:.4f}")
+    pre, scratch, probe, two_phase = (s for _, s in rows)
     ok_acc = pre["top1"] >= 0.97
     ok_time = pre["command_seconds"] < 600
     print(f"\ntarget top-1 >= 0.97: {'met' if ok_acc else 'NOT met'} ({pre['top1']:.4f}); "
@@ -78,8 +84,8 @@ def main(argv=None) -> int:
           f"{pre['top1'] - scratch['top1']:+.4f}")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"cores": cores, "pretrained": pre, "scratch": scratch, "probe": probe},
-                      f, indent=2)
+            json.dump({"cores": cores, "pretrained": pre, "scratch": scratch, "probe": probe,
+                       "two_phase": two_phase}, f, indent=2)
     return 0
 
 

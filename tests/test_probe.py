@@ -24,7 +24,7 @@ def test_default_probe_reaches_the_logistic_regression_optimum(tmp_path, monkeyp
     config = config_module().get_config("freeze=backbone")
     assert (config.optimizer.name, config.head_init, config.steps) == ("adam", "zeros", 2000)
     r = run.resolve(config)
-    assert r.cached
+    assert run.phases(config)[0].cached
     workdir = str(tmp_path / "probe")
     summary = train.train_and_evaluate(config, workdir)
 

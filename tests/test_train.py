@@ -196,7 +196,7 @@ def test_linear_probe_trains_on_cached_features(data_dir, tmp_path):
 
     config = tiny_config(data_dir, steps=6, freeze="backbone", **{
         "augment.crop_area": (), "augment.flip": False, "eval_every": 6})
-    assert run.resolve(config).cached
+    assert run.phases(config)[0].cached
     workdir = str(tmp_path / "probe")
     start = run.initial_variables(run.resolve(config), run.build_model(run.resolve(config)))
     summary = train.train_and_evaluate(config, workdir)

@@ -58,13 +58,14 @@ def evaluate(workdir: str, checkpoint: str = "best", split: str = "",
                           config.holdout)
     split = split or config.eval_split
     r = run.Resolved(config, src, config.num_classes, config.image_size, config.train_split,
-                       split, cached=False)
+                     split)
     model = run.build_model(r)
     shapes = jax.eval_shape(model.init, jax.random.key(0),
                             jax.ShapeDtypeStruct((1, r.image_size, r.image_size, 3), "float32"))
-    spec = config.freeze if isinstance(config.freeze, str) else [tuple(x) for x in config.freeze]
-    labels = freeze.resolve(shapes["params"], spec, registry.family(config.model))
-    tx, _ = run.optimizer(config, labels)
+    plan = run.phases(config)  # the checkpoint's optimizer state is its phase's
+    phase = plan[run.phase_of(plan, step)]
+    labels = freeze.resolve(shapes["params"], phase.freeze, registry.family(config.model))
+    tx, _ = run.optimizer(phase, labels)
     mesh = parallel.mesh()
     abstract = jax.eval_shape(
         lambda v: steps.create_state(v, tx),

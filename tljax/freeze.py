@@ -193,17 +193,18 @@ def trainable(labels: Mapping) -> frozenset[str]:
                      if v != FROZEN)
 
 
-def frozen_batchnorm(labels: Mapping, batch_stats: Mapping,
-                     family: Family | None = None) -> frozenset[str]:
+def frozen_batchnorm(labels: Mapping, batch_stats: Mapping, family: Family | None = None,
+                     everywhere: bool = False) -> frozenset[str]:
     """Module paths whose statistics stay unchanged: the BatchNorm layers whose parameters are
     all frozen (they run on their moving statistics), and the modules whose statistics are the
-    family's constants (`Family.constants`: an input normalisation)."""
+    family's constants (`Family.constants`: an input normalisation). `everywhere`: every
+    module with statistics, trained or not (Keras's `base_model(x, training=False)`)."""
     flat = traverse_util.flatten_dict(labels)
     modules: dict[str, set] = {}
     for key, label in flat.items():
         modules.setdefault("/".join(key[:-1]), set()).add(label)
     stats = {"/".join(k[:-1]) for k in traverse_util.flatten_dict(batch_stats)}
-    return frozenset(m for m in stats if modules.get(m) == {FROZEN}
+    return frozenset(m for m in stats if everywhere or modules.get(m) == {FROZEN}
                      or (family is not None and family.constant(m)))
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Sequence
 
 log = logging.getLogger("tljax.metrics")
 
@@ -73,9 +74,9 @@ def read(workdir: str) -> list[dict]:
     return records
 
 
-def plot(workdir: str, title: str = "") -> str:
+def plot(workdir: str, title: str = "", phase_ends: Sequence[int] = ()) -> str:
     """Training and evaluation curves (loss; accuracy and top-1/top-5; learning rate) as
-    `WORKDIR/curves.png`."""
+    `WORKDIR/curves.png`, with a dotted line where each phase but the last ends."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -98,6 +99,8 @@ def plot(workdir: str, title: str = "") -> str:
     axes[2].plot(*series("learning_rate"), "-", label="learning_rate")
     axes[2].set_title("learning rate")
     for ax in axes:
+        for end in phase_ends:
+            ax.axvline(end, color="grey", linestyle=":")
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
         ax.legend()

@@ -6,6 +6,7 @@ records it writes (config.json, run.json), the model, its optimizer and its init
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -37,7 +38,6 @@ class Resolved:
     image_size: int
     train_split: str
     eval_split: str
-    cached: bool
 
 
 # --------------------------------------------------------------------------- config
@@ -45,7 +45,7 @@ class Resolved:
 
 def resolve(config) -> Resolved:
     """Check `config` and fill in what it leaves to the model and the dataset."""
-    from tljax import datasets, freeze
+    from tljax import datasets
     from tljax.models import registry
 
     spec = registry.spec(config.model)  # an unknown model names the closest ones
@@ -67,18 +67,35 @@ def resolve(config) -> Resolved:
     if config.optimizer.schedule not in ("cosine", "constant"):
         raise RunError(f"config.optimizer.schedule={config.optimizer.schedule!r}: 'cosine' or "
                        f"'constant'")
-    if isinstance(config.freeze, str):
-        # Preset names are checked against the model's parameter tree when it exists; here
-        # only the form, so that a typo fails before any data is read.
-        if not (config.freeze in ("none", "backbone") or config.freeze.startswith(
-                ("up_to:", "top:"))):
-            raise freeze.FreezeError(
-                f"config.freeze={config.freeze!r}: presets are 'none', 'backbone', "
-                f"'up_to:UNIT' and 'top:N', or give a list of (regex, label) rules")
+    _check_freeze_form("config.freeze", config.freeze)
     size = config.image_size or spec.default_size
     if size < spec.min_size:
         raise RunError(f"config.image_size={size}: {config.model} needs at least "
                        f"{spec.min_size}")
+    ft = config.get("finetune")  # configs written before the two-phase recipe lack it
+    if ft is not None:
+        if ft.steps < 0:
+            raise RunError(f"config.finetune.steps={ft.steps}: 0 (one phase) or the steps of a "
+                           f"second phase")
+        if ft.optimizer_state not in ("reset", "carry"):
+            raise RunError(f"config.finetune.optimizer_state={ft.optimizer_state!r}: 'reset' "
+                           "(a fresh state for the second phase) or 'carry'")
+        if ft.batchnorm not in ("inference", "train"):
+            raise RunError(f"config.finetune.batchnorm={ft.batchnorm!r}: 'inference' (moving "
+                           "statistics throughout) or 'train' (batch statistics in the layers "
+                           "that train)")
+        if ft.optimizer not in ("", "sgd", "adam", "adamw"):
+            raise RunError(f"config.finetune.optimizer={ft.optimizer!r}: '' (the first "
+                           f"phase's), 'sgd', 'adam' or 'adamw'")
+        if ft.steps:
+            _check_freeze_form("config.finetune.freeze", ft.freeze)
+    two_phase = bool(ft and ft.steps)
+    head_only = config.freeze == "backbone"
+    no_augment = not tuple(config.augment.crop_area) and not config.augment.flip
+    if config.cache_features == "on" and not (head_only and (no_augment or two_phase)):
+        raise RunError("config.cache_features='on' needs freeze='backbone' and, in a single "
+                       "phase, augmentation off (config.augment.crop_area=() and "
+                       "config.augment.flip=False)")
     src = _source(config)
     train_split, eval_split = src.default_splits()
     train_split = config.train_split or train_split
@@ -89,14 +106,74 @@ def resolve(config) -> Resolved:
     if num_classes < src.num_classes:
         raise RunError(f"config.num_classes={num_classes}, but {src.name} has "
                        f"{src.num_classes} classes")
+    return Resolved(config, src, num_classes, size, train_split, eval_split)
+
+
+@dataclasses.dataclass(frozen=True)
+class Phase:
+    """Steps `start + 1 .. end` of a run: what trains (`freeze`), with which optimizer
+    settings (a `config.optimizer`-like dict), and whether on cached features."""
+
+    name: str
+    start: int
+    end: int
+    freeze: Any
+    optimizer: Any
+    optimizer_state: str  # 'reset': a fresh optimizer state; 'carry': the previous phase's
+    cached: bool
+    bn_inference: bool = False  # every BatchNorm layer on its moving statistics
+
+    @property
+    def steps(self) -> int:
+        return self.end - self.start
+
+
+def phases(config) -> list[Phase]:
+    """The run's phases: one, or with `config.finetune.steps` two (the head on the frozen
+    backbone for `config.steps`, then `config.finetune.freeze` at its own rate).
+
+    A phase trains on cached features (`tljax.feature_cache`) when its backbone is frozen and
+    its images are not augmented: a single-phase probe with augmentation off, or the first
+    phase of two, which sees the evaluation crop while `config.augment` applies to the second
+    (`cache_features='off'` makes it stream augmented images instead)."""
+    import ml_collections
+
+    spec = config.freeze if isinstance(config.freeze, str) else [tuple(x) for x in config.freeze]
     no_augment = not tuple(config.augment.crop_area) and not config.augment.flip
-    probe = config.freeze == "backbone"
-    if config.cache_features == "on" and not (probe and no_augment):
-        raise RunError("config.cache_features='on' needs freeze='backbone' and augmentation "
-                       "off (config.augment.crop_area=() and config.augment.flip=False)")
+    ft = config.get("finetune")
+    two_phase = bool(ft and ft.steps)
     cached = config.cache_features == "on" or (
-        config.cache_features == "auto" and probe and no_augment)
-    return Resolved(config, src, num_classes, size, train_split, eval_split, cached)
+        config.cache_features == "auto" and spec == "backbone" and (no_augment or two_phase))
+    if not two_phase:
+        return [Phase("", 0, config.steps, spec, config.optimizer, "reset", cached)]
+    second = ml_collections.ConfigDict(config.optimizer.to_dict())
+    second.name = ft.optimizer or config.optimizer.name
+    second.learning_rate = ft.learning_rate
+    second.warmup_steps = ft.warmup_steps
+    ft_spec = ft.freeze if isinstance(ft.freeze, str) else [tuple(x) for x in ft.freeze]
+    return [Phase("head", 0, config.steps, spec, config.optimizer, "reset", cached),
+            Phase("finetune", config.steps, config.steps + ft.steps, ft_spec, second,
+                  ft.optimizer_state, False, ft.batchnorm == "inference")]
+
+
+def phase_of(plan: list[Phase], step: int) -> int:
+    """The index of the phase a checkpoint at `step` was written in (its state's layout)."""
+    for i, phase in enumerate(plan):
+        if step <= phase.end:
+            return i
+    raise RunError(f"step {step} is past the run's {plan[-1].end} steps")
+
+
+def _check_freeze_form(field: str, spec) -> None:
+    """Preset names are checked against the model's parameter tree when it exists; here only
+    the form, so that a typo fails before any data is read."""
+    from tljax import freeze
+
+    if isinstance(spec, str) and not (spec in ("none", "backbone")
+                                      or spec.startswith(("up_to:", "top:"))):
+        raise freeze.FreezeError(
+            f"{field}={spec!r}: presets are 'none', 'backbone', 'up_to:UNIT' and 'top:N', or "
+            f"give a list of (regex, label) rules")
 
 
 def _source(config):
@@ -189,24 +266,28 @@ def run_record() -> dict:
 # --------------------------------------------------------------------------- model and state
 
 
-def optimizer(config, labels):
-    """`(tx, schedule)`: the optimizer of `config` over the parameter `labels` (the freeze
+def optimizer(phase: Phase, labels):
+    """`(tx, schedule)`: the optimizer of `phase` over the parameter `labels` (the freeze
     rules' groups: `frozen` gets no update, `head` its rate multiplier), and its learning-rate
-    schedule."""
+    schedule, which counts the phase's own steps (from 0 at `phase.start`)."""
     import optax
 
     from tljax import train_step as steps
 
-    o = config.optimizer
-    warmup = o.warmup_steps if o.warmup_steps >= 0 else int(0.05 * config.steps)
-    warmup = min(warmup, config.steps)
+    o, n = phase.optimizer, phase.steps
+    warmup = o.warmup_steps if o.warmup_steps >= 0 else int(0.05 * n)
+    warmup = min(warmup, n)
     if o.schedule == "cosine":
         lr = optax.warmup_cosine_decay_schedule(0.0, o.learning_rate, max(warmup, 0),
-                                                max(config.steps, warmup + 1))
+                                                max(n, warmup + 1))
     else:
         lr = optax.join_schedules(
             [optax.linear_schedule(0.0, o.learning_rate, max(warmup, 1)),
              optax.constant_schedule(o.learning_rate)], [warmup])
+    rate = lr
+    if phase.optimizer_state == "carry":  # the carried count goes on from the phase before
+        rate = functools.partial(lambda base, start, count: base(count - start), lr,
+                                 phase.start)
 
     def make(rate):
         if o.name == "sgd":
@@ -222,7 +303,7 @@ def optimizer(config, labels):
     groups = {v for v in _flat_values(labels)}
     if "head" in groups and o.head_multiplier != 1.0:
         multipliers["head"] = o.head_multiplier
-    return steps.optimizer(labels, make, lr, multipliers), lr
+    return steps.optimizer(labels, make, rate, multipliers), lr
 
 
 def _flat_values(tree):

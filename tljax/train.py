@@ -121,28 +121,14 @@ def _train_and_evaluate(config, workdir: str, stop: _Stop, t_start: float) -> di
     model = run.build_model(r)
     variables = run.initial_variables(r, model)
     family = registry.family(c.model)
-    labels = freeze.resolve(variables["params"],
-                            c.freeze if isinstance(c.freeze, str) else list(c.freeze), family)
-    freeze.log_table(labels, variables["params"])
-    tx, schedule = run.optimizer(c, labels)
     prep = preprocessing.FUNCTIONS[registry.spec(c.model).numerics.preprocessing]
-    step_config = steps.StepConfig(
-        model=feature_cache.head_of(model) if r.cached else model, tx=tx,
-        trainable=freeze.trainable(labels),
-        frozen_bn=freeze.frozen_batchnorm(labels, variables.get("batch_stats", {}), family),
-        sync_bn=c.sync_bn, preprocess=None if r.cached else prep, on_features=r.cached,
-        bn_momentum=c.bn_momentum or None)
+    plan = run.phases(c)
+    total = plan[-1].end
+    all_labels = [freeze.resolve(variables["params"], p.freeze, family) for p in plan]
+    _check_carry(plan, all_labels, variables["params"])
     mesh = parallel.mesh()
-    train_fn = parallel.shard_map_train_step(step_config, mesh)
-    eval_fn = parallel.shard_map_eval_step(step_config, mesh)
-
-    state = steps.create_state(variables, tx)
-    state = parallel.put_replicated(state, mesh)
     ckpts = checkpoint.Checkpoints(os.path.join(workdir, "checkpoints"), c.keep_checkpoints)
     start = ckpts.latest_step() or 0
-    if start:
-        log.info("resuming from %s/%d", ckpts.directory, start)
-        state = ckpts.restore(start, state)
     writer = metrics.Writer(workdir, enabled=primary, resume_step=start)
     pi, pc = jax.process_index(), jax.process_count()
 
@@ -151,76 +137,122 @@ def _train_and_evaluate(config, workdir: str, stop: _Stop, t_start: float) -> di
     eval_recs = r.source.records(r.eval_split, max(budget - train_recs.held, 0))
     train_name = f"{r.source.name} [{r.train_split}]"
     eval_name = f"{r.source.name} [{r.eval_split}]"
-    if r.cached:
-        feats_of = feature_cache.jit_features(model, variables, prep)
-        log.info("linear probing on cached features: computing them once (frozen backbone)")
-        with _timer("features"):
-            train_src = datasets.eval_batches(train_recs, local_eval, r.image_size, c.eval_crop,
-                                              pi, pc, train_name)[0]
-            train_x, train_y = feature_cache.compute(feats_of, train_src)
-            eval_src, eval_count = datasets.eval_batches(eval_recs, local_eval, r.image_size,
-                                                         c.eval_crop, pi, pc, eval_name)
-            eval_x, eval_y = feature_cache.compute(feats_of, eval_src)
-        batches = feature_cache.train_batches(train_x, train_y, local_batch, c.seed, start)
+    cache: dict = {}
 
-        def eval_stream():
-            return feature_cache.eval_batches(eval_x, eval_y, local_eval, eval_count)
-    else:
+    def cached_features():
+        """Train and eval features of the frozen backbone, computed once per process."""
+        if not cache:
+            feats_of = feature_cache.jit_features(model, variables, prep)
+            log.info("linear probing on cached features: computing them once (frozen "
+                     "backbone)")
+            with _timer("features"):
+                src = datasets.eval_batches(train_recs, local_eval, r.image_size, c.eval_crop,
+                                            pi, pc, train_name)[0]
+                cache["train"] = feature_cache.compute(feats_of, src)
+                src, cache["count"] = datasets.eval_batches(
+                    eval_recs, local_eval, r.image_size, c.eval_crop, pi, pc, eval_name)
+                cache["eval"] = feature_cache.compute(feats_of, src)
+        return cache
+
+    def step_functions(phase, labels, tx):
+        config = steps.StepConfig(
+            model=feature_cache.head_of(model) if phase.cached else model, tx=tx,
+            trainable=freeze.trainable(labels),
+            frozen_bn=freeze.frozen_batchnorm(labels, variables.get("batch_stats", {}), family,
+                                              everywhere=phase.bn_inference),
+            sync_bn=c.sync_bn, preprocess=None if phase.cached else prep,
+            on_features=phase.cached, bn_momentum=c.bn_momentum or None)
+        return (parallel.shard_map_train_step(config, mesh),
+                parallel.shard_map_eval_step(config, mesh))
+
+    def train_stream(phase, step):
+        if phase.cached:
+            return feature_cache.train_batches(*cached_features()["train"], local_batch,
+                                               c.seed, step)
         augment = datasets.Augment(tuple(c.augment.crop_area) or None, flip=c.augment.flip)
         rows = parallel.process_rows(mesh, c.batch_size)
         assert rows[1] - rows[0] == local_batch, (rows, local_batch)
-        batches = datasets.train_batches(train_recs, local_batch, c.batch_size, r.image_size,
-                                         c.seed, augment, start, pi, train_name, rows[0])
+        return datasets.train_batches(train_recs, local_batch, c.batch_size, r.image_size,
+                                      c.seed, augment, step, pi, train_name, rows[0])
 
-        def eval_stream():
-            return datasets.eval_batches(eval_recs, local_eval, r.image_size, c.eval_crop, pi,
-                                         pc, eval_name)[0]
-
-    def evaluate() -> dict:
-        m = run_eval(eval_fn, state, eval_stream(), mesh)
+    def evaluate(phase, eval_fn, state) -> dict:
+        if phase.cached:
+            f = cached_features()
+            stream = feature_cache.eval_batches(*f["eval"], local_eval, f["count"])
+        else:
+            stream = datasets.eval_batches(eval_recs, local_eval, r.image_size, c.eval_crop,
+                                           pi, pc, eval_name)[0]
+        m = run_eval(eval_fn, state, stream, mesh)
         return {"eval/loss": m["loss"], "eval/top1": m["top1"], "eval/top5": m["top5"]}
 
     rng = jax.random.key(c.seed)
-    bar = tqdm(total=c.steps, initial=start, desc="train", unit="step", disable=not primary,
+    bar = tqdm(total=total, initial=start, desc="train", unit="step", disable=not primary,
                dynamic_ncols=True)
     last_eval: dict = {}
-    pending, t_log, images, waited = [], time.time(), 0, 0.0
+    state = None
     step = start
     preempted = False
     try:
-        while step < c.steps:
-            t_wait = time.time()
-            host_batch = next(batches)
-            waited += time.time() - t_wait
-            state, m = train_fn(state, parallel.put_batch(host_batch, mesh), rng)
-            step += 1
-            pending.append(m)
-            images += c.batch_size
-            bar.update(1)
-            if step % c.log_every == 0 or step == c.steps:
-                ms = jax.tree.map(lambda *xs: float(np.mean([float(x) for x in xs])), *pending)
-                elapsed = time.time() - t_log
-                scalars = {"train/loss": ms["loss"], "train/accuracy": ms["accuracy"],
-                           "learning_rate": float(schedule(step - 1)),
-                           "images_per_second": images / max(elapsed, 1e-9),
-                           "input_wait": min(waited / max(elapsed, 1e-9), 1.0)}
-                writer.write(step, scalars)
-                bar.set_postfix(loss=f"{ms['loss']:.3f}", acc=f"{ms['accuracy']:.3f}",
-                                input_wait=f"{scalars['input_wait']:.0%}")
-                pending, t_log, images, waited = [], time.time(), 0, 0.0
-            evaluated = step % c.eval_every == 0 or step == c.steps
-            if evaluated:
-                t_eval = time.time()
-                last_eval = evaluate()
-                t_log += time.time() - t_eval  # images/s counts training time only
-                writer.write(step, last_eval)
-                bar.write(f"step {step}: eval top-1 {last_eval['eval/top1']:.4f}, top-5 "
-                          f"{last_eval['eval/top5']:.4f}, loss {last_eval['eval/loss']:.4f}")
-            if step % c.checkpoint_every == 0 or step == c.steps or evaluated:
-                ckpts.save(step, state, _best(last_eval) if evaluated else None)
-            if stop.now():
-                ckpts.save(step, state)
-                preempted = True
+        for i in range(run.phase_of(plan, start), len(plan)):
+            phase, labels = plan[i], all_labels[i]
+            if phase.name:
+                log.info("phase %r: steps %d-%d, freeze=%s, %s at %g%s", phase.name,
+                         phase.start + 1, phase.end, phase.freeze, phase.optimizer.name,
+                         phase.optimizer.learning_rate, ", on cached features"
+                         if phase.cached else "")
+            freeze.log_table(labels, variables["params"])
+            tx, schedule = run.optimizer(phase, labels)
+            if state is None:  # the run's start, or the phase its latest checkpoint is of
+                state = parallel.put_replicated(steps.create_state(variables, tx), mesh)
+                if start:
+                    log.info("resuming from %s/%d", ckpts.directory, start)
+                    state = ckpts.restore(start, state)
+            elif phase.optimizer_state == "reset":
+                state = state.replace(opt_state=parallel.put_replicated(
+                    tx.init(jax.device_get(state.params)), mesh))
+            train_fn, eval_fn = step_functions(phase, labels, tx)
+            final = (phase, eval_fn)
+            if step >= phase.end:  # resumed at this phase's last step: on to the next
+                continue
+            batches = train_stream(phase, step)
+            pending, t_log, images, waited = [], time.time(), 0, 0.0
+            while step < phase.end:
+                t_wait = time.time()
+                host_batch = next(batches)
+                waited += time.time() - t_wait
+                state, m = train_fn(state, parallel.put_batch(host_batch, mesh), rng)
+                step += 1
+                pending.append(m)
+                images += c.batch_size
+                bar.update(1)
+                if step % c.log_every == 0 or step == phase.end:
+                    ms = jax.tree.map(lambda *xs: float(np.mean([float(x) for x in xs])),
+                                      *pending)
+                    elapsed = time.time() - t_log
+                    scalars = {"train/loss": ms["loss"], "train/accuracy": ms["accuracy"],
+                               "learning_rate": float(schedule(step - 1 - phase.start)),
+                               "images_per_second": images / max(elapsed, 1e-9),
+                               "input_wait": min(waited / max(elapsed, 1e-9), 1.0)}
+                    writer.write(step, scalars)
+                    bar.set_postfix(loss=f"{ms['loss']:.3f}", acc=f"{ms['accuracy']:.3f}",
+                                    input_wait=f"{scalars['input_wait']:.0%}")
+                    pending, t_log, images, waited = [], time.time(), 0, 0.0
+                evaluated = step % c.eval_every == 0 or step == phase.end
+                if evaluated:
+                    t_eval = time.time()
+                    last_eval = evaluate(phase, eval_fn, state)
+                    t_log += time.time() - t_eval  # images/s counts training time only
+                    writer.write(step, last_eval)
+                    bar.write(f"step {step}: eval top-1 {last_eval['eval/top1']:.4f}, top-5 "
+                              f"{last_eval['eval/top5']:.4f}, loss "
+                              f"{last_eval['eval/loss']:.4f}")
+                if step % c.checkpoint_every == 0 or step == phase.end or evaluated:
+                    ckpts.save(step, state, _best(last_eval) if evaluated else None)
+                if stop.now():
+                    ckpts.save(step, state)
+                    preempted = True
+                    break
+            if preempted:
                 break
     finally:
         bar.close()
@@ -228,24 +260,52 @@ def _train_and_evaluate(config, workdir: str, stop: _Stop, t_start: float) -> di
         writer.close()
     if preempted:
         log.warning("stopped at step %d of %d by SIGTERM; checkpoint saved. Run the same "
-                    "command to resume.", step, c.steps)
+                    "command to resume.", step, total)
         return {"preempted": True, "step": step}
 
     if not last_eval:  # resumed a finished run: evaluate what it ended with
-        last_eval = evaluate()
+        last_eval = evaluate(*final, state)
     summary = {
         "model": c.model, "dataset": r.source.name, "init": c.init, "freeze": c.freeze
-        if isinstance(c.freeze, str) else "custom", "steps": c.steps,
+        if isinstance(c.freeze, str) else "custom", "steps": total,
         "top1": last_eval["eval/top1"], "top5": last_eval["eval/top5"],
         "eval_split": r.eval_split, "best_step": ckpts.best_step(),
         "wall_seconds": round(time.time() - t_start, 1), "workdir": workdir,
     }
     if primary:
-        summary["plot"] = metrics.plot(
-            workdir, f"{c.model} on {r.source.name} ({c.init}, freeze={summary['freeze']})")
+        if len(plan) > 1:  # each phase's last evaluation (also from before a resume)
+            ends = {p.end: p.name for p in plan}
+            summary["phases"] = {
+                ends[m["step"]]: {"end_step": m["step"], "top1": m["eval/top1"]}
+                for m in metrics.read(workdir) if m.get("step") in ends and "eval/top1" in m}
+        recipe = ", then ".join(f"{p.freeze} {p.steps} steps" for p in plan) \
+            if len(plan) > 1 else f"freeze={summary['freeze']}"
+        summary["plot"] = metrics.plot(workdir, f"{c.model} on {r.source.name} ({c.init}, "
+                                       f"{recipe})", [p.end for p in plan[:-1]])
         with open(os.path.join(workdir, "summary.json"), "w") as f:
             json.dump(summary, f, indent=2)
     return summary
+
+
+def _check_carry(plan, all_labels, params) -> None:
+    """A phase that carries the optimizer state needs the same groups and optimizer as the
+    phase before; checked before anything trains."""
+    import jax
+
+    from tljax import run
+
+    for i in range(1, len(plan)):
+        if plan[i].optimizer_state != "carry":
+            continue
+        before, now = (run.optimizer(plan[j], all_labels[j])[0] for j in (i - 1, i))
+        if (all_labels[i] != all_labels[i - 1] or jax.tree.structure(
+                jax.eval_shape(before.init, params)) != jax.tree.structure(
+                jax.eval_shape(now.init, params))):
+            raise run.RunError(
+                f"config.finetune.optimizer_state='carry' needs the same parameters to train "
+                f"with the same optimizer in both phases (freeze {plan[i - 1].freeze!r} with "
+                f"{plan[i - 1].optimizer.name}, then {plan[i].freeze!r} with "
+                f"{plan[i].optimizer.name}); use 'reset'")
 
 
 def _best(ev: dict) -> dict:
@@ -329,10 +389,12 @@ def main(argv=None) -> int:
         if summary.get("preempted"):
             return PREEMPTED_EXIT
         if jax.process_index() == 0:
+            phases = "".join(f"; after {name} ({p['end_step']} steps) {p['top1']:.4f}"
+                             for name, p in summary.get("phases", {}).items())
             print(f"{summary['model']} on {summary['dataset']} ({summary['init']}, freeze="
                   f"{summary['freeze']}): {summary['eval_split']} top-1 {summary['top1']:.4f}, "
                   f"top-5 {summary['top5']:.4f} after {summary['steps']} steps in "
-                  f"{summary['wall_seconds'] / 60:.1f} min; curves: {summary['plot']}")
+                  f"{summary['wall_seconds'] / 60:.1f} min{phases}; curves: {summary['plot']}")
         return 0
 
     try:

@@ -23,6 +23,7 @@ from flax import linen as nn
 
 from tljax.models import layers
 from tljax.models.family import Family
+from tljax.models.features import tap
 
 NUMERICS = layers.Numerics(
     bn_epsilon=1e-3,  # Keras BatchNormalization default; TF EfficientNet batch_norm_epsilon
@@ -162,12 +163,14 @@ class MBConv(nn.Module):
         act = self.activation
         filters = self.filters_in * self.expand_ratio
         x = inputs
+        prefix = keras_name(self.path[-2:] + ("",))
         if self.expand_ratio != 1:
             x = layers.conv_norm(conv(filters, (1, 1), name="expand_conv"),
                                norm("expand_bn", activation=act), x)
+            x = tap(prefix + "expand_activation", x)
         x = layers.DepthwiseConv(self.kernel, self.stride, self.dtype, self.param_dtype,
                                  name="dwconv")(x)
-        x = norm("bn", activation=act)(x)
+        x = tap(prefix + "activation", norm("bn", activation=act)(x))
         if 0 < self.se_ratio <= 1:
             filters_se = max(1, int(self.filters_in * self.se_ratio))
             se = jnp.mean(x, axis=(1, 2), keepdims=True)
@@ -187,8 +190,8 @@ class MBConv(nn.Module):
                 # `base_model(x, training=False)`): no stochastic depth there.
                 x = layers.Dropout(self.drop_rate, broadcast_dims=(1, 2, 3), name="drop")(
                     x, train, deterministic=self._frozen(train))
-            x = x + inputs
-        return x
+            return tap(prefix + "add", x + inputs)
+        return tap(prefix + "project_bn", x)
 
 
 class ConvBNAct(nn.Module):
@@ -213,9 +216,10 @@ class ConvBNAct(nn.Module):
             padding="SAME", use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype,
             name="conv",
         )
-        return layers.conv_norm(conv, layers.batch_norm(self.numerics, train, self.dtype,
-                                                      self.param_dtype, "bn",
-                                                      activation=self.activation), x)
+        x = layers.conv_norm(conv, layers.batch_norm(self.numerics, train, self.dtype,
+                                                   self.param_dtype, "bn",
+                                                   activation=self.activation), x)
+        return tap(f"{self.name}_activation", x)
 
 
 class Stage(nn.Module):

@@ -18,6 +18,7 @@ from flax import linen as nn
 
 from tljax.models import efficientnet, inception, layers, resnet, vgg
 from tljax.models.family import Family
+from tljax.models.features import Features, available
 
 
 @dataclasses.dataclass(frozen=True)
@@ -176,7 +177,7 @@ def spec(name: str) -> ModelSpec:
 
 
 _OPTIONS = ("num_classes", "include_top", "pooling", "dropout_rate", "drop_connect_rate",
-            "dtype", "param_dtype")
+            "dtype", "param_dtype", "features")
 
 
 def create(name: str, **options: Any) -> nn.Module:
@@ -189,6 +190,11 @@ def create(name: str, **options: Any) -> nn.Module:
 
     `module.apply(variables, images, train=False)` returns logits (no softmax) with a top, else
     pooled features, or the last feature map when `pooling=None`.
+
+    `features=NAMES` (with `include_top=False`): `apply` returns `{name: NHWC output}` for
+    Keras layer names (`conv4_block6_out`, `block6a_expand_activation`, ...) or tljax's units
+    (`stage3`, `mixed7`), and computes nothing after the last of them (`info(name)["features"]`
+    lists the names; `tljax.models.features`). The variables are the model's own.
     """
     s = spec(name)
     allowed = set(_OPTIONS) - ({"drop_connect_rate"} if s.family.name != "efficientnet"
@@ -198,7 +204,18 @@ def create(name: str, **options: Any) -> nn.Module:
         raise TypeError(
             f"{name}: unknown option(s) {', '.join(unknown)}; valid: {', '.join(sorted(allowed))}"
         )
-    return s.build(**options)
+    names = options.pop("features", None)
+    if names is None:
+        return s.build(**options)
+    if isinstance(names, str):
+        names = (names,)
+    if options.get("include_top", True) or options.get("pooling") is not None:
+        raise ValueError(f"{name}: features= returns feature maps; pass include_top=False "
+                         "(and no pooling)")
+    if not names:
+        raise ValueError(f"{name}: features= names no layer; see "
+                         f"tljax.models.info({name!r})['features']")
+    return Features(s.build(**options), tuple(names))
 
 
 def random_variables(module, size: int, seed: int = 0):
@@ -232,6 +249,12 @@ def _param_count(name: str, include_top: bool) -> int:
     return sum(_numel(p.shape) for p in jax.tree_util.tree_leaves(shapes["params"]))
 
 
+@functools.cache
+def _features(name: str) -> tuple[str, ...]:
+    s = spec(name)
+    return tuple(available(create(name, include_top=False), s.default_size))
+
+
 def _numel(shape) -> int:
     n = 1
     for d in shape:
@@ -254,6 +277,7 @@ def info(name: str) -> dict[str, Any]:
         "padding": s.numerics.padding,
         "params": _param_count(name, True),
         "params_notop": _param_count(name, False),
+        "features": list(_features(name)),
         "keras_application": s.keras_name,
         "keras_weights": {k: {"file": w.filename, "path": w.path, "md5": w.md5}
                           for k, w in s.weights.items()},

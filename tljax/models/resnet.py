@@ -19,6 +19,7 @@ from flax import linen as nn
 
 from tljax.models import layers
 from tljax.models.family import Family
+from tljax.models.features import tap
 
 NUMERICS_V1 = layers.Numerics(
     bn_epsilon=1.001e-5,  # Keras resnet.py: BatchNormalization(epsilon=1.001e-5)
@@ -120,12 +121,12 @@ class Stem(nn.Module):
             param_dtype=self.param_dtype, name="conv",
         )(x)
         if not self.preact:
-            x = layers.batch_norm(NUMERICS_V1, train, self.dtype, self.param_dtype, "bn",
-                                  activation=nn.relu)(x)
+            x = tap("conv1_relu", layers.batch_norm(NUMERICS_V1, train, self.dtype,
+                                                    self.param_dtype, "bn", activation=nn.relu)(x))
         # Keras pads with zeros (pool1_pad) before pooling; after a ReLU (v1) zeros never win,
         # but v2 pools pre-activation values, so pad with zeros exactly as Keras does.
         x = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
-        return layers.max_pool(x, 3, 2)
+        return tap("pool1_pool", layers.max_pool(x, 3, 2))
 
 
 class Stage(nn.Module):
@@ -149,7 +150,7 @@ class Stage(nn.Module):
             else:
                 stride = self.stride if b == 1 else 1
                 block = BottleneckV1(self.filters, stride, b == 1, name=f"block{b}", **kw)
-            x = block(x, train)
+            x = tap(f"conv{int(self.name[5:]) + 1}_block{b}_out", block(x, train))
         return x
 
 
@@ -181,6 +182,7 @@ class ResNet(nn.Module):
             x = Stage(n, width, stride, self.preact, name=f"stage{s}", **kw)(x, train)
         if self.preact:
             x = layers.batch_norm(NUMERICS_V2, train, name="post_bn", activation=nn.relu, **kw)(x)
+            x = tap("post_relu", x)
         if not self.include_top:
             return layers.global_pool(x, self.pooling)
         x = jnp.mean(x, axis=(1, 2))

@@ -15,6 +15,7 @@ from flax import linen as nn
 
 from tljax.models import layers
 from tljax.models.family import Family
+from tljax.models.features import tap
 
 NUMERICS = layers.Numerics(
     bn_epsilon=0.0,  # VGG has no BatchNorm.
@@ -48,8 +49,8 @@ class VGGBlock(nn.Module):
                 self.width, (3, 3), padding="SAME", dtype=self.dtype,
                 param_dtype=self.param_dtype, name=f"conv{j}",
             )(x)
-            x = nn.relu(x)
-        return layers.max_pool(x, 2, 2)
+            x = tap(f"{self.name}_conv{j}", nn.relu(x))
+        return tap(f"{self.name}_pool", layers.max_pool(x, 2, 2))
 
 
 class VGG(nn.Module):
