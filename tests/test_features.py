@@ -22,7 +22,7 @@ CASES = {
                  {"stage3": "conv4_block6_out"}),
     "resnet50_v2": (["pool1_pool", "conv3_block4_out", "post_relu"],
                     {"stage2": "conv3_block4_out"}),
-    "inception_v3": (["mixed2", "mixed7"], {}),
+    "inception_v3": (["mixed0", "mixed2", "mixed7"], {}),
     "efficientnet_b0": (["stem_activation", "block1a_project_bn", "block2b_add",
                          "block6a_expand_activation", "top_activation"],
                         {"stage5": "block5c_add", "top": "top_activation"}),
@@ -60,14 +60,67 @@ def test_features_equal_keras_intermediate_layers(name, tmp_path):
         assert err <= TOLERANCE * scale, f"{name} {ours}: max |diff| {err:.3g}, scale {scale:.3g}"
 
 
-def test_nothing_after_the_last_requested_output_is_created():
+def test_nothing_after_the_last_requested_output_is_computed():
+    x = jax.ShapeDtypeStruct((1, 64, 64, 3), np.float32)
+    base = models.create("vgg19", include_top=False)
+    variables = jax.eval_shape(base.init, jax.random.key(0), x)
+
+    def equations(names):
+        module = models.create("vgg19", include_top=False, features=names)
+        assert jax.eval_shape(module.init, jax.random.key(0), x) == variables  # all of them
+        return len(jax.make_jaxpr(module.apply)(variables, x).jaxpr.eqns)
+
+    early, late = equations(["block1_conv2", "block2_pool"]), equations(["block5_pool"])
+    assert early < late / 3, (early, late)
     module = models.create("vgg19", include_top=False, features=["block2_pool", "block1_conv2"])
-    shapes = jax.eval_shape(module.init, jax.random.key(0),
-                            jax.ShapeDtypeStruct((1, 64, 64, 3), np.float32))
-    assert sorted(shapes["params"]) == ["block1", "block2"]
-    out = jax.eval_shape(module.apply, shapes, jax.ShapeDtypeStruct((1, 64, 64, 3), np.float32))
+    out = jax.eval_shape(module.apply, variables, x)
     assert {k: v.shape for k, v in out.items()} == {"block2_pool": (1, 16, 16, 128),
                                                      "block1_conv2": (1, 64, 64, 64)}
+
+
+@pytest.mark.parametrize("name", ["test_resnet", "test_efficientnet"])
+def test_every_listed_name_is_an_output(name):
+    x = jax.ShapeDtypeStruct((1, 32, 32, 3), np.float32)
+    names = models.info(name)["features"]
+    module = models.create(name, include_top=False, features=names)
+    variables = jax.eval_shape(module.init, jax.random.key(0), x)
+    out = jax.eval_shape(module.apply, variables, x)
+    assert set(out) == set(names) and all(v.ndim == 4 for v in out.values())
+
+
+def test_an_extractor_inside_a_module_of_yours():
+    """As a submodule (a perceptual loss, a detector's backbone), jitted and called twice."""
+    import flax.linen as nn
+
+    class Perceptual(nn.Module):
+        @nn.compact
+        def __call__(self, a, b):
+            extract = models.create("test_resnet", include_top=False,
+                                    features=["conv2_block1_out", "stage3"])
+            fa, fb = extract(a), extract(b)
+            return sum(((fa[k] - fb[k]) ** 2).mean() for k in fa)
+
+    rng = np.random.default_rng(0)
+    a, b = (rng.normal(size=(2, 32, 32, 3)).astype(np.float32) for _ in range(2))
+    variables = Perceptual().init(jax.random.key(0), a, b)
+    loss = jax.jit(Perceptual().apply)
+    first, again = float(loss(variables, a, b)), float(loss(variables, a, b))
+    assert first == again and first > 0 and float(loss(variables, a, a)) == 0.0
+
+
+def test_load_gives_pretrained_features_offline():
+    module, variables = models.load("efficientnet_lite0", include_top=False,
+                                    features=["block6a_expand_activation", "top_activation"])
+    full, _ = models.load("efficientnet_lite0", include_top=False)
+    from PIL import Image
+    from skimage import data
+
+    cat = np.asarray(Image.fromarray(data.chelsea()).resize((224, 224)))[None]
+    x = models.preprocess("efficientnet_lite0", cat)
+    maps = module.apply(variables, x)
+    assert maps["block6a_expand_activation"].shape == (1, 14, 14, 672)  # before its stride 2
+    np.testing.assert_allclose(np.asarray(maps["top_activation"]),
+                               np.asarray(full.apply(variables, x)), rtol=0, atol=1e-5)
 
 
 def test_info_lists_the_names_in_the_order_computed():

@@ -87,6 +87,20 @@ class Checkpoints:
         self._check_shapes(step, abstract)
         return self.manager.restore(step, args=ocp.args.StandardRestore(abstract))
 
+    def restore_variables(self, step: int, target: Any) -> dict:
+        """Only `{'params', 'batch_stats'}` of the checkpoint at `step`, shaped and placed like
+        `target`: what evaluating or exporting needs, whatever optimizer state (and phase of
+        the run) the checkpoint was written with."""
+        import orbax.checkpoint as ocp
+
+        abstract = jax.tree.map(_abstract, target)
+        self._check_shapes(step, abstract)
+        args = ocp.args.PyTreeRestore(
+            item=abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract),
+            partial_restore=True)
+        return ocp.PyTreeCheckpointer().restore(
+            os.path.join(self.directory, str(step), "default"), args=args)
+
     def _check_shapes(self, step: int, abstract: Any) -> None:
         import orbax.checkpoint as ocp
 

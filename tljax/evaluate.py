@@ -29,9 +29,10 @@ def evaluate(workdir: str, checkpoint: str = "best", split: str = "",
     (default: the run's evaluation split)."""
     import jax
     import ml_collections
+    import numpy as np
 
     from tljax import checkpoint as ckpt_lib
-    from tljax import datasets, freeze, parallel, run, train
+    from tljax import datasets, parallel, run, train
     from tljax import train_step as steps
     from tljax.models import preprocessing, registry
 
@@ -62,20 +63,17 @@ def evaluate(workdir: str, checkpoint: str = "best", split: str = "",
     model = run.build_model(r)
     shapes = jax.eval_shape(model.init, jax.random.key(0),
                             jax.ShapeDtypeStruct((1, r.image_size, r.image_size, 3), "float32"))
-    plan = run.phases(config)  # the checkpoint's optimizer state is its phase's
-    phase = plan[run.phase_of(plan, step)]
-    labels = freeze.resolve(shapes["params"], phase.freeze, registry.family(config.model))
-    tx, _ = run.optimizer(phase, labels)
     mesh = parallel.mesh()
-    abstract = jax.eval_shape(
-        lambda v: steps.create_state(v, tx),
-        {"params": shapes["params"], "batch_stats": shapes.get("batch_stats", {})})
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     abstract = jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), abstract)
-    state = ckpts.restore(step, abstract)
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
+        {"params": shapes["params"], "batch_stats": shapes.get("batch_stats", {})})
+    variables = ckpts.restore_variables(step, abstract)  # no optimizer state: none is needed
+    state = steps.TrainState(step=np.int32(0), params=variables["params"],
+                             batch_stats=variables["batch_stats"], opt_state=())
     prep = preprocessing.FUNCTIONS[registry.spec(config.model).numerics.preprocessing]
-    step_config = steps.StepConfig(model=model, tx=tx, trainable=frozenset(), preprocess=prep)
+    step_config = steps.StepConfig(model=model, tx=None, trainable=frozenset(),
+                                   preprocess=prep)
     eval_fn = parallel.shard_map_eval_step(step_config, mesh)
     global_batch = batch_size or config.eval_batch_size or config.batch_size
     local = parallel.check_batch(global_batch, jax.device_count()) * jax.local_device_count()

@@ -129,8 +129,10 @@ class Phase:
 
 
 def phases(config) -> list[Phase]:
-    """The run's phases: one, or with `config.finetune.steps` two (the head on the frozen
-    backbone for `config.steps`, then `config.finetune.freeze` at its own rate).
+    """The run's phases: one, or with `config.finetune.steps` two: `config.freeze` for
+    `config.steps` (named 'head' when that is the backbone frozen, else 'first'), then
+    `config.finetune.freeze` for `config.finetune.steps` ('finetune') with its own optimizer,
+    rate and BatchNorm mode.
 
     A phase trains on cached features (`tljax.feature_cache`) when its backbone is frozen and
     its images are not augmented: a single-phase probe with augmentation off, or the first
@@ -146,12 +148,13 @@ def phases(config) -> list[Phase]:
         config.cache_features == "auto" and spec == "backbone" and (no_augment or two_phase))
     if not two_phase:
         return [Phase("", 0, config.steps, spec, config.optimizer, "reset", cached)]
+    first = "head" if spec == "backbone" else "first"
     second = ml_collections.ConfigDict(config.optimizer.to_dict())
     second.name = ft.optimizer or config.optimizer.name
     second.learning_rate = ft.learning_rate
     second.warmup_steps = ft.warmup_steps
     ft_spec = ft.freeze if isinstance(ft.freeze, str) else [tuple(x) for x in ft.freeze]
-    return [Phase("head", 0, config.steps, spec, config.optimizer, "reset", cached),
+    return [Phase(first, 0, config.steps, spec, config.optimizer, "reset", cached),
             Phase("finetune", config.steps, config.steps + ft.steps, ft_spec, second,
                   ft.optimizer_state, False, ft.batchnorm == "inference")]
 
@@ -219,9 +222,25 @@ def check_workdir(workdir: str, record: dict) -> None:
             f"resumed by this config. Use a new --workdir, or start from its weights with "
             f"config.init={workdir}"
         )
+    if _boundaries(old) != _boundaries(record):
+        raise RunError(
+            f"{workdir} holds a run whose phases end at steps {_ends(old)}; this config ends "
+            f"them at {_ends(record)}. A checkpoint holds the optimizer state of its phase, so "
+            f"resume with the run's config.steps={old.get('steps')} and config.finetune.steps="
+            f"{(old.get('finetune') or {}).get('steps', 0)}, or use a new --workdir")
     changed = [k for k in record if k not in ("steps",) and old.get(k) != record.get(k)]
     if changed:
         log.warning("resuming %s with changed config fields: %s", workdir, ", ".join(changed))
+
+
+def _ends(record: dict) -> list[int]:
+    """The last step of each phase of a config record (as `phases` makes them)."""
+    first, second = record.get("steps", 0), (record.get("finetune") or {}).get("steps", 0)
+    return [first] + ([first + second] if second else [])
+
+
+def _boundaries(record: dict) -> list[int]:
+    return _ends(record)[:-1]
 
 
 def _git_commit() -> str | None:

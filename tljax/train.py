@@ -102,6 +102,16 @@ def _train_and_evaluate(config, workdir: str, stop: _Stop, t_start: float) -> di
     record = run.config_record(r)
     os.makedirs(workdir, exist_ok=True)
     run.check_workdir(workdir, record)
+    plan = run.phases(c)
+    total = plan[-1].end
+    ckpts = checkpoint.Checkpoints(os.path.join(workdir, "checkpoints"), c.keep_checkpoints)
+    start = ckpts.latest_step() or 0
+    if start > total:
+        ckpts.close()
+        raise run.RunError(
+            f"{workdir} has a checkpoint at step {start}, past this config's {total} steps: "
+            f"evaluate it with `python -m tljax.evaluate --workdir {workdir}`, train on with "
+            f"more steps, or use a new --workdir")
     if primary:
         with open(os.path.join(workdir, "config.json"), "w") as f:
             json.dump(record, f, indent=2, sort_keys=True)
@@ -122,13 +132,9 @@ def _train_and_evaluate(config, workdir: str, stop: _Stop, t_start: float) -> di
     variables = run.initial_variables(r, model)
     family = registry.family(c.model)
     prep = preprocessing.FUNCTIONS[registry.spec(c.model).numerics.preprocessing]
-    plan = run.phases(c)
-    total = plan[-1].end
     all_labels = [freeze.resolve(variables["params"], p.freeze, family) for p in plan]
     _check_carry(plan, all_labels, variables["params"])
     mesh = parallel.mesh()
-    ckpts = checkpoint.Checkpoints(os.path.join(workdir, "checkpoints"), c.keep_checkpoints)
-    start = ckpts.latest_step() or 0
     writer = metrics.Writer(workdir, enabled=primary, resume_step=start)
     pi, pc = jax.process_index(), jax.process_count()
 
@@ -208,8 +214,9 @@ def _train_and_evaluate(config, workdir: str, stop: _Stop, t_start: float) -> di
                     log.info("resuming from %s/%d", ckpts.directory, start)
                     state = ckpts.restore(start, state)
             elif phase.optimizer_state == "reset":
-                state = state.replace(opt_state=parallel.put_replicated(
-                    tx.init(jax.device_get(state.params)), mesh))
+                replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+                state = state.replace(opt_state=jax.jit(tx.init, out_shardings=replicated)(
+                    state.params))
             train_fn, eval_fn = step_functions(phase, labels, tx)
             final = (phase, eval_fn)
             if step >= phase.end:  # resumed at this phase's last step: on to the next
@@ -254,6 +261,8 @@ def _train_and_evaluate(config, workdir: str, stop: _Stop, t_start: float) -> di
                     break
             if preempted:
                 break
+            if phase.cached and not any(p.cached for p in plan[i + 1:]):
+                cache.clear()  # the features of a large dataset take gigabytes of host memory
     finally:
         bar.close()
         ckpts.close()
@@ -265,9 +274,12 @@ def _train_and_evaluate(config, workdir: str, stop: _Stop, t_start: float) -> di
 
     if not last_eval:  # resumed a finished run: evaluate what it ended with
         last_eval = evaluate(*final, state)
+    freezes = [p.freeze if isinstance(p.freeze, str) else "custom" for p in plan]
     summary = {
-        "model": c.model, "dataset": r.source.name, "init": c.init, "freeze": c.freeze
-        if isinstance(c.freeze, str) else "custom", "steps": total,
+        "model": c.model, "dataset": r.source.name, "init": c.init, "freeze": freezes[0],
+        "recipe": ", then ".join(f"freeze={f} for {p.steps} steps"
+                                 for f, p in zip(freezes, plan, strict=True)),
+        "steps": total,
         "top1": last_eval["eval/top1"], "top5": last_eval["eval/top5"],
         "eval_split": r.eval_split, "best_step": ckpts.best_step(),
         "wall_seconds": round(time.time() - t_start, 1), "workdir": workdir,
@@ -278,10 +290,8 @@ def _train_and_evaluate(config, workdir: str, stop: _Stop, t_start: float) -> di
             summary["phases"] = {
                 ends[m["step"]]: {"end_step": m["step"], "top1": m["eval/top1"]}
                 for m in metrics.read(workdir) if m.get("step") in ends and "eval/top1" in m}
-        recipe = ", then ".join(f"{p.freeze} {p.steps} steps" for p in plan) \
-            if len(plan) > 1 else f"freeze={summary['freeze']}"
         summary["plot"] = metrics.plot(workdir, f"{c.model} on {r.source.name} ({c.init}, "
-                                       f"{recipe})", [p.end for p in plan[:-1]])
+                                       f"{summary['recipe']})", [p.end for p in plan[:-1]])
         with open(os.path.join(workdir, "summary.json"), "w") as f:
             json.dump(summary, f, indent=2)
     return summary
@@ -391,8 +401,8 @@ def main(argv=None) -> int:
         if jax.process_index() == 0:
             phases = "".join(f"; after {name} ({p['end_step']} steps) {p['top1']:.4f}"
                              for name, p in summary.get("phases", {}).items())
-            print(f"{summary['model']} on {summary['dataset']} ({summary['init']}, freeze="
-                  f"{summary['freeze']}): {summary['eval_split']} top-1 {summary['top1']:.4f}, "
+            print(f"{summary['model']} on {summary['dataset']} ({summary['init']}, "
+                  f"{summary['recipe']}): {summary['eval_split']} top-1 {summary['top1']:.4f}, "
                   f"top-5 {summary['top5']:.4f} after {summary['steps']} steps in "
                   f"{summary['wall_seconds'] / 60:.1f} min{phases}; curves: {summary['plot']}")
         return 0

@@ -145,6 +145,7 @@ class MBConv(nn.Module):
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
     numerics: layers.Numerics = NUMERICS
+    keras_prefix: str = ""  # `block6a_`: its layers' Keras names, for `features=`
 
     def _frozen(self, train) -> bool:
         """Whether every BatchNorm layer of this block is in the frozen part of the network."""
@@ -163,14 +164,14 @@ class MBConv(nn.Module):
         act = self.activation
         filters = self.filters_in * self.expand_ratio
         x = inputs
-        prefix = keras_name(self.path[-2:] + ("",))
+        prefix = self.keras_prefix
         if self.expand_ratio != 1:
             x = layers.conv_norm(conv(filters, (1, 1), name="expand_conv"),
                                norm("expand_bn", activation=act), x)
-            x = tap(prefix + "expand_activation", x)
+            x = tap(prefix and prefix + "expand_activation", x)
         x = layers.DepthwiseConv(self.kernel, self.stride, self.dtype, self.param_dtype,
                                  name="dwconv")(x)
-        x = tap(prefix + "activation", norm("bn", activation=act)(x))
+        x = tap(prefix and prefix + "activation", norm("bn", activation=act)(x))
         if 0 < self.se_ratio <= 1:
             filters_se = max(1, int(self.filters_in * self.se_ratio))
             se = jnp.mean(x, axis=(1, 2), keepdims=True)
@@ -190,8 +191,8 @@ class MBConv(nn.Module):
                 # `base_model(x, training=False)`): no stochastic depth there.
                 x = layers.Dropout(self.drop_rate, broadcast_dims=(1, 2, 3), name="drop")(
                     x, train, deterministic=self._frozen(train))
-            return tap(prefix + "add", x + inputs)
-        return tap(prefix + "project_bn", x)
+            return tap(prefix and prefix + "add", x + inputs)
+        return tap(prefix and prefix + "project_bn", x)
 
 
 class ConvBNAct(nn.Module):
@@ -232,6 +233,7 @@ class Stage(nn.Module):
     numerics: layers.Numerics
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
+    index: int = 0  # its number in the network (Keras's block{index}{a, b, ...} names)
 
     @nn.compact
     def __call__(self, x, train: bool = False):
@@ -249,6 +251,7 @@ class Stage(nn.Module):
                 numerics=self.numerics,
                 dtype=self.dtype,
                 param_dtype=self.param_dtype,
+                keras_prefix=f"block{self.index}{chr(97 + j)}_" if self.index else "",
                 name=f"block{j + 1}",
             )(x, train)
         return x
@@ -304,7 +307,7 @@ class EfficientNet(nn.Module):
         for i, (args, repeats) in enumerate(stages, start=1):
             # Keras: block number b of all blocks gets drop_connect_rate * b / total.
             rates = tuple(self.drop_connect_rate * (b + j) / total for j in range(repeats))
-            x = Stage(args, repeats, rates, name=f"stage{i}", **kw)(x, train)
+            x = Stage(args, repeats, rates, index=i, name=f"stage{i}", **kw)(x, train)
             b += repeats
         x = ConvBNAct(top_width, 1, 1, name="top", **kw)(x, train)
         if not self.include_top:

@@ -7,9 +7,13 @@ module. `available(module)` lists them in the order the network computes them, w
 `tljax.models.info(name)["features"]` shows.
 
 `Features(model, names).apply(variables, images)` returns `{name: NHWC array}`. It shares the
-model's scope, so the variables are the model's own (a converted or pretrained directory as
-it is), and it stops the forward pass once the last requested output is computed: the layers
-after it are neither run nor, at `init`, created.
+model's scope, so the variables are the model's own (`init` creates all of them; a converted
+or pretrained directory fits as it is), and `apply` stops the forward pass once the last
+requested output is computed: the layers after it are not run, or traced.
+
+It stops by raising an exception from inside the model, which Flax's own interceptor stack and
+module state unwind; an interceptor of yours around `apply` should restore its state in a
+`finally`.
 """
 
 from __future__ import annotations
@@ -31,8 +35,9 @@ class Tap(nn.Module):
 
 
 def tap(name: str, x):
-    """Mark `x` as the output of Keras layer `name` (call inside a compact method)."""
-    return Tap(name=name)(x)
+    """Mark `x` as the output of Keras layer `name` (call inside a compact method); an empty
+    name marks nothing (a block built on its own, outside a network, has no Keras name)."""
+    return Tap(name=name)(x) if name else x
 
 
 def _key(context, depth: int) -> str | None:
@@ -61,13 +66,14 @@ class Features(nn.Module):
 
     def __call__(self, x, train=False) -> dict[str, jax.Array]:
         wanted, found = set(self.names), {}
+        stop = not self.is_initializing()  # `init` builds every variable of the model
 
         def grab(next_fun, args, kwargs, context):
             out = next_fun(*args, **kwargs)
             key = _key(context, len(self.path))
             if key in wanted and key not in found:
                 found[key] = out
-                if len(found) == len(wanted):
+                if stop and len(found) == len(wanted):
                     raise _Enough
             return out
 

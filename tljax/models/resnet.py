@@ -138,6 +138,7 @@ class Stage(nn.Module):
     preact: bool
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
+    index: int = 0  # its number in the network: Keras names its blocks conv{index + 1}_...
 
     @nn.compact
     def __call__(self, x, train: bool = False):
@@ -150,7 +151,7 @@ class Stage(nn.Module):
             else:
                 stride = self.stride if b == 1 else 1
                 block = BottleneckV1(self.filters, stride, b == 1, name=f"block{b}", **kw)
-            x = tap(f"conv{int(self.name[5:]) + 1}_block{b}_out", block(x, train))
+            x = tap(f"conv{self.index + 1}_block{b}_out" if self.index else "", block(x, train))
         return x
 
 
@@ -179,7 +180,7 @@ class ResNet(nn.Module):
                 stride = 1 if s == last else 2  # v2: no stride in the last stage
             else:
                 stride = 1 if s == 1 else 2  # v1: no stride in the first stage
-            x = Stage(n, width, stride, self.preact, name=f"stage{s}", **kw)(x, train)
+            x = Stage(n, width, stride, self.preact, index=s, name=f"stage{s}", **kw)(x, train)
         if self.preact:
             x = layers.batch_norm(NUMERICS_V2, train, name="post_bn", activation=nn.relu, **kw)(x)
             x = tap("post_relu", x)
