@@ -10,6 +10,10 @@ if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                                " --xla_force_host_platform_device_count=8").strip()
 
+# Object storage tests (tests/gcs.py): gcsfs reads this when imported, and without it each of
+# its calls first asks a control-plane API that the emulator does not serve.
+os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
+
 import pytest  # noqa: E402
 
 
@@ -56,3 +60,31 @@ def _paths() -> str:
                 + " the AVX-512 direct convolution and product")
     flags = os.environ.get("XLA_FLAGS", "")
     return f"tljax: CPU {build.cpu_isa()}; kernels {path}; XLA_FLAGS={flags!r}"
+
+
+@pytest.fixture(scope="module")
+def gcs_server(tmp_path_factory):
+    """A Google Cloud Storage emulator on 127.0.0.1 (tests/gcs.py), per module and worker."""
+    from gcs import Server
+
+    with Server(str(tmp_path_factory.mktemp("gcs_seed"))) as url:
+        yield url
+
+
+@pytest.fixture
+def gcs(gcs_server, monkeypatch):
+    """`gs://BUCKET` of the emulator, with every client of this process pointed at it."""
+    import gcsfs
+    from etils.epath import gpath
+    from gcs import BUCKET, environment
+
+    def forget():
+        gcsfs.GCSFileSystem.clear_instance_cache()  # a client made for another emulator
+        gpath._is_tf_installed.cache_clear()  # etils decides on EPATH_USE_TF once, and caches
+
+    for k, v in environment(gcs_server).items():
+        monkeypatch.setenv(k, v)
+    forget()
+    yield f"gs://{BUCKET}"
+    monkeypatch.undo()
+    forget()

@@ -12,11 +12,12 @@ The state is replicated over the devices, so a checkpoint is independent of the 
 from __future__ import annotations
 
 import logging
-import os
 from typing import Any
 
 import jax
 import numpy as np
+
+from tljax import storage
 
 log = logging.getLogger("tljax.checkpoint")
 
@@ -37,7 +38,7 @@ class Checkpoints:
         import orbax.checkpoint as ocp
         from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
 
-        self.directory = os.path.abspath(directory)
+        self.directory = storage.absolute(directory)
         self.best_metric = best_metric
         policy = pp.AnyPreservationPolicy([
             pp.LatestN(n=keep),
@@ -99,13 +100,13 @@ class Checkpoints:
             item=abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract),
             partial_restore=True)
         return ocp.PyTreeCheckpointer().restore(
-            os.path.join(self.directory, str(step), "default"), args=args)
+            storage.join(self.directory, str(step), "default"), args=args)
 
     def _check_shapes(self, step: int, abstract: Any) -> None:
         import orbax.checkpoint as ocp
 
         meta = ocp.StandardCheckpointer().metadata(
-            os.path.join(self.directory, str(step), "default")).item_metadata
+            storage.join(self.directory, str(step), "default")).item_metadata
         saved, wanted = {}, {}
         for part in ("params", "batch_stats"):
             saved.update(_shapes(_get(meta, part), part))
@@ -132,7 +133,7 @@ def restore_numpy(step_dir: str) -> dict:
     whatever devices it was saved from."""
     import orbax.checkpoint as ocp
 
-    path = os.path.join(step_dir, "default")
+    path = storage.join(step_dir, "default")
     checkpointer = ocp.StandardCheckpointer()
     meta = checkpointer.metadata(path).item_metadata
     tree = meta.tree if hasattr(meta, "tree") else meta

@@ -17,7 +17,6 @@ if __name__ == "__main__":  # the program's allocator policy, before any thread 
 import argparse
 import json
 import logging
-import os
 import sys
 
 log = logging.getLogger("tljax.evaluate")
@@ -32,17 +31,16 @@ def evaluate(workdir: str, checkpoint: str = "best", split: str = "",
     import numpy as np
 
     from tljax import checkpoint as ckpt_lib
-    from tljax import datasets, parallel, run, train
+    from tljax import datasets, parallel, run, storage, train
     from tljax import train_step as steps
     from tljax.models import preprocessing, registry
 
-    path = os.path.join(workdir, "config.json")
-    if not os.path.exists(path):
+    path = storage.join(workdir, "config.json")
+    if not storage.exists(path):
         raise run.RunError(f"{workdir} is not a training workdir: config.json is missing")
-    with open(path) as f:
-        record = json.load(f)
+    record = json.loads(storage.read_text(path))
     config = ml_collections.ConfigDict(record)
-    ckpts = ckpt_lib.Checkpoints(os.path.join(workdir, "checkpoints"), asynchronous=False)
+    ckpts = ckpt_lib.Checkpoints(storage.join(workdir, "checkpoints"), asynchronous=False)
     if checkpoint == "best":
         step = ckpts.best_step() or ckpts.latest_step()
     elif checkpoint == "latest":
@@ -104,6 +102,8 @@ def main(argv=None) -> int:
                         datefmt="%H:%M:%S")
     for noisy in ("absl", "orbax", "jax._src", "tensorflow"):  # their warnings are not ours
         logging.getLogger(noisy).setLevel(logging.ERROR)
+    for chatty in ("fsspec", "gcsfs", "google"):  # object storage clients: progress at INFO
+        logging.getLogger(chatty).setLevel(logging.WARNING)
     from tljax import checkpoint, datasets, run
 
     try:

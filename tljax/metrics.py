@@ -10,10 +10,17 @@ Only process 0 writes.
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
+import socket
+import time
 from collections.abc import Sequence
+
+from tensorboard.summary.writer.record_writer import RecordWriter
+
+from tljax import storage
 
 log = logging.getLogger("tljax.metrics")
 
@@ -22,55 +29,60 @@ PLOT = "curves.png"
 
 
 class Writer:
-    """Writes scalars to `metrics.jsonl` and TensorBoard (a no-op when not `enabled`)."""
+    """Writes scalars to `metrics.jsonl` and TensorBoard event files (a no-op when not
+    `enabled`), in a local or `gs://` workdir (`tljax.storage`)."""
 
     def __init__(self, workdir: str, enabled: bool = True, resume_step: int = 0):
         self.enabled = enabled
-        self.path = os.path.join(workdir, JSONL)
-        self._tb = None
+        self._jsonl = self._events = None
         if not enabled:
             return
-        records = read(workdir)
-        with open(self.path, "w") as f:
-            for r in records:
-                if r["step"] <= resume_step:
-                    f.write(json.dumps(r) + "\n")
-        import tensorflow as tf
+        kept = "".join(json.dumps(r) + "\n" for r in read(workdir) if r["step"] <= resume_step)
+        self._jsonl = storage.Appender(storage.join(workdir, JSONL), kept.encode())
+        events = storage.join(workdir, "tensorboard")
+        storage.makedirs(events)
+        name = (f"events.out.tfevents.{int(time.time())}.{socket.gethostname()}."
+                f"{os.getpid()}.tljax")
+        self._events = RecordWriter(storage.Appender(storage.join(events, name)))
+        self._event(file_version="brain.Event:2")
 
-        self._tb = tf.summary.create_file_writer(os.path.join(workdir, "tensorboard"))
+    def _event(self, **fields) -> None:
+        from tensorboard.compat.proto import event_pb2
+
+        event = event_pb2.Event(wall_time=time.time(), **fields)
+        self._events.write(event.SerializeToString())
+        self._events.flush()
 
     def write(self, step: int, scalars: dict) -> None:
         if not self.enabled:
             return
-        scalars = {k: float(v) for k, v in scalars.items()}
-        with open(self.path, "a") as f:
-            f.write(json.dumps({"step": int(step), **scalars}) + "\n")
-        import tensorflow as tf
+        from tensorboard.compat.proto import summary_pb2
 
-        with self._tb.as_default(step=int(step)):
-            for k, v in scalars.items():
-                tf.summary.scalar(k, v)
-        self._tb.flush()
+        scalars = {k: float(v) for k, v in scalars.items()}
+        self._jsonl.write((json.dumps({"step": int(step), **scalars}) + "\n").encode())
+        self._jsonl.flush()
+        self._event(step=int(step), summary=summary_pb2.Summary(value=[
+            summary_pb2.Summary.Value(tag=k, simple_value=v) for k, v in scalars.items()]))
 
     def close(self) -> None:
-        if self._tb is not None:
-            self._tb.close()
+        if self._events is not None:
+            self._events.close()
+            self._jsonl.close()
 
 
 def read(workdir: str) -> list[dict]:
     """The records of `WORKDIR/metrics.jsonl` (empty when there is none)."""
-    path = os.path.join(workdir, JSONL)
-    if not os.path.exists(path):
+    path = storage.join(workdir, JSONL)
+    if not storage.exists(path):
         return []
     records = []
-    with open(path) as f:
-        for line in f:
-            line = line.strip()
-            if line:
-                try:
-                    records.append(json.loads(line))
-                except json.JSONDecodeError:  # a line cut by a kill: the rest is still good
-                    log.warning("%s: skipping an unreadable line", path)
+    for line in storage.read_text(path).splitlines():
+        line = line.strip()
+        if line:
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:  # a line cut by a kill: the rest is still good
+                log.warning("%s: skipping an unreadable line", path)
     return records
 
 
@@ -107,7 +119,9 @@ def plot(workdir: str, title: str = "", phase_ends: Sequence[int] = ()) -> str:
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    path = os.path.join(workdir, PLOT)
-    fig.savefig(path, dpi=100)
+    path = storage.join(workdir, PLOT)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100)
     plt.close(fig)
+    storage.write_bytes(path, buffer.getvalue())
     return path

@@ -15,6 +15,8 @@ import sys
 import time
 from typing import Any
 
+from tljax import storage
+
 log = logging.getLogger("tljax.run")
 
 # The training stream's definition (`tljax.datasets.pipeline`): recorded in config.json, so
@@ -49,8 +51,15 @@ def resolve(config) -> Resolved:
     from tljax.models import registry
 
     spec = registry.spec(config.model)  # an unknown model names the closest ones
-    if config.init not in ("imagenet", "scratch") and not os.path.exists(
-            os.path.expanduser(config.init)):
+    for field, value in (("init", config.init), ("data_dir", config.data_dir),
+                         ("dataset", config.dataset.removeprefix("folder:"))):
+        if storage.is_remote(value):
+            raise RunError(
+                f"config.{field}={value!r}: tljax reads weights and data from local paths only "
+                f"for now (the workdir may be in object storage). Copy it to this host's disk "
+                f"(`gcloud storage cp -r {value} DIR`) or mount the bucket with gcsfuse, and "
+                f"pass the local path")
+    if config.init not in ("imagenet", "scratch") and not storage.exists(config.init):
         raise RunError(f"config.init={config.init!r}: not 'imagenet', 'scratch' or an "
                        f"existing path")
     if config.dtype not in ("float32", "bfloat16"):
@@ -209,11 +218,10 @@ def config_record(r: Resolved) -> dict:
 
 def check_workdir(workdir: str, record: dict) -> None:
     """Refuse to resume a workdir whose run has other shapes (model, classes, size, dtype)."""
-    path = os.path.join(workdir, "config.json")
-    if not os.path.exists(path):
+    path = storage.join(workdir, "config.json")
+    if not storage.exists(path):
         return
-    with open(path) as f:
-        old = json.load(f)
+    old = json.loads(storage.read_text(path))
     diff = [k for k in SHAPE_FIELDS if old.get(k) != record.get(k)]
     if diff:
         changes = ", ".join(f"{k}: {old.get(k)!r} -> {record.get(k)!r}" for k in diff)

@@ -85,11 +85,11 @@ def _train_and_evaluate(config, workdir: str, stop: _Stop, t_start: float) -> di
     import jax
     from tqdm import tqdm
 
-    from tljax import checkpoint, datasets, feature_cache, freeze, metrics, parallel
+    from tljax import checkpoint, datasets, feature_cache, freeze, metrics, parallel, storage
     from tljax import train_step as steps
     from tljax.models import preprocessing, registry
 
-    workdir = os.path.abspath(workdir)
+    workdir = storage.absolute(workdir)
     primary = jax.process_index() == 0
     if config.compilation_cache:
         from tljax.weights.fetch import cache_dir
@@ -100,11 +100,11 @@ def _train_and_evaluate(config, workdir: str, stop: _Stop, t_start: float) -> di
     r = run.resolve(config)
     c = r.config
     record = run.config_record(r)
-    os.makedirs(workdir, exist_ok=True)
+    storage.makedirs(workdir)
     run.check_workdir(workdir, record)
     plan = run.phases(c)
     total = plan[-1].end
-    ckpts = checkpoint.Checkpoints(os.path.join(workdir, "checkpoints"), c.keep_checkpoints)
+    ckpts = checkpoint.Checkpoints(storage.join(workdir, "checkpoints"), c.keep_checkpoints)
     start = ckpts.latest_step() or 0
     if start > total:
         ckpts.close()
@@ -113,10 +113,10 @@ def _train_and_evaluate(config, workdir: str, stop: _Stop, t_start: float) -> di
             f"evaluate it with `python -m tljax.evaluate --workdir {workdir}`, train on with "
             f"more steps, or use a new --workdir")
     if primary:
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            json.dump(record, f, indent=2, sort_keys=True)
-        with open(os.path.join(workdir, "run.json"), "w") as f:
-            json.dump(run.run_record(), f, indent=2)
+        storage.write_text(storage.join(workdir, "config.json"),
+                           json.dumps(record, indent=2, sort_keys=True))
+        storage.write_text(storage.join(workdir, "run.json"),
+                           json.dumps(run.run_record(), indent=2))
 
     devices = jax.device_count()
     local_batch = parallel.check_batch(c.batch_size, devices) * jax.local_device_count()
@@ -292,8 +292,7 @@ def _train_and_evaluate(config, workdir: str, stop: _Stop, t_start: float) -> di
                 for m in metrics.read(workdir) if m.get("step") in ends and "eval/top1" in m}
         summary["plot"] = metrics.plot(workdir, f"{c.model} on {r.source.name} ({c.init}, "
                                        f"{summary['recipe']})", [p.end for p in plan[:-1]])
-        with open(os.path.join(workdir, "summary.json"), "w") as f:
-            json.dump(summary, f, indent=2)
+        storage.write_text(storage.join(workdir, "summary.json"), json.dumps(summary, indent=2))
     return summary
 
 
@@ -379,6 +378,8 @@ def main(argv=None) -> int:
                             datefmt="%H:%M:%S", force=True)
         for noisy in ("absl", "orbax", "jax._src", "tensorflow"):  # their warnings are not ours
             logging.getLogger(noisy).setLevel(logging.ERROR)
+        for chatty in ("fsspec", "gcsfs", "google"):  # object storage clients: progress at INFO
+            logging.getLogger(chatty).setLevel(logging.WARNING)
         if flags_.distributed:
             # Cross-process collectives for CPU devices (ignored by GPU and TPU clients).
             jax.config.update("jax_cpu_collectives_implementation", "gloo")
