@@ -74,12 +74,11 @@ def gcs_server(tmp_path_factory):
 @pytest.fixture
 def gcs(gcs_server, monkeypatch):
     """`gs://BUCKET` of the emulator, with every client of this process pointed at it."""
-    import gcsfs
     from etils.epath import gpath
-    from gcs import BUCKET, environment
+    from gcs import BUCKET, environment, forget_listings
 
     def forget():
-        gcsfs.GCSFileSystem.clear_instance_cache()  # a client made for another emulator
+        forget_listings()  # clients made for another emulator
         gpath._is_tf_installed.cache_clear()  # etils decides on EPATH_USE_TF once, and caches
 
     for k, v in environment(gcs_server).items():

@@ -36,12 +36,14 @@ def environment(url: str) -> dict[str, str]:
 
 
 def forget_listings() -> None:
-    """Drop the listings this process's gcsfs clients cached (etils holds on to its client):
-    another process has written to the bucket since."""
+    """Drop this process's gcsfs clients, and with them the listings they cached: another
+    process has written to the bucket since, or an earlier test used another emulator. etils
+    keeps a client of its own besides fsspec's instance cache."""
     import gcsfs
+    from etils.epath import backend
 
-    for fs in list(gcsfs.GCSFileSystem._cache.values()):
-        fs.invalidate_cache()
+    gcsfs.GCSFileSystem.clear_instance_cache()
+    backend._FileSystemSpecBackend._get_filesystem.cache_clear()
 
 
 def binary() -> str:

@@ -9,6 +9,8 @@ import pytest
 
 from tljax import storage
 
+pytestmark = pytest.mark.xdist_group("gcs")  # one worker, one emulator, in any test order
+
 
 def test_files_round_trip_and_appends_rewrite_the_object(gcs):
     base = storage.join(gcs, "run")

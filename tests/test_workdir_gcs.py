@@ -16,7 +16,7 @@ from test_train import STEPS, final_params, run_cli, tiny_args, tiny_config, wai
 
 from tljax import storage
 
-pytestmark = pytest.mark.xdist_group("workdir_gcs")
+pytestmark = pytest.mark.xdist_group("gcs")  # as tests/test_storage.py: the same worker
 
 
 def bucket_checkpoints(workdir: str) -> list[int]:
