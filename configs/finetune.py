@@ -145,5 +145,5 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.keep_checkpoints = 3  # most recent checkpoints kept, besides the best by eval top-1
     c.cache_features = "auto"  # 'auto': linear probing on cached features when freeze=backbone
     #                            and no augmentation; 'on' requires it, 'off' never
-    c.compilation_cache = True  # persistent XLA cache in $TLJAX_CACHE/xla (faster restarts)
+    c.compilation_cache = True  # persistent XLA cache in storage.local_cache()/xla (restarts)
     return c

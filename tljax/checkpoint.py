@@ -128,6 +128,13 @@ class Checkpoints:
         self.manager.close()
 
 
+def steps_in(directory: str) -> list[int]:
+    """The complete checkpoint steps under `directory` (a workdir's `checkpoints/`), sorted."""
+    import orbax.checkpoint as ocp
+
+    return sorted(ocp.utils.checkpoint_steps(storage.path(directory)))
+
+
 def restore_numpy(step_dir: str) -> dict:
     """The tree in a checkpoint step directory (`.../checkpoints/<step>`) as host numpy arrays,
     whatever devices it was saved from."""

@@ -19,7 +19,6 @@ in the style of big_vision's `dont_load=['head/.*']`.
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Mapping
 
 import numpy as np
@@ -97,16 +96,16 @@ def imagenet_weights(model: str, num_classes: int, include_top: bool = True) -> 
 def read(init: str, model: str, num_classes: int,
          include_top: bool = True) -> tuple[dict, str]:
     """`(variables, description)` of pretrained weights `init` for `model`."""
-    from tljax import weights
+    from tljax import storage, weights
 
     if init == "imagenet":
         path = imagenet_weights(model, num_classes, include_top)
     else:
-        path = os.path.abspath(os.path.expanduser(init))
-    if not os.path.exists(path):
+        path = storage.absolute(init)
+    if not storage.exists(path):
         raise InitError(f"init={init!r}: {path} does not exist; init is 'imagenet', 'scratch', "
                         f"a converted weights directory or a training workdir/checkpoint")
-    if os.path.exists(os.path.join(path, weights.store.RECORD)):
+    if storage.exists(storage.join(path, weights.store.RECORD)):
         record = weights.record(path)
         if record.get("model") != model:
             raise InitError(
@@ -118,17 +117,16 @@ def read(init: str, model: str, num_classes: int,
 
 
 def _from_training_checkpoint(path: str) -> dict:
-    from tljax import checkpoint
+    from tljax import checkpoint, storage
 
     step_dir = path
-    ckpts = os.path.join(path, "checkpoints")
-    if os.path.isdir(ckpts):  # a workdir: its latest checkpoint
-        steps = sorted(int(d) for d in os.listdir(ckpts) if d.isdigit())
+    ckpts = storage.join(path, "checkpoints")
+    if storage.exists(ckpts):  # a workdir: its latest checkpoint
+        steps = checkpoint.steps_in(ckpts)
         if not steps:
             raise InitError(f"init={path}: the workdir has no checkpoint yet")
-        step_dir = os.path.join(ckpts, str(steps[-1]))
-    item = os.path.join(step_dir, "default")
-    if not os.path.isdir(item):
+        step_dir = storage.join(ckpts, str(steps[-1]))
+    if not storage.exists(storage.join(step_dir, "default")):
         raise InitError(
             f"init={path} is neither a converted weights directory (no tljax_weights.json) nor "
             f"a training workdir or checkpoint step directory"

