@@ -88,6 +88,22 @@ def logged_steps(workdir: str) -> list[int]:
     return [r["step"] for r in metrics.read(workdir) if "train/loss" in r]
 
 
+def kill_after_first_checkpoint(procs, workdir: str, listing=checkpoints,
+                                logged: int = 0) -> list[int]:
+    """SIGKILL every process of a run once `listing(workdir)` shows a checkpoint and step
+    `logged` is in its metrics; the checkpoints then there (the run had not finished)."""
+    try:
+        wait_for(lambda: listing(workdir) and max(logged_steps(workdir) or [0]) >= logged,
+                 procs[0], what="the first checkpoint")
+    finally:
+        for p in procs:  # never leave one behind, whatever happened
+            p.send_signal(signal.SIGKILL)
+            p.wait()
+    first = listing(workdir)
+    assert first and max(first) < STEPS
+    return first
+
+
 @pytest.fixture(scope="module")
 def reference_run(data_dir, tmp_path_factory):
     """An uninterrupted run, in this process (8 CPU devices)."""
@@ -137,13 +153,7 @@ def test_killed_and_preempted_run_resumes_to_the_same_parameters(reference_run, 
     workdir = str(tmp_path / "interrupted")
     args = tiny_args(data_dir) + [f"--workdir={workdir}"]
 
-    proc = run_cli(args, wait=False)
-    wait_for(lambda: checkpoints(workdir) and max(logged_steps(workdir) or [0]) >= 5, proc,
-             what="the first checkpoint")
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    first = checkpoints(workdir)
-    assert first and max(first) < STEPS
+    first = kill_after_first_checkpoint([run_cli(args, wait=False)], workdir, logged=5)
 
     proc = run_cli(args, wait=False)
     # The restarted run first drops the records after its checkpoint, then logs anew.

@@ -6,13 +6,19 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 
 import numpy as np
 import pytest
 from gcs import environment, forget_listings
 from processes import CONFIG, ROOT, config_module
-from test_train import STEPS, final_params, run_cli, tiny_args, tiny_config, wait_for
+from test_train import (
+    STEPS,
+    final_params,
+    kill_after_first_checkpoint,
+    run_cli,
+    tiny_args,
+    tiny_config,
+)
 
 from tljax import storage
 
@@ -38,14 +44,8 @@ def test_killed_run_resumes_from_the_bucket(gcs, gcs_server, data_dir, tmp_path)
     workdir = storage.join(gcs, "runs", "killed")
     args = tiny_args(data_dir) + [f"--workdir={workdir}"]
     env = environment(gcs_server)
-    proc = run_cli(args, env_extra=env, wait=False)
-    wait_for(lambda: bucket_checkpoints(workdir) and max(
-        [r["step"] for r in metrics.read(workdir) if "train/loss" in r] or [0]) >= 5, proc,
-        what="the first checkpoint in the bucket")
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    first = bucket_checkpoints(workdir)
-    assert first and max(first) < STEPS
+    first = kill_after_first_checkpoint([run_cli(args, env_extra=env, wait=False)], workdir,
+                                        bucket_checkpoints, logged=5)
 
     done = run_cli(args, env_extra=env)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
@@ -165,15 +165,7 @@ def test_two_hosts_that_share_only_the_bucket(gcs, gcs_server, tmp_path):
                 stderr=subprocess.STDOUT, text=True))
         return procs
 
-    procs = start()
-    try:
-        wait_for(lambda: bucket_checkpoints(workdir), procs[0], what="the first checkpoint")
-    finally:
-        for p in procs:
-            p.send_signal(signal.SIGKILL)
-            p.wait()
-    first = bucket_checkpoints(workdir)
-    assert first and max(first) < STEPS
+    first = kill_after_first_checkpoint(start(), workdir, bucket_checkpoints)
     logs = finish(start())
     assert f"resuming from {workdir}/checkpoints/{max(first)}" in logs[0]
     assert "8 device(s) in 2 process(es)" in logs[0]

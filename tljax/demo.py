@@ -52,8 +52,11 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     ckpt = bundled_lite0(args.cache)
     print(f"EfficientNet-Lite0 (ImageNet) checkpoint: {ckpt}")
+    from tljax import storage
+
+    scratch = storage.local_cache() if storage.is_remote(args.cache) else args.cache
     return predict_main(["--model", "efficientnet_lite0", "--weights", ckpt,
-                         "--top", str(args.top), *photos(args.cache)])
+                         "--top", str(args.top), *photos(scratch)])
 
 
 if __name__ == "__main__":
