@@ -88,7 +88,8 @@ def test_a_listing_gives_every_file_and_its_size(gcs, tmp_path):
         (tmp_path / rel).write_bytes(data)
     expected = {"a/1.jpg": 1, "a/b/2.png": 2, "c.txt": 3}
     assert storage.files(root) == expected and storage.files(str(tmp_path)) == expected
-    assert storage.listdir(root) == ["a", "c.txt"] and storage.is_dir(storage.join(root, "a"))
+    assert storage.files(root, max_depth=1) == {"a/1.jpg": 1, "c.txt": 3}
+    assert storage.files(str(tmp_path), max_depth=1) == {"a/1.jpg": 1, "c.txt": 3}
     storage.rmtree(storage.join(root, "a"))
     forget_listings()
     assert storage.files(root) == {"c.txt": 3}
@@ -143,12 +144,43 @@ def test_a_cache_in_the_bucket_holds_the_converted_weights(gcs, monkeypatch, tmp
     assert storage.read_text(storage.join(out, weights.store.RECORD)) == stamp
 
 
-def test_folders_of_images_in_the_bucket(gcs, tmp_path):
+def test_hosts_sharing_a_cache_in_the_bucket_convert_once(gcs, gcs_server, tmp_path):
+    """Two processes, each with its own home, `$TLJAX_CACHE` in the bucket: process 0 converts
+    the ImageNet weights there while the other waits, then both read them."""
+    import subprocess
+    import sys
+
+    from gcs import environment
+    from processes import ROOT, finish, free_port
+
+    port = free_port()
+    procs = []
+    for i in range(2):
+        home = tmp_path / f"host{i}"
+        home.mkdir()
+        env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "TLJAX_CACHE")}
+        env.update(environment(gcs_server), HOME=str(home), TMPDIR=str(home),
+                   TLJAX_CACHE=storage.join(gcs, "shared_cache"))
+        procs.append(subprocess.Popen(
+            [sys.executable, os.path.join(ROOT, "tests", "convert_worker.py"), str(i), "2",
+             str(port)], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            text=True))
+    logs = finish(procs, timeout=300)
+    where = f"{gcs}/shared_cache/weights/efficientnet_lite0"
+    assert "converted once, by process 0" in logs[0]
+    assert "converting" in logs[0] and "converting" not in logs[1]
+    for i, log in enumerate(logs):
+        assert f"process {i} read " in log and f"arrays from {where}" in log, log[-2000:]
+
+
+def test_folders_of_images_in_the_bucket(gcs, tmp_path, monkeypatch):
     """`folder:gs://...` lists the bucket once and gives the same examples as the same folder
     on disk: read into memory, or (over the budget) copied once to a local ArrayRecord file."""
     import tensorflow as tf
 
     from tljax import datasets
+
+    monkeypatch.setenv("TLJAX_CACHE", str(tmp_path / "cache"))
 
     local = tmp_path / "images"
     rng = np.random.default_rng(0)
@@ -169,13 +201,50 @@ def test_folders_of_images_in_the_bucket(gcs, tmp_path):
         ra, rb = a.records("train", budget), b.records("train", budget)
         assert rb.n == ra.n == 11
         if budget == 0:
-            assert "ArrayRecord copy" in rb.where and str(tmp_path) not in rb.where
+            copy = rb.where.split("ArrayRecord copy in ")[1].rstrip(")")
+            assert copy.startswith(storage.local_cache()) and os.path.isfile(copy)
         for i in range(ra.n):
             xa, ya = ra.lookup(tf.constant(i, tf.int64))
             xb, yb = rb.lookup(tf.constant(i, tf.int64))
             assert xa.numpy() == xb.numpy() and int(ya) == int(yb)
-    with pytest.raises(datasets.DataError, match="expected one sub-folder"):
+    with pytest.raises(datasets.DataError, match=f"{gcs}/no-images-here does not exist"):
         datasets.source(f"folder:{gcs}/no-images-here")
+    for split, n in (("train", 3), ("test", 1)):  # split folders holding the class folders
+        for c in ("cat", "dog"):
+            for i in range(n):
+                storage.write_bytes(storage.join(gcs, "split", split, c, f"{i}.png"), b"x")
+    s = datasets.source(f"folder:{gcs}/split")
+    assert s.splits == {"test": 2, "train": 6} and s.class_names == ["cat", "dog"]
+
+
+def test_local_folders_follow_links_and_keep_the_class_order(tmp_path):
+    """Class folders may be symbolic links; `cat-big` sorts after `cat` for its files as for
+    the class list; hidden and non-image files, and files deeper down, are not examples."""
+    import tensorflow as tf
+
+    from tljax import datasets
+
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    for i in range(4):
+        (elsewhere / f"{i}.jpg").write_bytes(b"dog")
+    root = tmp_path / "images"
+    for c in ("cat", "cat-big"):
+        (root / c / "deeper").mkdir(parents=True)
+        for i in range(4):
+            (root / c / f"{i}.jpg").write_bytes(c.encode())
+        (root / c / "deeper" / "9.jpg").write_bytes(b"not an example")
+        (root / c / ".DS_Store").write_bytes(b"")
+    (root / "dog").symlink_to(elsewhere)
+    src = datasets.source(f"folder:{root}", holdout_fraction=0.25)
+    assert src.class_names == ["cat", "cat-big", "dog"]
+    assert src.splits == {"train": 9, "validation": 3}
+    recs = src.records("train", 1 << 20)
+    labels = [int(recs.lookup(tf.constant(i, tf.int64))[1]) for i in range(recs.n)]
+    assert labels == sorted(labels)
+    for i in range(recs.n):
+        data, label = recs.lookup(tf.constant(i, tf.int64))
+        assert data.numpy() == [b"cat", b"cat-big", b"dog"][int(label)]
 
 
 def test_tfds_data_in_the_bucket_names_gcsfuse(gcs, data_dir):

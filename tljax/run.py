@@ -359,19 +359,25 @@ def initial_variables(r: Resolved, model) -> dict:
 
 
 def _convert_on_one_host(r: Resolved) -> None:
-    """With `$TLJAX_CACHE` in object storage, shared by the hosts, process 0 fetches and converts
-    the ImageNet weights into it while the others wait, then all read them."""
+    """In a multi-process run, process 0 fetches and converts the ImageNet weights while the
+    others wait, then all read them: from `$TLJAX_CACHE` when it is shared (a bucket), else
+    each host from its own cache, which process 0's host has filled."""
     import jax
 
     from tljax import pretrained
 
-    if jax.process_count() == 1 or not storage.is_remote(storage.cache()):
+    if jax.process_count() == 1:
         return
-    from jax.experimental import multihost_utils
+    import orbax.checkpoint as ocp
 
     if jax.process_index() == 0:
-        pretrained.imagenet_weights(r.config.model, r.num_classes)
-    multihost_utils.sync_global_devices("tljax: imagenet weights converted")
+        path = pretrained.imagenet_weights(r.config.model, r.num_classes)
+        log.info("ImageNet weights of %s converted once, by process 0: %s", r.config.model,
+                 path)
+    # A barrier of the coordination service, not a collective (whose setup times out in 30 s
+    # while process 0 downloads and converts).
+    ocp.multihost.sync_global_processes("tljax-imagenet-weights", timeout=3600,
+                                        processes=set(range(jax.process_count())))
 
 
 # --------------------------------------------------------------------------- the run

@@ -1,9 +1,10 @@
 """Paths that are local or in object storage (`gs://bucket/...`), through `etils.epath`, the
 layer Orbax and TFDS use.
 
-Every file tljax reads or writes in a workdir goes through here, so that `--workdir
-gs://bucket/run` is the bucket and never a local folder named `gs:`. Object storage has no
-append: `Appender` rewrites the whole object on each flush (small files: metrics, events).
+Every path tljax reads or writes that may be in a bucket goes through here (workdirs, converted
+weights, `$TLJAX_CACHE`, image folders), so that `--workdir gs://bucket/run` is the bucket and
+never a local folder named `gs:`. Object storage has no append: `Appender` rewrites the whole
+object on each flush (small files: metrics, events).
 
 With TensorFlow installed, etils would read and write `gs://` through TensorFlow's filesystem;
 importing `tljax` sets `EPATH_USE_TF=false` (unless it is set) when gcsfs is installed, so that
@@ -16,6 +17,16 @@ from __future__ import annotations
 import os
 
 from etils import epath
+
+try:
+    import fsspec
+except ImportError:  # without the [data] extra: local paths only
+    fsspec = None
+else:
+    # gcsfs does not cache listings: another host may have written to the bucket since (a
+    # checkpoint, converted weights). etils asks for the filesystem as 'gs'.
+    for _protocol in ("gs", "gcs"):
+        fsspec.config.conf.setdefault(_protocol, {}).setdefault("use_listings_cache", False)
 
 SCHEMES = ("gs://", "s3://", "az://", "hf://")
 
@@ -55,47 +66,50 @@ def makedirs(p) -> None:
         os.makedirs(absolute(p), exist_ok=True)
 
 
-def listdir(p) -> list[str]:
-    """The names in folder `p` (in object storage: the next level of its prefix), sorted."""
-    return _guard(p, lambda: sorted(c.name for c in path(p).iterdir()))
-
-
-def is_dir(p) -> bool:
-    return _guard(p, lambda: path(p).is_dir())
-
-
 def rmtree(p) -> None:
     """Remove folder `p` and everything below it (absent: nothing to do)."""
     if exists(p):
         _guard(p, lambda: path(p).rmtree())
 
 
-def files(root) -> dict[str, int]:
-    """Every file below folder `root`: its path relative to `root` (with `/`) -> its size in
-    bytes. In object storage one listing of the prefix (gcsfs), not a call per file."""
+def files(root, max_depth: int | None = None) -> dict[str, int]:
+    """Every file below folder `root`, at most `max_depth` folders down (None: any): its path
+    relative to `root` (with `/`) -> its size in bytes. Local folders are walked following
+    symbolic links; in object storage it is one listing of the prefix, not a call per file."""
     root = absolute(root)
     if not is_remote(root):
+        def fail(error):
+            raise error
+
         out = {}
-        for folder, _, names in os.walk(root):
+        for folder, subs, names in os.walk(root, onerror=fail, followlinks=True):
+            rel = os.path.relpath(folder, root)
+            depth = 0 if rel == "." else rel.count(os.sep) + 1
+            if max_depth is not None and depth >= max_depth:
+                subs.clear()
             for name in names:
                 full = os.path.join(folder, name)
-                out[os.path.relpath(full, root).replace(os.sep, "/")] = os.path.getsize(full)
+                if os.path.isfile(full):  # not a broken link
+                    key = os.path.relpath(full, root).replace(os.sep, "/")
+                    out[key] = os.path.getsize(full)
         return out
     from etils.epath import backend
 
     p = path(root)
     prefix = root.rstrip("/") + "/"
+    levels = None if max_depth is None else max_depth + 1
     if p._backend is backend.fsspec_backend:  # noqa: SLF001  (one listing with the sizes)
         found = _guard(root, lambda: backend.fsspec_backend.fs(root).find(
-            root, detail=True))
+            root, maxdepth=levels, detail=True))
         bare = prefix.split("://", 1)[1]  # fsspec names objects without the scheme
         return {k.split("://", 1)[-1][len(bare):]: int(v["size"])
                 for k, v in found.items() if v.get("type") != "directory"}
     out = {}  # TensorFlow's filesystem: a walk, then a stat per file
     for folder, _, names in _guard(root, lambda: list(p.walk())):
         for name in names:
-            full = folder / name
-            out[os.fspath(full)[len(prefix):]] = full.stat().length
+            key = os.fspath(folder / name)[len(prefix):]
+            if max_depth is None or key.count("/") <= max_depth:
+                out[key] = (folder / name).stat().length
     return out
 
 

@@ -134,13 +134,16 @@ def converted(path: str, examples, n: int, what: str) -> Records:
         partial = f"{path}.{os.getpid()}.partial"
         writer = array_record_module.ArrayRecordWriter(partial, "group_size:1")
         count = 0
-        for image, label in tqdm(examples, total=n, desc=f"copying {what}", unit="img",
-                                 leave=False, disable=n < 20_000):
-            writer.write(int(label).to_bytes(8, "little", signed=True) + bytes(image))
-            count += 1
-        writer.close()
+        try:
+            for image, label in tqdm(examples, total=n, desc=f"copying {what}", unit="img",
+                                     leave=False, disable=n < 20_000):
+                writer.write(int(label).to_bytes(8, "little", signed=True) + bytes(image))
+                count += 1
+        finally:
+            writer.close()
+            if count != n:  # a read failed, or the source ended early: nothing half-written
+                os.remove(partial)
         if count != n:
-            os.remove(partial)
             raise OSError(f"{what}: read {count} examples of {n}; not converted")
         os.replace(partial, path)  # complete or absent, whatever else runs beside it
     source = array_record_data_source.ArrayRecordDataSource([path])

@@ -11,8 +11,9 @@ Dataset names:
 - `folder:/path/to/images` or `folder:gs://bucket/images`: a folder with one sub-folder of
   images per class (then a fixed held-out share, drawn with seed 0, becomes the `validation`
   split), or with split folders holding the class folders (`train/cat/1.jpg`,
-  `test/cat/7.jpg`). It is listed once; in object storage a split too large for the memory
-  budget is copied once to a local ArrayRecord file.
+  `test/cat/7.jpg`); the classes are the folders that hold images, sorted. It is listed in
+  one pass; in object storage a split too large for the memory budget is copied once to a
+  local ArrayRecord file (a folder whose files change keeps its copy: remove it).
 - any other name: a TFDS dataset (`tf_flowers`, `cifar10`, `oxford_iiit_pet`, `imagenette`, ...),
   from `data_dir` when prepared there, else downloaded and prepared by TFDS (`download=True`)
   as ArrayRecord, which the pipeline reads with random access whatever its size. A split of a
@@ -174,6 +175,8 @@ def _tfds_records(src: Source, split: str, budget: int) -> records_.Records:
     formats = {str(getattr(f, "value", f)) for f in builder.info.available_file_formats()}
     n = src.num_examples(split)
     what = f"{src.name} [{split}]"
+    if storage.is_remote(builder.data_dir) and "tfrecord" in formats:
+        formats.discard("array_record")  # what TensorFlow's filesystem can read there
     if "array_record" in formats:
         if storage.is_remote(builder.data_dir):
             raise DataError(
@@ -227,13 +230,16 @@ def _folder(root: str, holdout_fraction: float) -> Source:
     if not storage.is_remote(root) and not os.path.isdir(root):
         raise DataError(f"folder dataset: {root} is not a directory")
     # One listing of everything below the root (in object storage: one paginated request).
-    images = {rel: size for rel, size in storage.files(root).items()
+    images = {rel: size for rel, size in storage.files(root, max_depth=2).items()
               if rel.lower().endswith(IMAGE_EXTENSIONS) and rel.count("/") in (1, 2)}
+    if not images and storage.is_remote(root) and not storage.exists(root):
+        raise DataError(f"folder dataset: {root} does not exist (no object has this prefix)")
     flat = {rel for rel in images if rel.count("/") == 1}  # class/1.jpg
     if flat:
         classes = sorted({rel.split("/")[0] for rel in flat})
         index = {c: k for k, c in enumerate(classes)}
-        files = [(rel, index[rel.split("/")[0]]) for rel in sorted(flat)]
+        files = [(rel, index[rel.split("/")[0]])
+                 for rel in sorted(flat, key=lambda rel: rel.split("/"))]
         n = len(files)
         holdout = max(1, math.floor(n * holdout_fraction))
         if n - holdout < 1:
@@ -274,7 +280,7 @@ def _folder(root: str, holdout_fraction: float) -> Source:
             return records_.file_records(paths, labels)
         # Object storage: TensorFlow's reader cannot be relied on there (tests/gcs.py), so a
         # split too large to hold is copied once, in parallel, to a local ArrayRecord file.
-        key = hashlib.sha256("\n".join(f"{rel} {images[rel]} {k}" for rel, k in files)
+        key = hashlib.sha256("\n".join([root] + [f"{rel} {images[rel]} {k}" for rel, k in files])
                              .encode()).hexdigest()[:16]
         path = os.path.join(storage.local_cache(), "datasets", "folder",
                             f"{_file_name(split)}-{key}.array_record")
