@@ -36,6 +36,7 @@ off so that the features are computed once, a zero head, Adam at 0.01, 2,000 ste
 from __future__ import annotations
 
 import ml_collections
+from ml_collections.config_dict import placeholder
 
 from tljax.config_args import ConfigError, parse_arg
 from tljax.datasets.records import DEFAULT_BUDGET_GB
@@ -50,7 +51,7 @@ DATASETS = {
 }
 GENERIC = dict(image_size=0, crop_area=(0.08, 1.0), flip=True, eval_crop=0.875,
                freeze="top:2", steps=1000, batch_size=64, learning_rate=0.01, eval_every=250,
-               bn_momentum=0.0, optimizer="sgd", head_init="random", checkpoint_every=100)
+               bn_momentum=None, optimizer="sgd", head_init="random", checkpoint_every=100)
 # A linear probe (`freeze=backbone`): a convex problem on features computed once (no
 # augmentation, so `cache_features` applies). Adam at 0.01 from a zero head, 2,000 steps: on
 # digits within 1 point of scikit-learn's LogisticRegression on the same features, and no
@@ -91,7 +92,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.model = a.model  # registry name
     c.init = a.init  # 'imagenet' | 'scratch' | path of converted weights, a workdir or checkpoint
     c.freeze = a.freeze or d["freeze"]  # preset, or a list of (regex, label) rules
-    c.dropout_rate = -1.0  # dropout before the head; -1: the model's own (EfficientNet 0.2..0.5)
+    c.dropout_rate = placeholder(float)  # dropout before the head; None: the model's own
+    #                                      (EfficientNet 0.2..0.5, none elsewhere)
     c.dtype = "float32"  # computation dtype: 'float32' or 'bfloat16' (parameters stay float32)
     c.head_init = d["head_init"]  # a new head: 'random' (the model's initialiser) or 'zeros'
 
@@ -118,20 +120,28 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.optimizer.name = d["optimizer"]  # 'sgd' (with momentum), 'adam' or 'adamw'
     c.optimizer.learning_rate = d["learning_rate"]  # peak rate, reached after warmup
     c.optimizer.momentum = 0.9  # sgd only
-    c.optimizer.weight_decay = 0.0  # decoupled decay (adamw), or L2 through the update (sgd)
-    c.optimizer.warmup_steps = -1  # linear warmup; -1 = 5% of the steps
+    c.optimizer.nesterov = False  # sgd only: Nesterov momentum
+    c.optimizer.weight_decay = 0.0  # decoupled decay (adamw), or L2 through the update (sgd);
+    #                                 adam with weight decay is refused: use adamw
+    c.optimizer.weight_decay_on = r".*/kernel$"  # parameters that decay (a regex on their
+    #                                path): kernels, not biases or BatchNorm scales and offsets
+    c.optimizer.clip_norm = placeholder(float)  # clip gradients to this global norm; None: no
+    c.optimizer.warmup_steps = placeholder(int)  # linear warmup; None: 5% of the steps
     c.optimizer.schedule = "cosine"  # 'cosine' (to 0) or 'constant' after warmup
     c.optimizer.head_multiplier = 1.0  # the head learns this many times faster
     c.sync_bn = False  # synchronise BatchNorm statistics across devices
-    c.bn_momentum = d["bn_momentum"]  # moving-average momentum of training BatchNorm layers;
-    #                                    0 = the model's (Keras 0.99)
+    c.bn_momentum = placeholder(float)  # moving-average momentum of training BatchNorm
+    #                                     layers; None: the model's (Keras 0.99)
+    if d["bn_momentum"] is not None:
+        c.bn_momentum = d["bn_momentum"]
+    c.label_smoothing = 0.0  # training loss on (1 - s) one-hot + s / classes
     c.finetune = ml_collections.ConfigDict()  # a second phase, after the `steps` above
     c.finetune.steps = finetune["steps"]  # 0 = a single phase
     c.finetune.freeze = finetune["freeze"]  # what trains in the second phase (as `freeze`)
     c.finetune.optimizer = finetune["optimizer"]  # '' = `optimizer.name`; other optimizer
     #                                                fields are shared with the first phase
     c.finetune.learning_rate = finetune["learning_rate"]  # its peak rate (its own schedule)
-    c.finetune.warmup_steps = -1  # -1 = 5% of its steps
+    c.finetune.warmup_steps = placeholder(int)  # None: 5% of its steps
     c.finetune.optimizer_state = "reset"  # 'reset': fresh; 'carry': the first phase's state
     #                                        (only when the same parameters train)
     c.finetune.batchnorm = finetune["batchnorm"]  # 'inference': every BatchNorm layer on its

@@ -284,17 +284,51 @@ def test_help_explains_multi_host_runs():
         assert needle in text, needle
 
 
-@pytest.mark.parametrize("field", ["model", "image_size"])
-def test_check_workdir_refuses_other_shapes(tmp_path, field):
+@pytest.mark.parametrize("field, value", [("model", "vgg19"), ("image_size", 160),
+                                          ("steps", 5), ("optimizer.learning_rate", 0.5),
+                                          ("freeze", "top:1"), ("seed", 1)])
+def test_check_workdir_refuses_what_changes_the_run(tmp_path, field, value):
     from tljax import run
 
-    record = {"model": "resnet50", "num_classes": 10, "image_size": 224, "dtype": "float32"}
+    record = {"model": "resnet50", "num_classes": 10, "image_size": 224, "dtype": "float32",
+              "steps": 10, "freeze": "top:2", "seed": 0, "log_every": 10,
+              "optimizer": {"learning_rate": 0.1}}
     with open(tmp_path / "config.json", "w") as f:
         json.dump(record, f)
-    changed = dict(record, **{field: "vgg19" if field == "model" else 160})
-    with pytest.raises(run.RunError, match=field):
+    parent, _, leaf = field.rpartition(".")
+    changed = json.loads(json.dumps(record))
+    (changed[parent] if parent else changed)[leaf] = value
+    with pytest.raises(run.RunError, match=rf"{field}: .* -> {value!r}.*new --workdir"):
         run.check_workdir(str(tmp_path), changed)
-    run.check_workdir(str(tmp_path), dict(record, steps=5))
+    assert run.check_workdir(str(tmp_path), dict(record, log_every=5)) == {"log_every": [10, 5]}
+    assert run.check_workdir(str(tmp_path), dict(record, label_smoothing=0.1)) == {}
+
+
+def test_a_refused_resume_leaves_a_workdir_that_evaluates(reference_run, data_dir, tmp_path):
+    """A changed freeze is refused before any file is written (not deep in Orbax), the workdir
+    still evaluates; a resume that changes only log_every is accepted and recorded."""
+    import shutil
+
+    from tljax import run, train
+
+    reference, summary = reference_run
+    workdir = str(tmp_path / "copy")
+    shutil.copytree(reference, workdir)
+    files = {f: open(os.path.join(workdir, f)).read() for f in ("config.json", "run.json")}
+    with pytest.raises(run.RunError, match=r"freeze: 'none' -> 'top:1'.*config.init="):
+        train.train_and_evaluate(tiny_config(data_dir, freeze="top:1"), workdir)
+    for f, text in files.items():
+        assert open(os.path.join(workdir, f)).read() == text
+    out = run_cli(["--workdir", workdir, "--checkpoint", "latest", "--json"],
+                  module="tljax.evaluate")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert json.loads(out.stdout.strip().splitlines()[-1])["top1"] == pytest.approx(
+        summary["top1"], abs=1e-6)
+
+    train.train_and_evaluate(tiny_config(data_dir, log_every=3), workdir)
+    with open(os.path.join(workdir, "run.json")) as f:
+        record = json.load(f)
+    assert record["changed"] == {"log_every": [2, 3]} and len(record["history"]) == 1
 
 
 

@@ -10,6 +10,7 @@ import functools
 import json
 import logging
 import os
+import re
 import subprocess
 import sys
 import time
@@ -24,6 +25,10 @@ log = logging.getLogger("tljax.run")
 INPUT_ORDER = "position-v1"
 # Fields that fix the shapes of a run's state: resuming with other values is refused.
 SHAPE_FIELDS = ("model", "num_classes", "image_size", "dtype")
+# What a resumed run may change: how often it logs, evaluates and checkpoints, its caches and
+# where its data lies. Anything else would make its numbers those of another run.
+RESUMABLE = ("log_every", "eval_every", "checkpoint_every", "keep_checkpoints",
+             "data_cache_gb", "compilation_cache", "eval_batch_size", "data_dir", "download")
 
 
 class RunError(ValueError):
@@ -65,6 +70,22 @@ def resolve(config) -> Resolved:
     if config.optimizer.name not in ("sgd", "adam", "adamw"):
         raise RunError(f"config.optimizer.name={config.optimizer.name!r}: 'sgd', 'adam' or "
                        f"'adamw'")
+    if config.optimizer.weight_decay and "adam" in (
+            config.optimizer.name, (config.get("finetune") or {}).get("optimizer", "")):
+        raise RunError(
+            f"config.optimizer.weight_decay={config.optimizer.weight_decay} with adam, which "
+            f"has no weight decay: use optimizer.name='adamw' (decoupled decay), or set "
+            f"weight_decay=0")
+    if config.optimizer.clip_norm is not None and not config.optimizer.clip_norm > 0:
+        raise RunError(f"config.optimizer.clip_norm={config.optimizer.clip_norm}: a positive "
+                       f"global norm, or None for no clipping")
+    if not 0.0 <= config.label_smoothing < 1.0:
+        raise RunError(f"config.label_smoothing={config.label_smoothing}: in [0, 1)")
+    try:
+        re.compile(config.optimizer.weight_decay_on)
+    except re.error as e:
+        raise RunError(f"config.optimizer.weight_decay_on={config.optimizer.weight_decay_on!r}"
+                       f": not a regular expression ({e})") from None
     if config.optimizer.schedule not in ("cosine", "constant"):
         raise RunError(f"config.optimizer.schedule={config.optimizer.schedule!r}: 'cosine' or "
                        f"'constant'")
@@ -208,39 +229,46 @@ def config_record(r: Resolved) -> dict:
     return json.loads(json.dumps(c, default=list))
 
 
-def check_workdir(workdir: str, record: dict) -> None:
-    """Refuse to resume a workdir whose run has other shapes (model, classes, size, dtype)."""
+def check_workdir(workdir: str, record: dict) -> dict:
+    """Refuse to resume a workdir whose run this config would change; return the changes it
+    allows (`{field: [old, new]}`: logging, evaluation and checkpoint frequency, caches, the
+    data's location), which do not alter what the run computes. Called before anything is
+    written, so that a refused config leaves the workdir as it was."""
     path = storage.join(workdir, "config.json")
     if not storage.exists(path):
-        return
-    old = json.loads(storage.read_text(path))
-    diff = [k for k in SHAPE_FIELDS if old.get(k) != record.get(k)]
-    if diff:
-        changes = ", ".join(f"{k}: {old.get(k)!r} -> {record.get(k)!r}" for k in diff)
+        return {}
+    old, new = _flat(json.loads(storage.read_text(path))), _flat(record)
+    changed = {k: [old.get(k), new.get(k)] for k in sorted(set(old) | set(new))
+               if k in old and old.get(k) != new.get(k)}
+    unrecorded = sorted(k for k in new if k not in old)
+    if unrecorded:  # fields this tljax has and the one that wrote the workdir had not
+        log.warning("%s records no %s (written by an earlier tljax); resuming with this "
+                    "config's", workdir, ", ".join(unrecorded))
+    refused = {k: v for k, v in changed.items() if k not in RESUMABLE}
+    if refused:
+        shape = [k for k in refused if k in SHAPE_FIELDS]
+        changes = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in refused.items())
         raise RunError(
-            f"{workdir} holds a run with other shapes ({changes}); its checkpoints cannot be "
-            f"resumed by this config. Use a new --workdir, or start from its weights with "
-            f"config.init={workdir}"
-        )
-    if _boundaries(old) != _boundaries(record):
-        raise RunError(
-            f"{workdir} holds a run whose phases end at steps {_ends(old)}; this config ends "
-            f"them at {_ends(record)}. A checkpoint holds the optimizer state of its phase, so "
-            f"resume with the run's config.steps={old.get('steps')} and config.finetune.steps="
-            f"{(old.get('finetune') or {}).get('steps', 0)}, or use a new --workdir")
-    changed = [k for k in record if k not in ("steps",) and old.get(k) != record.get(k)]
+            f"{workdir} holds a run that this config would change ({changes})"
+            + (": its checkpoints do not fit" if shape else "") + ". Resume with the config "
+            f"it records (WORKDIR/config.json), use a new --workdir, or start a new run from "
+            f"its weights with config.init={workdir}. Only {', '.join(RESUMABLE)} may change "
+            f"on a resume")
     if changed:
-        log.warning("resuming %s with changed config fields: %s", workdir, ", ".join(changed))
+        log.info("resuming %s with changed %s", workdir,
+                 ", ".join(f"{k} ({a!r} -> {b!r})" for k, (a, b) in changed.items()))
+    return changed
 
 
-def _ends(record: dict) -> list[int]:
-    """The last step of each phase of a config record (as `phases` makes them)."""
-    first, second = record.get("steps", 0), (record.get("finetune") or {}).get("steps", 0)
-    return [first] + ([first + second] if second else [])
-
-
-def _boundaries(record: dict) -> list[int]:
-    return _ends(record)[:-1]
+def _flat(record: dict, prefix: str = "") -> dict:
+    """A config record with nested fields as dotted keys (`optimizer.learning_rate`)."""
+    out = {}
+    for k, v in record.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
 
 
 def _git_commit() -> str | None:
@@ -251,6 +279,17 @@ def _git_commit() -> str | None:
         return out.stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
         return None
+
+
+def run_history(workdir: str, changed: dict) -> dict:
+    """run.json of this start: `run_record()`, the config fields changed since the start
+    before (`changed`), and the earlier starts of the run (`history`, oldest first)."""
+    path = storage.join(workdir, "run.json")
+    history = []
+    if storage.exists(path):
+        before = json.loads(storage.read_text(path))
+        history = before.pop("history", []) + [before]
+    return {**run_record(), "changed": changed, "history": history}
 
 
 def run_record() -> dict:
@@ -294,7 +333,7 @@ def optimizer(phase: Phase, labels):
     from tljax import train_step as steps
 
     o, n = phase.optimizer, phase.steps
-    warmup = o.warmup_steps if o.warmup_steps >= 0 else int(0.05 * n)
+    warmup = o.warmup_steps if o.warmup_steps is not None else int(0.05 * n)
     warmup = min(warmup, n)
     if o.schedule == "cosine":
         lr = optax.warmup_cosine_decay_schedule(0.0, o.learning_rate, max(warmup, 0),
@@ -308,21 +347,43 @@ def optimizer(phase: Phase, labels):
         rate = functools.partial(lambda base, start, count: base(count - start), lr,
                                  phase.start)
 
+    decays = decay_mask(o.weight_decay_on)
+
     def make(rate):
         if o.name == "sgd":
-            tx = optax.sgd(rate, momentum=o.momentum or None)
-            if o.weight_decay:
-                tx = optax.chain(optax.add_decayed_weights(o.weight_decay), tx)
+            tx = optax.sgd(rate, momentum=o.momentum or None, nesterov=o.nesterov)
+            if o.weight_decay:  # L2 through the update (the gradient), as torch's SGD
+                tx = optax.chain(optax.add_decayed_weights(o.weight_decay, decays), tx)
             return tx
-        if o.name == "adam":
+        if o.name == "adam":  # resolve() refuses weight decay with adam
             return optax.adam(rate)
-        return optax.adamw(rate, weight_decay=o.weight_decay)
+        return optax.adamw(rate, weight_decay=o.weight_decay, mask=decays)
 
     multipliers = {}
     groups = {v for v in _flat_values(labels)}
     if "head" in groups and o.head_multiplier != 1.0:
         multipliers["head"] = o.head_multiplier
-    return steps.optimizer(labels, make, rate, multipliers), lr
+    tx = steps.optimizer(labels, make, rate, multipliers)
+    if o.clip_norm is not None:  # over every trained parameter (frozen ones have no gradient)
+        tx = optax.chain(optax.clip_by_global_norm(o.clip_norm), tx)
+    return tx, lr
+
+
+def decay_mask(pattern: str):
+    """`params -> tree of bools`: which parameters weight decay applies to, those whose path
+    (`stage4/block1/conv1/kernel`) matches `pattern` in full."""
+    import re
+
+    from flax import traverse_util
+
+    rule = re.compile(pattern)
+
+    def mask(params):
+        flat = traverse_util.flatten_dict(params, sep="/")
+        return traverse_util.unflatten_dict(
+            {k: rule.fullmatch(k) is not None for k in flat}, sep="/")
+
+    return mask
 
 
 def _flat_values(tree):
@@ -339,7 +400,7 @@ def build_model(r: Resolved):
     c = r.config
     options = dict(num_classes=r.num_classes, dtype=jnp.bfloat16 if c.dtype == "bfloat16"
                    else jnp.float32)
-    if c.dropout_rate >= 0:
+    if c.dropout_rate is not None:
         options["dropout_rate"] = c.dropout_rate
     return registry.create(c.model, **options)
 

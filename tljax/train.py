@@ -46,7 +46,9 @@ PREEMPTED_EXIT = 143  # 128 + SIGTERM
 
 
 class _Stop:
-    """SIGTERM -> a flag the loop checks after each step."""
+    """SIGTERM -> a flag the loop checks after each step. With several processes the flag is
+    shared (one process may be signalled before the others) at steps that are multiples of
+    `every`, so that a step is not a collective wait on every host."""
 
     def __init__(self):
         self.requested = False
@@ -56,11 +58,13 @@ class _Stop:
         log.warning("SIGTERM: saving a checkpoint after this step, then exiting")
         self.requested = True
 
-    def now(self) -> bool:
+    def now(self, step: int, every: int) -> bool:
         import jax
 
         if jax.process_count() == 1:
             return self.requested
+        if step % every:
+            return False
         from jax.experimental import multihost_utils
 
         flags = multihost_utils.process_allgather(np.asarray(self.requested, np.int32))
@@ -100,7 +104,7 @@ def _train_and_evaluate(config, workdir: str, stop: _Stop, t_start: float) -> di
     c = r.config
     record = run.config_record(r)
     storage.makedirs(workdir)
-    run.check_workdir(workdir, record)
+    changed = run.check_workdir(workdir, record)
     plan = run.phases(c)
     total = plan[-1].end
     ckpts = checkpoint.Checkpoints(storage.join(workdir, "checkpoints"), c.keep_checkpoints)
@@ -115,7 +119,7 @@ def _train_and_evaluate(config, workdir: str, stop: _Stop, t_start: float) -> di
         storage.write_text(storage.join(workdir, "config.json"),
                            json.dumps(record, indent=2, sort_keys=True))
         storage.write_text(storage.join(workdir, "run.json"),
-                           json.dumps(run.run_record(), indent=2))
+                           json.dumps(run.run_history(workdir, changed), indent=2))
 
     devices = jax.device_count()
     local_batch = parallel.check_batch(c.batch_size, devices) * jax.local_device_count()
@@ -166,7 +170,8 @@ def _train_and_evaluate(config, workdir: str, stop: _Stop, t_start: float) -> di
             frozen_bn=freeze.frozen_batchnorm(labels, variables.get("batch_stats", {}), family,
                                               everywhere=phase.bn_inference),
             sync_bn=c.sync_bn, preprocess=None if phase.cached else prep,
-            on_features=phase.cached, bn_momentum=c.bn_momentum or None)
+            on_features=phase.cached, bn_momentum=c.bn_momentum,
+            label_smoothing=c.label_smoothing)
         return (parallel.shard_map_train_step(config, mesh),
                 parallel.shard_map_eval_step(config, mesh))
 
@@ -254,7 +259,7 @@ def _train_and_evaluate(config, workdir: str, stop: _Stop, t_start: float) -> di
                               f"{last_eval['eval/loss']:.4f}")
                 if step % c.checkpoint_every == 0 or step == phase.end or evaluated:
                     ckpts.save(step, state, _best(last_eval) if evaluated else None)
-                if stop.now():
+                if stop.now(step, c.log_every):
                     ckpts.save(step, state)
                     preempted = True
                     break
@@ -370,20 +375,30 @@ def main(argv=None) -> int:
     flags.DEFINE_integer("process_id", None, "with --distributed: this process's index")
     flags.mark_flags_as_required(["config", "workdir"])
 
+    flags.DEFINE_bool("log_all_processes", False, "with several processes: every process "
+                      "logs at INFO (by default only process 0; the others log warnings)")
+
     def program(_):
         import jax
 
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s",
-                            datefmt="%H:%M:%S", force=True)
-        for noisy in ("absl", "orbax", "jax._src", "tensorflow"):  # their warnings are not ours
-            logging.getLogger(noisy).setLevel(logging.ERROR)
-        for chatty in ("fsspec", "gcsfs", "google"):  # object storage clients: progress at INFO
-            logging.getLogger(chatty).setLevel(logging.WARNING)
         if flags_.distributed:
             # Cross-process collectives for CPU devices (ignored by GPU and TPU clients).
             jax.config.update("jax_cpu_collectives_implementation", "gloo")
             jax.distributed.initialize(flags_.coordinator_address, flags_.num_processes,
                                        flags_.process_id)
+        quiet = jax.process_index() > 0 and not flags_.log_all_processes
+        logging.basicConfig(level=logging.WARNING if quiet else logging.INFO,
+                            format=f"%(asctime)s [{jax.process_index()}] %(name)s: %(message)s"
+                            if jax.process_count() > 1 else "%(asctime)s %(name)s: %(message)s",
+                            datefmt="%H:%M:%S", force=True)
+        for noisy in ("absl", "orbax", "tensorflow"):  # their warnings are not ours
+            logging.getLogger(noisy).setLevel(logging.ERROR)
+        for chatty in ("fsspec", "gcsfs", "google"):  # object storage clients: progress at INFO
+            logging.getLogger(chatty).setLevel(logging.WARNING)
+        devices = jax.devices()
+        log.info("JAX %s, %s backend: %d device(s) (%s) in %d process(es)", jax.__version__,
+                 jax.default_backend(), len(devices), devices[0].device_kind,
+                 jax.process_count())
         try:
             summary = train_and_evaluate(flags_.config, flags_.workdir)
         except Exception as e:  # our own errors are the user's to fix: no traceback

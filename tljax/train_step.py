@@ -59,6 +59,8 @@ class StepConfig:
         and the BatchNorm statistics are carried over.
       bn_momentum: moving-average momentum of the BatchNorm layers that train (None: the
         model family's own).
+      label_smoothing: the training loss's target is `(1 - s) * one_hot + s / classes`
+        (evaluation keeps the plain cross-entropy).
     """
 
     model: nn.Module
@@ -70,6 +72,7 @@ class StepConfig:
     preprocess: Any = None
     on_features: bool = False
     bn_momentum: float | None = None
+    label_smoothing: float = 0.0
 
     def forward(self, params, batch_stats, batch, train, rng=None):
         """`(logits, new batch_stats)` of the model on `batch`."""
@@ -99,9 +102,14 @@ class StepConfig:
                          self.bn_momentum, batch_axis=self.axis_name)
 
 
-def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
-    """Per-example softmax cross-entropy, computed in float32 whatever the model's dtype."""
-    return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels)
+def cross_entropy(logits: jax.Array, labels: jax.Array, smoothing: float = 0.0) -> jax.Array:
+    """Per-example softmax cross-entropy, computed in float32 whatever the model's dtype;
+    with `smoothing` s, against `(1 - s) * one_hot(labels) + s / classes`."""
+    logits = logits.astype(jnp.float32)
+    if not smoothing:
+        return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+    targets = optax.smooth_labels(jax.nn.one_hot(labels, logits.shape[-1]), smoothing)
+    return optax.softmax_cross_entropy(logits, targets)
 
 
 def _split(tree: Mapping, keep: frozenset[str]) -> tuple[dict, dict]:
@@ -128,7 +136,7 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array], rng: jax.Array
     def loss_fn(trained):
         logits, batch_stats = config.forward(_join(trained, frozen), state.batch_stats, batch,
                                              train=True, rng=rng)
-        loss = cross_entropy(logits, batch["label"]).mean()
+        loss = cross_entropy(logits, batch["label"], config.label_smoothing).mean()
         return loss, (logits, batch_stats)
 
     (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(trained)
