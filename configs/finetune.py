@@ -100,8 +100,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.dataset = a.dataset  # 'digits', 'folder:/path', or a TFDS name
     c.data_dir = ""  # TFDS data_dir; '' = $TFDS_DATA_DIR or ~/tensorflow_datasets
     c.download = True  # let TFDS download and prepare a dataset that is not in data_dir
-    c.train_split = ""  # '' = 'train' (or 'train[:90%]' when the dataset has no other split)
-    c.eval_split = ""  # '' = 'test', else 'validation', else the held-out 'train[90%:]'
+    c.train_split = ""  # '' = 'train', less the validation share held out of it (below)
+    c.validation_split = ""  # model selection (evaluations, the best checkpoint); '' = the
+    #                          dataset's 'validation', else 'train[90%:]' held out of train
+    c.test_split = ""  # evaluated once, at the end, on the final and the selected checkpoint;
+    #                    '' = the dataset's 'test' (if it has one); 'none' = no test
     c.holdout = 0.1  # folder datasets without split folders: share held out for validation
     c.data_cache_gb = DEFAULT_BUDGET_GB  # encoded images held in memory per process (train
     #                                      split first, then eval); larger splits read from disk

@@ -274,7 +274,7 @@ def test_folder_splits_and_holdout_are_fixed(tmp_path):
                 (d / f"{i}.jpg").write_bytes(_encode(_photo(20, 20, i), "JPEG"))
     src = datasets.source(f"folder:{tmp_path / 'split'}")
     assert src.splits == {"test": 2, "train": 6} and src.class_names == ["cat", "dog"]
-    assert src.default_splits() == ("train", "test")
+    assert src.default_splits() == ("train[:90%]", "train[90%:]", "test")
     assert src.num_examples("train[:50%]") == 3
     with pytest.raises(datasets.DataError, match="no split 'validation'.*test, train"):
         src.records("validation", 0)

@@ -1,6 +1,7 @@
 """Evaluate a training checkpoint on a split: `python -m tljax.evaluate --workdir DIR`.
 
-  python -m tljax.evaluate --workdir runs/digits_lite0                 # best checkpoint, eval split
+  python -m tljax.evaluate --workdir runs/digits_lite0           # best checkpoint, validation
+  python -m tljax.evaluate --workdir runs/digits_lite0 --split test   # ... on the test split
   python -m tljax.evaluate --workdir runs/digits_lite0 --checkpoint latest --split train
 
 The model, dataset and preprocessing are those of the run (`WORKDIR/config.json`). The
@@ -24,8 +25,8 @@ log = logging.getLogger("tljax.evaluate")
 
 def evaluate(workdir: str, checkpoint: str = "best", split: str = "",
              batch_size: int = 0) -> dict:
-    """Top-1, top-5 and loss of `workdir`'s checkpoint (`best`, `latest` or a step) on `split`
-    (default: the run's evaluation split)."""
+    """Top-1, top-5 and loss of `workdir`'s checkpoint (`best`: selected on validation,
+    `latest`, or a step) on `split` (default: the run's validation split)."""
     import jax
     import ml_collections
     import numpy as np
@@ -55,9 +56,9 @@ def evaluate(workdir: str, checkpoint: str = "best", split: str = "",
 
     src = datasets.source(config.dataset, config.data_dir or None, config.download,
                           config.holdout)
-    split = split or config.eval_split
+    split = split or config.get("validation_split") or config.get("eval_split")
     r = run.Resolved(config, src, config.num_classes, config.image_size, config.train_split,
-                     split)
+                     split, None)
     model = run.build_model(r)
     shapes = jax.eval_shape(model.init, jax.random.key(0),
                             jax.ShapeDtypeStruct((1, r.image_size, r.image_size, 3), "float32"))
@@ -91,16 +92,18 @@ def main(argv=None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", required=True, help="a training workdir")
     parser.add_argument("--checkpoint", default="best",
-                        help="'best' (by eval top-1; the default), 'latest', or a step number")
+                        help="'best' (by validation top-1; the default), 'latest', or a step "
+                        "number")
     parser.add_argument("--split", default="", help="split to evaluate (default: the run's "
-                        "evaluation split); TFDS slices such as 'train[:10%%]' work")
+                        "validation split; 'test' for its test split); TFDS slices such as "
+                        "'train[:10%%]' work")
     parser.add_argument("--batch_size", type=int, default=0, help="global batch (default: "
                         "the run's)")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
-    for noisy in ("absl", "orbax", "jax._src", "tensorflow"):  # their warnings are not ours
+    for noisy in ("absl", "orbax", "tensorflow"):  # their warnings are not ours
         logging.getLogger(noisy).setLevel(logging.ERROR)
     for chatty in ("fsspec", "gcsfs", "google"):  # object storage clients: progress at INFO
         logging.getLogger(chatty).setLevel(logging.WARNING)

@@ -44,7 +44,8 @@ class Resolved:
     num_classes: int
     image_size: int
     train_split: str
-    eval_split: str
+    validation_split: str  # model selection: evaluations during the run, the best checkpoint
+    test_split: str | None  # evaluated once, at the end (None: the dataset has none)
 
 
 # --------------------------------------------------------------------------- config
@@ -119,16 +120,26 @@ def resolve(config) -> Resolved:
                        "phase, augmentation off (config.augment.crop_area=() and "
                        "config.augment.flip=False)")
     src = _source(config)
-    train_split, eval_split = src.default_splits()
-    train_split = config.train_split or train_split
-    eval_split = config.eval_split or eval_split
-    datasets.pipeline.check_split(src, train_split)
-    datasets.pipeline.check_split(src, eval_split)
+    train, validation, test = src.default_splits()
+    held_out = "[" in validation and validation.split("[")[0] == train.split("[")[0]
+    if config.train_split not in ("", train) and not config.validation_split and held_out:
+        raise RunError(
+            f"config.train_split={config.train_split!r}: name config.validation_split too; the "
+            f"default validation split ({validation!r}) is held out of {train!r}, which yours "
+            f"may overlap")
+    train = config.train_split or train
+    validation = config.validation_split or validation
+    test = None if config.test_split == "none" else (config.test_split or test)
+    for split in (train, validation) + ((test,) if test else ()):
+        datasets.pipeline.check_split(src, split)
+    if test in (train, validation):
+        raise RunError(f"the test split {test!r} is also the train or validation split; "
+                       f"set config.test_split to another one, or to 'none'")
     num_classes = config.num_classes or src.num_classes
     if num_classes < src.num_classes:
         raise RunError(f"config.num_classes={num_classes}, but {src.name} has "
                        f"{src.num_classes} classes")
-    return Resolved(config, src, num_classes, size, train_split, eval_split)
+    return Resolved(config, src, num_classes, size, train, validation, test)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -225,7 +236,8 @@ def config_record(r: Resolved) -> dict:
     """The resolved config as config.json records it."""
     c = r.config.to_dict()
     c.update(num_classes=r.num_classes, image_size=r.image_size, train_split=r.train_split,
-             eval_split=r.eval_split, input_order=INPUT_ORDER)
+             validation_split=r.validation_split, test_split=r.test_split or "none",
+             input_order=INPUT_ORDER)
     return json.loads(json.dumps(c, default=list))
 
 

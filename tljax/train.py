@@ -125,11 +125,13 @@ def _train_and_evaluate(config, workdir: str, stop: _Stop, t_start: float) -> di
     local_batch = parallel.check_batch(c.batch_size, devices) * jax.local_device_count()
     eval_global = c.eval_batch_size or c.batch_size
     local_eval = parallel.check_batch(eval_global, devices) * jax.local_device_count()
-    log.info("%s on %s: %d classes, %dx%d, train %s (%d), eval %s (%d); %d device(s) in %d "
-             "process(es), global batch %d", c.model, r.source.name, r.num_classes,
+    test = (f"test {r.test_split} ({r.source.num_examples(r.test_split)}, at the end)"
+            if r.test_split else "no test split")
+    log.info("%s on %s: %d classes, %dx%d, train %s (%d), validation %s (%d), %s; %d device(s) "
+             "in %d process(es), global batch %d", c.model, r.source.name, r.num_classes,
              r.image_size, r.image_size, r.train_split, r.source.num_examples(r.train_split),
-             r.eval_split, r.source.num_examples(r.eval_split), devices, jax.process_count(),
-             c.batch_size)
+             r.validation_split, r.source.num_examples(r.validation_split), test, devices,
+             jax.process_count(), c.batch_size)
 
     model = run.build_model(r)
     variables = run.initial_variables(r, model)
@@ -143,9 +145,9 @@ def _train_and_evaluate(config, workdir: str, stop: _Stop, t_start: float) -> di
 
     budget = datasets.budget(c.data_cache_gb)
     train_recs = r.source.records(r.train_split, budget)
-    eval_recs = r.source.records(r.eval_split, max(budget - train_recs.held, 0))
+    eval_recs = r.source.records(r.validation_split, max(budget - train_recs.held, 0))
     train_name = f"{r.source.name} [{r.train_split}]"
-    eval_name = f"{r.source.name} [{r.eval_split}]"
+    eval_name = f"{r.source.name} [{r.validation_split}]"
     cache: dict = {}
 
     def cached_features():
@@ -278,16 +280,35 @@ def _train_and_evaluate(config, workdir: str, stop: _Stop, t_start: float) -> di
 
     if not last_eval:  # resumed a finished run: evaluate what it ended with
         last_eval = evaluate(*final, state)
+    best = ckpts.best_step() or total
     freezes = [p.freeze if isinstance(p.freeze, str) else "custom" for p in plan]
     summary = {
         "model": c.model, "dataset": r.source.name, "init": c.init, "freeze": freezes[0],
         "recipe": ", then ".join(f"freeze={f} for {p.steps} steps"
                                  for f, p in zip(freezes, plan, strict=True)),
         "steps": total,
+        # The final checkpoint on the validation split (what the run logged last).
         "top1": last_eval["eval/top1"], "top5": last_eval["eval/top5"],
-        "eval_split": r.eval_split, "best_step": ckpts.best_step(),
-        "wall_seconds": round(time.time() - t_start, 1), "workdir": workdir,
+        "selection_split": r.validation_split, "test_split": r.test_split,
+        "best_step": best,
+        "final": {"step": total, "validation": _scores(last_eval, "eval/")},
+        "selected": {"step": best},
+        "wall_seconds": None, "workdir": workdir,
     }
+    if primary:
+        logged = {m["step"]: m for m in metrics.read(workdir) if "eval/top1" in m}
+        if best in logged:
+            summary["selected"]["validation"] = _scores(logged[best], "eval/")
+    if r.test_split:  # once, at the end: the final checkpoint and the one selected on validation
+        from tljax.evaluate import evaluate as evaluate_checkpoint
+
+        for which, step in (("final", total), ("selected", best)):
+            if which == "selected" and best == total:
+                summary["selected"]["test"] = summary["final"]["test"]
+                continue
+            m = evaluate_checkpoint(workdir, str(step), r.test_split, c.eval_batch_size)
+            summary[which]["test"] = _scores(m, "")
+    summary["wall_seconds"] = round(time.time() - t_start, 1)
     if primary:
         if len(plan) > 1:  # each phase's last evaluation (also from before a resume)
             ends = {p.end: p.name for p in plan}
@@ -298,6 +319,30 @@ def _train_and_evaluate(config, workdir: str, stop: _Stop, t_start: float) -> di
                                        f"{summary['recipe']})", [p.end for p in plan[:-1]])
         storage.write_text(storage.join(workdir, "summary.json"), json.dumps(summary, indent=2))
     return summary
+
+
+def _scores(m: dict, prefix: str) -> dict:
+    return {k: m[prefix + k] for k in ("top1", "top5", "loss")}
+
+
+def describe(summary: dict) -> str:
+    """The summary line: which number is which split, of which checkpoint."""
+    final, selected = summary["final"], summary["selected"]
+    text = (f"{summary['model']} on {summary['dataset']} ({summary['init']}, "
+            f"{summary['recipe']}), {summary['steps']} steps in "
+            f"{summary['wall_seconds'] / 60:.1f} min: validation ({summary['selection_split']}) "
+            f"top-1 {final['validation']['top1']:.4f}")
+    if "test" in final:
+        text += f", test ({summary['test_split']}) top-1 {final['test']['top1']:.4f}"
+    if selected["step"] != final["step"]:
+        text += f"; selected on validation, step {selected['step']}"
+        if "validation" in selected:
+            text += f": validation top-1 {selected['validation']['top1']:.4f}"
+        if "test" in selected:
+            text += f", test top-1 {selected['test']['top1']:.4f}"
+    text += "".join(f"; after {name} ({p['end_step']} steps) validation top-1 {p['top1']:.4f}"
+                    for name, p in summary.get("phases", {}).items())
+    return text + (f"; curves: {summary['plot']}" if "plot" in summary else "")
 
 
 def _check_carry(plan, all_labels, params) -> None:
@@ -414,12 +459,7 @@ def main(argv=None) -> int:
         if summary.get("preempted"):
             return PREEMPTED_EXIT
         if jax.process_index() == 0:
-            phases = "".join(f"; after {name} ({p['end_step']} steps) {p['top1']:.4f}"
-                             for name, p in summary.get("phases", {}).items())
-            print(f"{summary['model']} on {summary['dataset']} ({summary['init']}, "
-                  f"{summary['recipe']}): {summary['eval_split']} top-1 {summary['top1']:.4f}, "
-                  f"top-5 {summary['top5']:.4f} after {summary['steps']} steps in "
-                  f"{summary['wall_seconds'] / 60:.1f} min{phases}; curves: {summary['plot']}")
+            print(describe(summary))
         return 0
 
     try:

@@ -91,15 +91,20 @@ class Source:
         log.info("%s [%s]: %d examples, read %s", self.name, split, r.n, r.where)
         return r
 
-    def default_splits(self) -> tuple[str, str]:
-        """(train, eval) splits when the config leaves them to the dataset."""
+    def default_splits(self) -> tuple[str, str, str | None]:
+        """(train, validation, test) splits when the config leaves them to the dataset. Model
+        selection uses validation: the dataset's own `validation` (or `val`), else the last
+        10% of train, held out (a fixed slice). Test is the dataset's `test`, or None; a
+        dataset with a single split gives 80% / 10% / 10% of it."""
         names = list(self.splits)
         train = "train" if "train" in names else names[0]
-        for candidate in ("test", "validation", "val"):
-            if candidate in names and candidate != train:
-                return train, candidate
-        # A dataset with a single split (tf_flowers): hold out its last 10%.
-        return f"{train}[:90%]", f"{train}[90%:]"
+        validation = next((s for s in ("validation", "val") if s in names and s != train), None)
+        test = "test" if "test" in names and train != "test" else None
+        if validation is not None:
+            return train, validation, test
+        if test is None and len(names) == 1:
+            return f"{train}[:80%]", f"{train}[80%:90%]", f"{train}[90%:]"
+        return f"{train}[:90%]", f"{train}[90%:]", test
 
 
 def _span(start: int | None, to: int | None, n: int) -> int:
