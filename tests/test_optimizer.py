@@ -115,19 +115,35 @@ def test_label_smoothing_against_a_hand_computation():
                                -logp[[0, 1], [0, 2]], rtol=1e-6)
 
 
-@pytest.mark.parametrize("field, value, message", [
-    ("optimizer.weight_decay", 1e-4, "with adam.*adamw"),
-    ("optimizer.clip_norm", 0.0, "clip_norm=0.0: a positive"),
-    ("label_smoothing", 1.0, r"label_smoothing=1.0: in \[0, 1\)"),
-    ("optimizer.weight_decay_on", "(", "not a regular expression"),
+@pytest.mark.parametrize("overrides, message", [
+    ({"optimizer.name": "adam", "optimizer.weight_decay": 1e-4}, "with adam.*adamw"),
+    ({"optimizer.clip_norm": 0.0}, "clip_norm=0.0: a positive"),
+    ({"label_smoothing": 1.0}, r"label_smoothing=1.0: in \[0, 1\)"),
+    ({"optimizer.weight_decay_on": "("}, "not a regular expression"),
+    ({"optimizer.nesterov": True, "optimizer.momentum": 0.0}, "nesterov.*momentum > 0"),
+    ({"dropout_rate": -1.0}, r"dropout_rate=-1.0: in \[0, 1\)"),
+    ({"optimizer.warmup_steps": -1}, "warmup_steps=-1: 0 or more"),
+    ({"train_split": "train"}, "train_split='train' and config.validation_split='train"),
+    ({"validation_split": "train[:10%]"}, "share examples"),
+    ({"test_split": "train[95%:]"}, "validation_split='train.90%:.' and config.test_split"),
 ])
-def test_options_that_cannot_work_are_refused(field, value, message):
+def test_options_that_cannot_work_are_refused(data_dir, overrides, message):
     c = config_module().get_config("model=test_resnet,init=scratch")
-    c.optimizer.name = "adam"
-    parent, _, leaf = field.rpartition(".")
-    (c[parent] if parent else c)[leaf] = value
+    c.data_dir = data_dir
+    for field, value in overrides.items():
+        parent, _, leaf = field.rpartition(".")
+        (c[parent] if parent else c)[leaf] = value
     with pytest.raises(run.RunError, match=message):
         run.resolve(c)
+
+
+@pytest.mark.parametrize("name", ["sgd", "adamw"])
+def test_weight_decay_resolves_with_sgd_and_adamw(data_dir, name):
+    c = config_module().get_config("model=test_resnet,init=scratch,steps=10")
+    c.data_dir, c.optimizer.name, c.optimizer.weight_decay = data_dir, name, 1e-4
+    r = run.resolve(c)
+    assert (r.train_split, r.validation_split, r.test_split) == ("train[:90%]", "train[90%:]",
+                                                                 "test")
 
 
 def test_none_means_the_default_and_the_command_line_sets_a_value(tmp_path):

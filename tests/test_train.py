@@ -339,7 +339,13 @@ def test_check_workdir_refuses_what_changes_the_run(tmp_path, field, value):
     with pytest.raises(run.RunError, match=rf"{field}: .* -> {value!r}.*new --workdir"):
         run.check_workdir(str(tmp_path), changed)
     assert run.check_workdir(str(tmp_path), dict(record, log_every=5)) == {"log_every": [10, 5]}
-    assert run.check_workdir(str(tmp_path), dict(record, label_smoothing=0.1)) == {}
+    # A field the workdir does not record (an earlier tljax) may change the numbers too.
+    with pytest.raises(run.RunError, match=r"label_smoothing: None -> 0.1"):
+        run.check_workdir(str(tmp_path), dict(record, label_smoothing=0.1))
+    with open(tmp_path / "config.json", "w") as f:
+        json.dump(dict(record, eval_split="test"), f)
+    with pytest.raises(run.RunError, match="earlier tljax.*selected checkpoints on its eval"):
+        run.check_workdir(str(tmp_path), record)
 
 
 def test_a_refused_resume_leaves_a_workdir_that_evaluates(reference_run, data_dir, tmp_path):
@@ -363,10 +369,22 @@ def test_a_refused_resume_leaves_a_workdir_that_evaluates(reference_run, data_di
     assert json.loads(out.stdout.strip().splitlines()[-1])["top1"] == pytest.approx(
         summary["top1"], abs=1e-6)
 
-    train.train_and_evaluate(tiny_config(data_dir, log_every=3), workdir)
+    # Resumed when finished, with the selected checkpoint made an earlier one (8, which the
+    # kept ones include): its test figures are those tljax.evaluate gives.
+    from tljax import checkpoint
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(checkpoint.Checkpoints, "best_step", lambda self: 8)
+        again = train.train_and_evaluate(tiny_config(data_dir, log_every=3), workdir)
     with open(os.path.join(workdir, "run.json")) as f:
         record = json.load(f)
     assert record["changed"] == {"log_every": [2, 3]} and len(record["history"]) == 1
+    assert again["selected"]["step"] == 8 and "validation" not in again["selected"]
+    out = run_cli(["--workdir", workdir, "--checkpoint", "8", "--split", "test", "--json"],
+                  module="tljax.evaluate")
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert again["selected"]["test"]["top1"] == pytest.approx(result["top1"], abs=1e-6)
+    assert again["final"]["test"] == pytest.approx(summary["final"]["test"], abs=1e-6)
 
 
 

@@ -71,12 +71,23 @@ def resolve(config) -> Resolved:
     if config.optimizer.name not in ("sgd", "adam", "adamw"):
         raise RunError(f"config.optimizer.name={config.optimizer.name!r}: 'sgd', 'adam' or "
                        f"'adamw'")
-    if config.optimizer.weight_decay and "adam" in (
-            config.optimizer.name, (config.get("finetune") or {}).get("optimizer", "")):
-        raise RunError(
-            f"config.optimizer.weight_decay={config.optimizer.weight_decay} with adam, which "
-            f"has no weight decay: use optimizer.name='adamw' (decoupled decay), or set "
-            f"weight_decay=0")
+    for phase in phases(config):
+        o, where = phase.optimizer, f" (phase {phase.name!r})" if phase.name else ""
+        if o.weight_decay and o.name == "adam":
+            raise RunError(
+                f"config.optimizer.weight_decay={o.weight_decay} with adam{where}, which has "
+                f"no weight decay: use 'adamw' (decoupled decay), or set weight_decay=0")
+        if o.nesterov and not (o.name == "sgd" and o.momentum):
+            raise RunError(f"config.optimizer.nesterov=True{where} needs sgd with momentum > 0")
+        if o.warmup_steps is not None and o.warmup_steps < 0:
+            raise RunError(f"warmup_steps={o.warmup_steps}{where}: 0 or more (None: 5% of the "
+                           f"phase's steps)")
+    if config.dropout_rate is not None and not 0.0 <= config.dropout_rate < 1.0:
+        raise RunError(f"config.dropout_rate={config.dropout_rate}: in [0, 1), or None for the "
+                       f"model's own")
+    if config.bn_momentum is not None and not 0.0 <= config.bn_momentum < 1.0:
+        raise RunError(f"config.bn_momentum={config.bn_momentum}: in [0, 1), or None for the "
+                       f"model's own")
     if config.optimizer.clip_norm is not None and not config.optimizer.clip_norm > 0:
         raise RunError(f"config.optimizer.clip_norm={config.optimizer.clip_norm}: a positive "
                        f"global norm, or None for no clipping")
@@ -121,25 +132,35 @@ def resolve(config) -> Resolved:
                        "config.augment.flip=False)")
     src = _source(config)
     train, validation, test = src.default_splits()
-    held_out = "[" in validation and validation.split("[")[0] == train.split("[")[0]
-    if config.train_split not in ("", train) and not config.validation_split and held_out:
-        raise RunError(
-            f"config.train_split={config.train_split!r}: name config.validation_split too; the "
-            f"default validation split ({validation!r}) is held out of {train!r}, which yours "
-            f"may overlap")
     train = config.train_split or train
     validation = config.validation_split or validation
     test = None if config.test_split == "none" else (config.test_split or test)
-    for split in (train, validation) + ((test,) if test else ()):
+    roles = {"train_split": train, "validation_split": validation}
+    if test:
+        roles["test_split"] = test
+    for split in roles.values():
         datasets.pipeline.check_split(src, split)
-    if test in (train, validation):
-        raise RunError(f"the test split {test!r} is also the train or validation split; "
-                       f"set config.test_split to another one, or to 'none'")
+    names = list(roles)
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            if _overlap(src, roles[a], roles[b]):
+                raise RunError(
+                    f"config.{a}={roles[a]!r} and config.{b}={roles[b]!r} share examples (the "
+                    f"default validation split is held out of train: name both, e.g. "
+                    f"'train[:90%]' and 'train[90%:]'); each role needs its own examples")
     num_classes = config.num_classes or src.num_classes
     if num_classes < src.num_classes:
         raise RunError(f"config.num_classes={num_classes}, but {src.name} has "
                        f"{src.num_classes} classes")
     return Resolved(config, src, num_classes, size, train, validation, test)
+
+
+def _overlap(src, a: str, b: str) -> bool:
+    """Whether splits `a` and `b` (TFDS split specs, slices included) share an example."""
+    ranges = [[(name, start or 0, n if to is None else to)
+               for name, start, to, n in src._instructions(s)] for s in (a, b)]  # noqa: SLF001
+    return any(x == y and max(s1, s2) < min(e1, e2)
+               for x, s1, e1 in ranges[0] for y, s2, e2 in ranges[1])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -250,12 +271,17 @@ def check_workdir(workdir: str, record: dict) -> dict:
     if not storage.exists(path):
         return {}
     old, new = _flat(json.loads(storage.read_text(path))), _flat(record)
+    if "eval_split" in old:
+        raise RunError(
+            f"{workdir} was written by an earlier tljax, which selected checkpoints on its "
+            f"eval split; this one selects on a validation split and tests at the end. Use a "
+            f"new --workdir (start from its weights with config.init={workdir}), or evaluate "
+            f"it with `python -m tljax.evaluate --workdir {workdir}`")
+    if not old.get("finetune.steps") and not new.get("finetune.steps"):
+        old = {k: v for k, v in old.items() if not k.startswith("finetune.")}  # no 2nd phase
+        new = {k: v for k, v in new.items() if not k.startswith("finetune.")}
     changed = {k: [old.get(k), new.get(k)] for k in sorted(set(old) | set(new))
-               if k in old and old.get(k) != new.get(k)}
-    unrecorded = sorted(k for k in new if k not in old)
-    if unrecorded:  # fields this tljax has and the one that wrote the workdir had not
-        log.warning("%s records no %s (written by an earlier tljax); resuming with this "
-                    "config's", workdir, ", ".join(unrecorded))
+               if old.get(k) != new.get(k)}  # a field one side lacks counts as changed
     refused = {k: v for k, v in changed.items() if k not in RESUMABLE}
     if refused:
         shape = [k for k in refused if k in SHAPE_FIELDS]

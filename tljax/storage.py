@@ -133,7 +133,7 @@ def read_text(p) -> str:
 
 
 def write_text(p, text: str) -> None:
-    _guard(p, lambda: path(p).write_text(text))
+    write_bytes(p, text.encode())
 
 
 def read_bytes(p) -> bytes:
@@ -141,7 +141,17 @@ def read_bytes(p) -> bytes:
 
 
 def write_bytes(p, data: bytes) -> None:
-    _guard(p, lambda: path(p).write_bytes(data))
+    """Write the file `p` whole: a reader (another process) sees the old or the new content,
+    never a part (locally through a temporary file and a rename; an object is written at
+    once)."""
+    if is_remote(p):
+        _guard(p, lambda: path(p).write_bytes(data))
+        return
+    p = absolute(p)
+    partial = f"{p}.{os.getpid()}.partial"
+    with open(partial, "wb") as f:
+        f.write(data)
+    os.replace(partial, p)
 
 
 def _guard(p, fn):

@@ -55,7 +55,8 @@ class _Stop:
         self._old = signal.signal(signal.SIGTERM, self._handle)
 
     def _handle(self, signum, frame):
-        log.warning("SIGTERM: saving a checkpoint after this step, then exiting")
+        log.warning("SIGTERM: saving a checkpoint after this step (with several processes: "
+                    "at the next shared check), then exiting")
         self.requested = True
 
     def now(self, step: int, every: int) -> bool:
@@ -256,12 +257,14 @@ def _train_and_evaluate(config, workdir: str, stop: _Stop, t_start: float) -> di
                     last_eval = evaluate(phase, eval_fn, state)
                     t_log += time.time() - t_eval  # images/s counts training time only
                     writer.write(step, last_eval)
-                    bar.write(f"step {step}: eval top-1 {last_eval['eval/top1']:.4f}, top-5 "
-                              f"{last_eval['eval/top5']:.4f}, loss "
-                              f"{last_eval['eval/loss']:.4f}")
+                    if primary:  # (tqdm.write prints whether or not the bar is shown)
+                        bar.write(f"step {step}: validation top-1 "
+                                  f"{last_eval['eval/top1']:.4f}, top-5 "
+                                  f"{last_eval['eval/top5']:.4f}, loss "
+                                  f"{last_eval['eval/loss']:.4f}")
                 if step % c.checkpoint_every == 0 or step == phase.end or evaluated:
                     ckpts.save(step, state, _best(last_eval) if evaluated else None)
-                if stop.now(step, c.log_every):
+                if stop.now(step, 1 if step == phase.end else c.log_every):
                     ckpts.save(step, state)
                     preempted = True
                     break
@@ -273,13 +276,15 @@ def _train_and_evaluate(config, workdir: str, stop: _Stop, t_start: float) -> di
         bar.close()
         ckpts.close()
         writer.close()
-    if preempted:
+    if preempted or stop.now(step, 1):  # (the test evaluation below takes a while)
         log.warning("stopped at step %d of %d by SIGTERM; checkpoint saved. Run the same "
                     "command to resume.", step, total)
         return {"preempted": True, "step": step}
 
     if not last_eval:  # resumed a finished run: evaluate what it ended with
         last_eval = evaluate(*final, state)
+    train_recs = eval_recs = state = None  # the test split below gets the memory budget
+    cache.clear()
     best = ckpts.best_step() or total
     freezes = [p.freeze if isinstance(p.freeze, str) else "custom" for p in plan]
     summary = {
