@@ -26,13 +26,13 @@ pytestmark = pytest.mark.xdist_group("gcs")  # as tests/test_storage.py: the sam
 
 
 def bucket_checkpoints(workdir: str) -> list[int]:
+    """The finished checkpoints in the bucket (Orbax marks a gs:// one with
+    `commit_success.txt`), as another host sees them."""
+    from tljax import checkpoint
+
     forget_listings()
-    d = storage.path(storage.join(workdir, "checkpoints"))
-    if not d.exists():
-        return []
-    # Orbax writes a gs:// checkpoint in place and marks it complete with this file.
-    return sorted(int(p.name) for p in d.iterdir()
-                  if p.name.isdigit() and (p / "commit_success.txt").exists())
+    d = storage.join(workdir, "checkpoints")
+    return checkpoint.steps_in(d) if storage.exists(d) else []
 
 
 def test_killed_run_resumes_from_the_bucket(gcs, gcs_server, data_dir, tmp_path):

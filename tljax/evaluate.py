@@ -27,6 +27,13 @@ def evaluate(workdir: str, checkpoint: str = "best", split: str = "",
              batch_size: int = 0) -> dict:
     """Top-1, top-5 and loss of `workdir`'s checkpoint (`best`: selected on validation,
     `latest`, or a step) on `split` (default: the run's validation split)."""
+    return evaluate_many(workdir, [checkpoint], split, batch_size)[0]
+
+
+def evaluate_many(workdir: str, checkpoints: list[str], split: str = "",
+                  batch_size: int = 0) -> list[dict]:
+    """`evaluate` of each of `checkpoints`, with the dataset read, the model built and the
+    step compiled once."""
     import jax
     import ml_collections
     import numpy as np
@@ -42,17 +49,7 @@ def evaluate(workdir: str, checkpoint: str = "best", split: str = "",
     record = json.loads(storage.read_text(path))
     config = ml_collections.ConfigDict(record)
     ckpts = ckpt_lib.Checkpoints(storage.join(workdir, "checkpoints"), asynchronous=False)
-    if checkpoint == "best":
-        step = ckpts.best_step() or ckpts.latest_step()
-    elif checkpoint == "latest":
-        step = ckpts.latest_step()
-    else:
-        step = int(checkpoint)
-        if step not in ckpts.steps():
-            raise run.RunError(f"{workdir} has no checkpoint at step {step}; it has "
-                                 f"{ckpts.steps()}")
-    if step is None:
-        raise run.RunError(f"{workdir} has no checkpoint yet")
+    chosen = [_step(ckpts, workdir, c) for c in checkpoints]
 
     src = datasets.source(config.dataset, config.data_dir or None, config.download,
                           config.holdout)
@@ -67,9 +64,6 @@ def evaluate(workdir: str, checkpoint: str = "best", split: str = "",
     abstract = jax.tree.map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
         {"params": shapes["params"], "batch_stats": shapes.get("batch_stats", {})})
-    variables = ckpts.restore_variables(step, abstract)  # no optimizer state: none is needed
-    state = steps.TrainState(step=np.int32(0), params=variables["params"],
-                             batch_stats=variables["batch_stats"], opt_state=())
     prep = preprocessing.FUNCTIONS[registry.spec(config.model).numerics.preprocessing]
     step_config = steps.StepConfig(model=model, tx=None, trainable=frozenset(),
                                    preprocess=prep)
@@ -78,13 +72,37 @@ def evaluate(workdir: str, checkpoint: str = "best", split: str = "",
     local = parallel.check_batch(global_batch, jax.device_count()) * jax.local_device_count()
     recs = src.records(split, datasets.budget(config.get("data_cache_gb",
                                                          datasets.DEFAULT_BUDGET_GB)))
-    batches, _ = datasets.eval_batches(recs, local, r.image_size, config.eval_crop,
-                                       jax.process_index(), jax.process_count(),
-                                       f"{src.name} [{split}]")
-    m = train.run_eval(eval_fn, state, batches, mesh)
+    results = []
+    for step in chosen:
+        variables = ckpts.restore_variables(step, abstract)  # no optimizer state is needed
+        state = steps.TrainState(step=np.int32(0), params=variables["params"],
+                                 batch_stats=variables["batch_stats"], opt_state=())
+        batches, _ = datasets.eval_batches(recs, local, r.image_size, config.eval_crop,
+                                           jax.process_index(), jax.process_count(),
+                                           f"{src.name} [{split}]")
+        m = train.run_eval(eval_fn, state, batches, mesh)
+        results.append({"step": int(step), "split": split, "examples": int(m["count"]),
+                        "top1": m["top1"], "top5": m["top5"], "loss": m["loss"]})
     ckpts.close()
-    return {"step": int(step), "split": split, "examples": int(m["count"]), "top1": m["top1"],
-            "top5": m["top5"], "loss": m["loss"]}
+    return results
+
+
+def _step(ckpts, workdir: str, checkpoint: str) -> int:
+    """The step `checkpoint` names: 'best', 'latest' or a number the workdir holds."""
+    from tljax import run
+
+    if checkpoint == "best":
+        step = ckpts.best_step() or ckpts.latest_step()
+    elif checkpoint == "latest":
+        step = ckpts.latest_step()
+    else:
+        step = int(checkpoint)
+        if step not in ckpts.steps():
+            raise run.RunError(f"{workdir} has no checkpoint at step {step}; it has "
+                               f"{ckpts.steps()}")
+    if step is None:
+        raise run.RunError(f"{workdir} has no checkpoint yet")
+    return step
 
 
 def main(argv=None) -> int:
@@ -103,11 +121,9 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
-    for noisy in ("absl", "orbax", "tensorflow"):  # their warnings are not ours
-        logging.getLogger(noisy).setLevel(logging.ERROR)
-    for chatty in ("fsspec", "gcsfs", "google"):  # object storage clients: progress at INFO
-        logging.getLogger(chatty).setLevel(logging.WARNING)
     from tljax import checkpoint, datasets, run
+
+    run.quiet_libraries()
 
     try:
         result = evaluate(args.workdir, args.checkpoint, args.split, args.batch_size)

@@ -319,6 +319,15 @@ def _git_commit() -> str | None:
         return None
 
 
+def quiet_libraries() -> None:
+    """The command lines' log levels for other libraries: their warnings are not ours (absl,
+    Orbax, TensorFlow), and object-storage clients log progress at INFO."""
+    for noisy in ("absl", "orbax", "tensorflow"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+    for chatty in ("fsspec", "gcsfs", "google"):
+        logging.getLogger(chatty).setLevel(logging.WARNING)
+
+
 def run_history(workdir: str, changed: dict) -> dict:
     """run.json of this start: `run_record()`, the config fields changed since the start
     before (`changed`), and the earlier starts of the run (`history`, oldest first)."""

@@ -305,14 +305,12 @@ def _train_and_evaluate(config, workdir: str, stop: _Stop, t_start: float) -> di
         if best in logged:
             summary["selected"]["validation"] = _scores(logged[best], "eval/")
     if r.test_split:  # once, at the end: the final checkpoint and the one selected on validation
-        from tljax.evaluate import evaluate as evaluate_checkpoint
+        from tljax.evaluate import evaluate_many
 
-        for which, step in (("final", total), ("selected", best)):
-            if which == "selected" and best == total:
-                summary["selected"]["test"] = summary["final"]["test"]
-                continue
-            m = evaluate_checkpoint(workdir, str(step), r.test_split, c.eval_batch_size)
-            summary[which]["test"] = _scores(m, "")
+        tested = evaluate_many(workdir, [str(s) for s in dict.fromkeys((total, best))],
+                               r.test_split, c.eval_batch_size)
+        summary["final"]["test"] = _scores(tested[0], "")
+        summary["selected"]["test"] = _scores(tested[-1], "")
     summary["wall_seconds"] = round(time.time() - t_start, 1)
     if primary:
         if len(plan) > 1:  # each phase's last evaluation (also from before a resume)
@@ -441,10 +439,7 @@ def main(argv=None) -> int:
                             format=f"%(asctime)s [{jax.process_index()}] %(name)s: %(message)s"
                             if jax.process_count() > 1 else "%(asctime)s %(name)s: %(message)s",
                             datefmt="%H:%M:%S", force=True)
-        for noisy in ("absl", "orbax", "tensorflow"):  # their warnings are not ours
-            logging.getLogger(noisy).setLevel(logging.ERROR)
-        for chatty in ("fsspec", "gcsfs", "google"):  # object storage clients: progress at INFO
-            logging.getLogger(chatty).setLevel(logging.WARNING)
+        run.quiet_libraries()
         devices = jax.devices()
         log.info("JAX %s, %s backend: %d device(s) (%s) in %d process(es)", jax.__version__,
                  jax.default_backend(), len(devices), devices[0].device_kind,
