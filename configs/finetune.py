@@ -138,6 +138,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     if d["bn_momentum"] is not None:
         c.bn_momentum = d["bn_momentum"]
     c.label_smoothing = 0.0  # training loss on (1 - s) one-hot + s / classes
+    c.ema_decay = placeholder(float)  # an exponential moving average of the parameters,
+    #                                   evaluated beside them (e.g. 0.999); None: none
+    c.ema_warmup = True  # its decay is min(ema_decay, (1 + t) / (10 + t)) at step t (as
+    #                      TensorFlow's, for runs shorter than 1 / (1 - ema_decay)); False: fixed
+    c.select_on = ""  # the parameters that choose the best checkpoint and that the summary
+    #                   and test split report: 'raw' or 'ema'; '' = 'ema' when ema_decay is set
     c.finetune = ml_collections.ConfigDict()  # a second phase, after the `steps` above
     c.finetune.steps = finetune["steps"]  # 0 = a single phase
     c.finetune.freeze = finetune["freeze"]  # what trains in the second phase (as `freeze`)

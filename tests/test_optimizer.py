@@ -126,6 +126,9 @@ def test_label_smoothing_against_a_hand_computation():
     ({"train_split": "train"}, "train_split='train' and config.validation_split='train"),
     ({"validation_split": "train[:10%]"}, "share examples"),
     ({"test_split": "train[95%:]"}, "validation_split='train.90%:.' and config.test_split"),
+    ({"ema_decay": 1.0}, r"ema_decay=1.0: in \[0, 1\)"),
+    ({"select_on": "ema"}, "select_on='ema' needs a moving average: set config.ema_decay"),
+    ({"select_on": "best", "ema_decay": 0.99}, "select_on='best': 'raw'.* or 'ema'"),
 ])
 def test_options_that_cannot_work_are_refused(data_dir, overrides, message):
     c = config_module().get_config("model=test_resnet,init=scratch")
@@ -144,6 +147,11 @@ def test_weight_decay_resolves_with_sgd_and_adamw(data_dir, name):
     r = run.resolve(c)
     assert (r.train_split, r.validation_split, r.test_split) == ("train[:90%]", "train[90%:]",
                                                                  "test")
+    assert r.select == "raw"
+    c.ema_decay = 0.999  # a moving average is what the run then selects on, unless told
+    assert run.resolve(c).select == "ema"
+    c.select_on = "raw"
+    assert run.resolve(c).select == "raw"
 
 
 def test_none_means_the_default_and_the_command_line_sets_a_value(tmp_path):
@@ -156,12 +164,13 @@ def test_none_means_the_default_and_the_command_line_sets_a_value(tmp_path):
     assert d.dropout_rate is None and d.optimizer.warmup_steps is None
     assert d.optimizer.clip_norm is None and d.bn_momentum is None
     assert d.optimizer.weight_decay_on == ".*/kernel$" and d.label_smoothing == 0.0
+    assert d.ema_decay is None and d.select_on == ""
     # Fields whose default is None take typed values (the run then stops at the dtype).
     out = subprocess.run(
         [sys.executable, "-m", "tljax.train", f"--config={CONFIG}:model=test_resnet",
          "--config.dropout_rate=0.0", "--config.optimizer.warmup_steps=0",
          "--config.optimizer.clip_norm=1.5", "--config.bn_momentum=0.0",
-         "--config.label_smoothing=0.1", "--config.dtype=float64",
+         "--config.label_smoothing=0.1", "--config.ema_decay=0.999", "--config.dtype=float64",
          f"--workdir={tmp_path / 'w'}"], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert out.returncode == 2 and "config.dtype='float64'" in out.stderr, \
         out.stderr[-2000:]

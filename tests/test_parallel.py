@@ -322,3 +322,37 @@ def test_process_rows_of_a_mesh(devices):
     """One process holds every row; the rows are those `put_batch` lays out on its devices."""
     assert parallel.process_rows(parallel.mesh(devices), 16) == (0, 16)
     assert parallel.process_rows(parallel.mesh(devices[:2]), 4) == (0, 4)
+
+
+@pytest.mark.parametrize("warmup", [True, False])
+def test_moving_average_of_the_parameters_against_a_hand_computation(warmup):
+    """`ema_params` after each step is d_t * before + (1 - d_t) * the new parameters, d_t =
+    min(d, (1 + t) / (10 + t)) with warmup (else d); frozen parameters' averages stay equal
+    to them, bit for bit (they are carried over, not averaged)."""
+    import dataclasses
+
+    _, variables, _, tx, batches = setup()
+    decay = 0.9
+    cfg = dataclasses.replace(config(False), ema_decay=decay, ema_warmup=warmup)
+    mesh = parallel.mesh(jax.devices()[:2])
+    step = parallel.shard_map_train_step(cfg, mesh)
+    state = parallel.put_replicated(steps.create_state(variables, tx, ema=True), mesh)
+
+    def flat(tree):
+        return traverse_util.flatten_dict(jax.tree.map(np.asarray, tree), sep="/")
+
+    start = flat(variables["params"])
+    expected = dict(start)
+    for t, b in enumerate(batches):
+        state, _ = step(state, parallel.put_batch(b, mesh), jax.random.key(1))
+        params, ema = flat(state.params), flat(state.ema_params)
+        d = np.float32(min(decay, (1 + t) / (10 + t)) if warmup else decay)
+        expected = {k: d * expected[k] + (1 - d) * params[k] for k in params}
+        for k in params:
+            if k in cfg.trainable:
+                np.testing.assert_allclose(ema[k], expected[k], rtol=1e-5, atol=1e-7,
+                                           err_msg=k)
+            else:
+                assert np.array_equal(ema[k], params[k]) and np.array_equal(ema[k], start[k]), k
+    moved = [k for k in cfg.trainable if not np.allclose(ema[k], params[k])]
+    assert moved and "head/kernel" in moved  # an average, not a copy of the parameters

@@ -25,15 +25,16 @@ def tiny_args(data_dir: str, steps: int = STEPS, extra: str = "") -> list[str]:
             "--config.image_size=32", "--config.eval_every=6", "--config.log_every=2",
             "--config.checkpoint_every=4", "--config.keep_checkpoints=2",
             "--config.dropout_rate=0.3", "--config.augment.flip=true",
-            f"--config.data_dir={data_dir}"]
+            "--config.ema_decay=0.9", f"--config.data_dir={data_dir}"]
 
 
 def tiny_config(data_dir: str, steps: int = STEPS, **overrides):
     c = config_module().get_config(f"model=test_resnet,init=scratch,steps={steps},batch_size=16")
     c.image_size, c.eval_every, c.log_every = 32, 6, 2
     c.checkpoint_every, c.keep_checkpoints, c.data_dir = 4, 2, data_dir
-    # Dropout before the head and flips on the device: the random streams a resume must keep.
-    c.dropout_rate, c.augment.flip = 0.3, True
+    # Dropout before the head and flips on the device: the random streams a resume must keep;
+    # a moving average of the parameters, which the run selects on.
+    c.dropout_rate, c.augment.flip, c.ema_decay = 0.3, True, 0.9
     for k, v in overrides.items():
         node = c
         *parents, last = k.split(".")
@@ -59,8 +60,9 @@ def final_params(workdir: str, step: int = STEPS) -> dict:
     from tljax import checkpoint
 
     tree = checkpoint.restore_numpy(os.path.join(workdir, "checkpoints", str(step)))
-    return traverse_util.flatten_dict({"params": tree["params"],
-                                       "batch_stats": tree["batch_stats"]}, sep="/")
+    return traverse_util.flatten_dict({k: tree[k] for k in ("params", "batch_stats",
+                                                            "ema_params") if tree.get(k)},
+                                      sep="/")
 
 
 def wait_for(predicate, proc, timeout=300, what=""):
@@ -127,9 +129,9 @@ def reference_run(data_dir, tmp_path_factory):
 
 
 def test_selection_on_validation_and_the_test_split_once_at_the_end(reference_run):
-    """Evaluations during the run (and the best checkpoint) use the validation split held out
-    of train; the test split is read only after the last step, for the final and the selected
-    checkpoints."""
+    """Evaluations during the run (and the best checkpoint, here by the moving average of the
+    parameters) use the validation split held out of train; the test split is read only after
+    the last step, for the final and the selected checkpoints."""
     from tljax import metrics
 
     workdir, summary = reference_run
@@ -139,10 +141,12 @@ def test_selection_on_validation_and_the_test_split_once_at_the_end(reference_ru
         step == STEPS for s, step in OPENED if s == "test"), OPENED
     assert summary["selection_split"] == "train[90%:]" and summary["test_split"] == "test"
     logged = {r["step"]: r for r in metrics.read(workdir) if "eval/top1" in r}
-    best = max(logged, key=lambda s: (logged[s]["eval/top1"], -s))
+    best = max(logged, key=lambda s: (logged[s]["eval_ema/top1"], -s))
+    assert summary["params"] == "ema"
     assert summary["best_step"] == summary["selected"]["step"] == best
-    assert summary["selected"]["validation"]["top1"] == logged[best]["eval/top1"]
-    assert summary["final"]["validation"]["top1"] == logged[STEPS]["eval/top1"]
+    assert summary["selected"]["validation"]["top1"] == logged[best]["eval_ema/top1"]
+    assert summary["final"]["validation"]["top1"] == logged[STEPS]["eval_ema/top1"]
+    assert summary["final"]["raw"]["validation"]["top1"] == logged[STEPS]["eval/top1"]
     for which in ("final", "selected"):
         assert 0.0 <= summary[which]["test"]["top1"] <= 1.0
     with open(os.path.join(workdir, "summary.json")) as f:
@@ -166,8 +170,9 @@ def test_a_run_writes_checkpoints_metrics_events_and_plot(reference_run):
     assert set(train_records[0]) == {"step", "train/loss", "train/accuracy", "learning_rate",
                                      "images_per_second", "input_wait"}
     assert all(0.0 <= r["input_wait"] <= 1.0 for r in train_records)
-    assert set(eval_records[0]) == {"step", "eval/loss", "eval/top1", "eval/top5"}
-    assert eval_records[-1]["eval/top1"] == pytest.approx(summary["top1"])
+    assert set(eval_records[0]) == {"step", "eval/loss", "eval/top1", "eval/top5",
+                                    "eval_ema/loss", "eval_ema/top1", "eval_ema/top5"}
+    assert eval_records[-1]["eval_ema/top1"] == pytest.approx(summary["top1"])
     events = os.listdir(os.path.join(workdir, "tensorboard"))
     assert any(e.startswith("events.out.tfevents") for e in events)
     with open(summary["plot"], "rb") as f:
@@ -229,6 +234,31 @@ def test_evaluate_restores_a_run_from_8_devices_onto_1(reference_run):
     assert result["top1"] == pytest.approx(summary["final"]["test"]["top1"], abs=1e-6)
 
 
+def test_the_moving_average_is_checkpointed_and_evaluates_as_logged(reference_run):
+    """Each checkpoint holds the moving average beside the parameters; `tljax.evaluate`
+    gives what the run logged for each (`--params raw|ema`, by default the selected kind), and
+    the summary's test figures of the raw parameters are tljax.evaluate's."""
+    from tljax import metrics
+    from tljax.evaluate import evaluate_many
+
+    workdir, summary = reference_run
+    tree = final_params(workdir)
+    ema = {k for k in tree if k.startswith("ema_params/")}
+    assert ema == {"ema_" + k for k in tree if k.startswith("params/")}
+    assert any(not np.array_equal(tree[k], tree[k[4:]]) for k in ema)
+    logged = {r["step"]: r for r in metrics.read(workdir) if "eval/top1" in r}
+    got = evaluate_many(workdir, [("best", "raw"), ("best", "ema"), ("latest", ""),
+                                  ("latest", "raw")])
+    for result, prefix in zip(got[:3], ("eval/", "eval_ema/", "eval_ema/"), strict=True):
+        assert result["top1"] == pytest.approx(logged[result["step"]][prefix + "top1"],
+                                               abs=1e-6)
+        assert result["loss"] == pytest.approx(logged[result["step"]][prefix + "loss"],
+                                               rel=1e-5)
+    assert [r["params"] for r in got] == ["raw", "ema", "ema", "raw"]
+    test = evaluate_many(workdir, [("latest", "raw")], "test")[0]
+    assert test["top1"] == pytest.approx(summary["final"]["raw"]["test"]["top1"], abs=1e-6)
+
+
 def test_resuming_with_another_number_of_classes_is_refused(reference_run, data_dir):
     from tljax import run, train
 
@@ -240,7 +270,7 @@ def test_resuming_with_another_number_of_classes_is_refused(reference_run, data_
 def test_linear_probe_trains_on_cached_features(data_dir, tmp_path):
     from tljax import run, train
 
-    config = tiny_config(data_dir, steps=6, freeze="backbone", **{
+    config = tiny_config(data_dir, steps=6, freeze="backbone", ema_decay=None, **{
         "augment.crop_area": (), "augment.flip": False, "eval_every": 6})
     assert run.phases(config)[0].cached
     workdir = str(tmp_path / "probe")
@@ -259,6 +289,11 @@ def test_linear_probe_trains_on_cached_features(data_dir, tmp_path):
     # (How well a probe learns is tests/test_probe.py's, on real weights: the features of this
     # random backbone are too large for a meaningful accuracy in 6 steps.)
     assert np.isfinite(summary["final"]["validation"]["loss"])
+    assert summary["params"] == "raw" and "raw" not in summary["final"]
+    from tljax import evaluate
+
+    with pytest.raises(run.RunError, match="kept no moving average.*raw parameters"):
+        evaluate.evaluate(workdir, params="ema")
 
 
 def test_folder_dataset_names_the_corrupt_image(tmp_path):
@@ -342,6 +377,11 @@ def test_check_workdir_refuses_what_changes_the_run(tmp_path, field, value):
     # A field the workdir does not record (an earlier tljax) may change the numbers too.
     with pytest.raises(run.RunError, match=r"label_smoothing: None -> 0.1"):
         run.check_workdir(str(tmp_path), dict(record, label_smoothing=0.1))
+    # Fields added since, which an older workdir ran without: their values then are implied.
+    assert run.check_workdir(str(tmp_path), dict(record, ema_decay=None, ema_warmup=True,
+                                                 select_on="raw")) == {}
+    with pytest.raises(run.RunError, match=r"ema_decay: None -> 0.99"):
+        run.check_workdir(str(tmp_path), dict(record, ema_decay=0.99, select_on="ema"))
     with open(tmp_path / "config.json", "w") as f:
         json.dump(dict(record, eval_split="test"), f)
     with pytest.raises(run.RunError, match="earlier tljax.*selected checkpoints on its eval"):

@@ -85,28 +85,48 @@ class Checkpoints:
         import orbax.checkpoint as ocp
 
         abstract = jax.tree.map(_abstract, target)
-        self._check_shapes(step, abstract)
+        meta = self._check_shapes(step, abstract)
+        if getattr(abstract, "ema_params", None) is None and "ema_params" not in meta:
+            # Written before TrainState had a moving average: Orbax refuses a target with a
+            # field the checkpoint lacks, even an empty one, unless restoring partially.
+            args = ocp.args.PyTreeRestore(
+                item=abstract,
+                restore_args=ocp.checkpoint_utils.construct_restore_args(abstract),
+                partial_restore=True)
+            return ocp.PyTreeCheckpointer().restore(self._item(step), args=args)
         return self.manager.restore(step, args=ocp.args.StandardRestore(abstract))
 
-    def restore_variables(self, step: int, target: Any) -> dict:
+    def restore_variables(self, step: int, target: Any, params: str = "raw") -> dict:
         """Only `{'params', 'batch_stats'}` of the checkpoint at `step`, shaped and placed like
         `target`: what evaluating or exporting needs, whatever optimizer state (and phase of
-        the run) the checkpoint was written with."""
+        the run) the checkpoint was written with. `params='ema'` takes the parameters from
+        the checkpoint's moving average (`TrainState.ema_params`) instead."""
         import orbax.checkpoint as ocp
 
         abstract = jax.tree.map(_abstract, target)
-        self._check_shapes(step, abstract)
+        meta = self._check_shapes(step, abstract)
+        key = {"raw": "params", "ema": "ema_params"}[params]
+        if not meta.get(key):
+            raise CheckpointError(
+                f"checkpoint {self.directory}/{step} holds no moving average of the "
+                f"parameters (the run had no config.ema_decay): evaluate its raw parameters")
+        abstract = {key: abstract["params"], "batch_stats": abstract["batch_stats"]}
         args = ocp.args.PyTreeRestore(
             item=abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract),
             partial_restore=True)
-        return ocp.PyTreeCheckpointer().restore(
-            storage.join(self.directory, str(step), "default"), args=args)
+        restored = ocp.PyTreeCheckpointer().restore(self._item(step), args=args)
+        return {"params": restored[key], "batch_stats": restored["batch_stats"]}
 
-    def _check_shapes(self, step: int, abstract: Any) -> None:
+    def _item(self, step: int) -> str:
+        return storage.join(self.directory, str(step), "default")
+
+    def _check_shapes(self, step: int, abstract: Any) -> dict:
+        """The checkpoint's tree metadata, once its parameter and statistic shapes are checked
+        against `abstract`'s."""
         import orbax.checkpoint as ocp
 
-        meta = ocp.StandardCheckpointer().metadata(
-            storage.join(self.directory, str(step), "default")).item_metadata
+        meta = ocp.StandardCheckpointer().metadata(self._item(step)).item_metadata
+        meta = meta.tree if hasattr(meta, "tree") else meta
         saved, wanted = {}, {}
         for part in ("params", "batch_stats"):
             saved.update(_shapes(_get(meta, part), part))
@@ -119,6 +139,7 @@ class Checkpoints:
                     f"the model. Resume with the configuration it was written with, or start a "
                     f"new workdir"
                 )
+        return meta
 
     def wait(self) -> None:
         self.manager.wait_until_finished()

@@ -3,6 +3,7 @@
   python -m tljax.evaluate --workdir runs/digits_lite0           # best checkpoint, validation
   python -m tljax.evaluate --workdir runs/digits_lite0 --split test   # ... on the test split
   python -m tljax.evaluate --workdir runs/digits_lite0 --checkpoint latest --split train
+  python -m tljax.evaluate --workdir runs/digits_ema --params raw  # not the moving average
 
 The model, dataset and preprocessing are those of the run (`WORKDIR/config.json`). The
 checkpoint is laid out over this machine's devices, whatever number the run had.
@@ -23,17 +24,18 @@ import sys
 log = logging.getLogger("tljax.evaluate")
 
 
-def evaluate(workdir: str, checkpoint: str = "best", split: str = "",
-             batch_size: int = 0) -> dict:
+def evaluate(workdir: str, checkpoint: str = "best", split: str = "", batch_size: int = 0,
+             params: str = "") -> dict:
     """Top-1, top-5 and loss of `workdir`'s checkpoint (`best`: selected on validation,
-    `latest`, or a step) on `split` (default: the run's validation split)."""
-    return evaluate_many(workdir, [checkpoint], split, batch_size)[0]
+    `latest`, or a step) on `split` (default: the run's validation split), with its
+    `params`: 'raw', 'ema' (the moving average), or '' for those the run selected on."""
+    return evaluate_many(workdir, [(checkpoint, params)], split, batch_size)[0]
 
 
-def evaluate_many(workdir: str, checkpoints: list[str], split: str = "",
+def evaluate_many(workdir: str, checkpoints: list[tuple[str, str]], split: str = "",
                   batch_size: int = 0) -> list[dict]:
-    """`evaluate` of each of `checkpoints`, with the dataset read, the model built and the
-    step compiled once."""
+    """`evaluate` of each `(checkpoint, params)` of `checkpoints`, with the dataset read once,
+    the model built and the step compiled once."""
     import jax
     import ml_collections
     import numpy as np
@@ -48,8 +50,16 @@ def evaluate_many(workdir: str, checkpoints: list[str], split: str = "",
         raise run.RunError(f"{workdir} is not a training workdir: config.json is missing")
     record = json.loads(storage.read_text(path))
     config = ml_collections.ConfigDict(record)
+    selected = record.get("select_on", "raw")
+    for _, params in checkpoints:
+        if params not in ("", "raw", "ema"):
+            raise run.RunError(f"params={params!r}: 'raw', 'ema' (the moving average), or '' "
+                               f"for those the run selected on ({selected})")
+        if params == "ema" and record.get("ema_decay") is None:
+            raise run.RunError(f"{workdir} kept no moving average of its parameters (its "
+                               f"config.ema_decay is None): evaluate its raw parameters")
     ckpts = ckpt_lib.Checkpoints(storage.join(workdir, "checkpoints"), asynchronous=False)
-    chosen = [_step(ckpts, workdir, c) for c in checkpoints]
+    chosen = [(_step(ckpts, workdir, c), p or selected) for c, p in checkpoints]
 
     src = datasets.source(config.dataset, config.data_dir or None, config.download,
                           config.holdout)
@@ -72,19 +82,19 @@ def evaluate_many(workdir: str, checkpoints: list[str], split: str = "",
     local = parallel.check_batch(global_batch, jax.device_count()) * jax.local_device_count()
     recs = src.records(split, datasets.budget(config.get("data_cache_gb",
                                                          datasets.DEFAULT_BUDGET_GB)))
-    results = []
-    for step in chosen:
-        variables = ckpts.restore_variables(step, abstract)  # no optimizer state is needed
-        state = steps.TrainState(step=np.int32(0), params=variables["params"],
-                                 batch_stats=variables["batch_stats"], opt_state=())
-        batches, _ = datasets.eval_batches(recs, local, r.image_size, config.eval_crop,
-                                           jax.process_index(), jax.process_count(),
-                                           f"{src.name} [{split}]")
-        m = train.run_eval(eval_fn, state, batches, mesh)
-        results.append({"step": int(step), "split": split, "examples": int(m["count"]),
-                        "top1": m["top1"], "top5": m["top5"], "loss": m["loss"]})
+    states = []
+    for step, params in chosen:  # no optimizer state is needed
+        variables = ckpts.restore_variables(step, abstract, params)
+        states.append(steps.TrainState(step=np.int32(0), params=variables["params"],
+                                       batch_stats=variables["batch_stats"], opt_state=()))
     ckpts.close()
-    return results
+    batches, _ = datasets.eval_batches(recs, local, r.image_size, config.eval_crop,
+                                       jax.process_index(), jax.process_count(),
+                                       f"{src.name} [{split}]")
+    return [{"step": int(step), "params": params, "split": split, "examples": int(m["count"]),
+             "top1": m["top1"], "top5": m["top5"], "loss": m["loss"]}
+            for (step, params), m in zip(chosen, train.run_evals(eval_fn, states, batches, mesh),
+                                         strict=True)]
 
 
 def _step(ckpts, workdir: str, checkpoint: str) -> int:
@@ -117,6 +127,9 @@ def main(argv=None) -> int:
                         "'train[:10%%]' work")
     parser.add_argument("--batch_size", type=int, default=0, help="global batch (default: "
                         "the run's)")
+    parser.add_argument("--params", default="", choices=["", "raw", "ema"],
+                        help="'raw' parameters, or 'ema' (their moving average, when the run "
+                        "kept one); default: those the run selected on (config.select_on)")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s",
@@ -126,14 +139,16 @@ def main(argv=None) -> int:
     run.quiet_libraries()
 
     try:
-        result = evaluate(args.workdir, args.checkpoint, args.split, args.batch_size)
+        result = evaluate(args.workdir, args.checkpoint, args.split, args.batch_size,
+                          args.params)
     except (run.RunError, datasets.DataError, checkpoint.CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if args.json:
         print(json.dumps(result))
     else:
-        print(f"{args.workdir} step {result['step']} on {result['split']} "
+        kind = " (moving average)" if result["params"] == "ema" else ""
+        print(f"{args.workdir} step {result['step']}{kind} on {result['split']} "
               f"({result['examples']} images): top-1 {result['top1']:.4f}, top-5 "
               f"{result['top5']:.4f}, loss {result['loss']:.4f}")
     return 0

@@ -87,7 +87,8 @@ def read(workdir: str) -> list[dict]:
 
 
 def plot(workdir: str, title: str = "", phase_ends: Sequence[int] = ()) -> str:
-    """Training and evaluation curves (loss; accuracy and top-1/top-5; learning rate) as
+    """Training and evaluation curves (loss; accuracy and top-1/top-5, also of the moving
+    average of the parameters when the run kept one; learning rate) as
     `WORKDIR/curves.png`, with a dotted line where each phase but the last ends."""
     import matplotlib
 
@@ -101,10 +102,13 @@ def plot(workdir: str, title: str = "", phase_ends: Sequence[int] = ()) -> str:
         return [p[0] for p in pts], [p[1] for p in pts]
 
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
-    for key, style in (("train/loss", "-"), ("eval/loss", "o-")):
+    ema = any("eval_ema/top1" in r for r in records)  # the moving average's, when kept
+    for key, style in (("train/loss", "-"), ("eval/loss", "o-")) + (
+            (("eval_ema/loss", "s-"),) if ema else ()):
         axes[0].plot(*series(key), style, label=key)
     axes[0].set_title("loss")
-    for key, style in (("train/accuracy", "-"), ("eval/top1", "o-"), ("eval/top5", "o--")):
+    for key, style in (("train/accuracy", "-"), ("eval/top1", "o-"), ("eval/top5", "o--")) + (
+            (("eval_ema/top1", "s-"),) if ema else ()):
         axes[1].plot(*series(key), style, label=key)
     axes[1].set_title("accuracy")
     axes[1].set_ylim(0, 1.0)

@@ -182,7 +182,9 @@ def shard_map_train_step(config: steps.StepConfig, mesh_: Mesh) -> ShardMapTrain
 
 
 def shard_map_eval_step(config: steps.StepConfig, mesh_: Mesh) -> Callable:
-    fn = functools.partial(steps.eval_step, config=config)
+    """`eval(states, batch) -> [sums]`: `train_step.eval_steps` (each state of the list on the
+    batch) as jit(shard_map) over `mesh_`."""
+    fn = functools.partial(steps.eval_steps, config=config)
     return xla_options.jit(jax.shard_map(fn, mesh=mesh_, in_specs=(P(), P(config.axis_name)),
                                          out_specs=P(), check_vma=False),
                            devices=mesh_.devices.flat)

@@ -29,6 +29,9 @@ SHAPE_FIELDS = ("model", "num_classes", "image_size", "dtype")
 # where its data lies. Anything else would make its numbers those of another run.
 RESUMABLE = ("log_every", "eval_every", "checkpoint_every", "keep_checkpoints",
              "data_cache_gb", "compilation_cache", "eval_batch_size", "data_dir", "download")
+# Fields added since workdirs were first written, and the value that an older workdir, which
+# does not record them, ran with.
+IMPLIED = {"ema_decay": None, "ema_warmup": True, "select_on": "raw"}
 
 
 class RunError(ValueError):
@@ -46,6 +49,7 @@ class Resolved:
     train_split: str
     validation_split: str  # model selection: evaluations during the run, the best checkpoint
     test_split: str | None  # evaluated once, at the end (None: the dataset has none)
+    select: str = "raw"  # the parameters selected and reported: 'raw' or 'ema' (their average)
 
 
 # --------------------------------------------------------------------------- config
@@ -93,6 +97,17 @@ def resolve(config) -> Resolved:
                        f"global norm, or None for no clipping")
     if not 0.0 <= config.label_smoothing < 1.0:
         raise RunError(f"config.label_smoothing={config.label_smoothing}: in [0, 1)")
+    ema = config.get("ema_decay")
+    if ema is not None and not 0.0 <= ema < 1.0:
+        raise RunError(f"config.ema_decay={ema}: in [0, 1) (e.g. 0.999), or None for no moving "
+                       f"average")
+    select = config.get("select_on", "") or ("ema" if ema is not None else "raw")
+    if select not in ("raw", "ema"):
+        raise RunError(f"config.select_on={select!r}: 'raw' (the parameters) or 'ema' (their "
+                       f"moving average); '' chooses 'ema' when config.ema_decay is set")
+    if select == "ema" and ema is None:
+        raise RunError("config.select_on='ema' needs a moving average: set config.ema_decay "
+                       "(e.g. 0.999)")
     try:
         re.compile(config.optimizer.weight_decay_on)
     except re.error as e:
@@ -152,7 +167,7 @@ def resolve(config) -> Resolved:
     if num_classes < src.num_classes:
         raise RunError(f"config.num_classes={num_classes}, but {src.name} has "
                        f"{src.num_classes} classes")
-    return Resolved(config, src, num_classes, size, train, validation, test)
+    return Resolved(config, src, num_classes, size, train, validation, test, select)
 
 
 def _overlap(src, a: str, b: str) -> bool:
@@ -258,7 +273,7 @@ def config_record(r: Resolved) -> dict:
     c = r.config.to_dict()
     c.update(num_classes=r.num_classes, image_size=r.image_size, train_split=r.train_split,
              validation_split=r.validation_split, test_split=r.test_split or "none",
-             input_order=INPUT_ORDER)
+             select_on=r.select, input_order=INPUT_ORDER)
     return json.loads(json.dumps(c, default=list))
 
 
@@ -271,6 +286,7 @@ def check_workdir(workdir: str, record: dict) -> dict:
     if not storage.exists(path):
         return {}
     old, new = _flat(json.loads(storage.read_text(path))), _flat(record)
+    old, new = {**IMPLIED, **old}, {**IMPLIED, **new}
     if "eval_split" in old:
         raise RunError(
             f"{workdir} was written by an earlier tljax, which selected checkpoints on its "

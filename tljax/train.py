@@ -7,7 +7,8 @@ freeze=backbone --workdir runs/flowers --config.optimizer.learning_rate=0.05
 The config file documents every field (configs/finetune.py); `--config.FIELD=VALUE` overrides
 one. What the run writes in the workdir:
   config.json      the resolved config;  run.json: versions, git commit, devices, processes
-  checkpoints/     Orbax checkpoints: the last `keep_checkpoints` and the best by eval top-1
+  checkpoints/     Orbax checkpoints: the last `keep_checkpoints` and the best by validation
+                   top-1 (of the moving average of the parameters with config.ema_decay)
   metrics.jsonl    one JSON record per log/eval step;  tensorboard/: the same as event files
   curves.png       training and evaluation curves, drawn at the end
 Started again with the same workdir, a run resumes from its latest checkpoint and ends with
@@ -174,7 +175,7 @@ def _train_and_evaluate(config, workdir: str, stop: _Stop, t_start: float) -> di
                                               everywhere=phase.bn_inference),
             sync_bn=c.sync_bn, preprocess=None if phase.cached else prep,
             on_features=phase.cached, bn_momentum=c.bn_momentum,
-            label_smoothing=c.label_smoothing)
+            label_smoothing=c.label_smoothing, ema_decay=c.ema_decay, ema_warmup=c.ema_warmup)
         return (parallel.shard_map_train_step(config, mesh),
                 parallel.shard_map_eval_step(config, mesh))
 
@@ -195,8 +196,13 @@ def _train_and_evaluate(config, workdir: str, stop: _Stop, t_start: float) -> di
         else:
             stream = datasets.eval_batches(eval_recs, local_eval, r.image_size, c.eval_crop,
                                            pi, pc, eval_name)[0]
-        m = run_eval(eval_fn, state, stream, mesh)
-        return {"eval/loss": m["loss"], "eval/top1": m["top1"], "eval/top5": m["top5"]}
+        light = state.replace(opt_state=(), ema_params=None)  # what evaluating reads
+        states = {"eval/": light}
+        if state.ema_params is not None:  # the moving average, on the same batches
+            states["eval_ema/"] = light.replace(params=state.ema_params)
+        results = run_evals(eval_fn, list(states.values()), stream, mesh)
+        return {prefix + k: m[k] for prefix, m in zip(states, results, strict=True)
+                for k in ("loss", "top1", "top5")}
 
     rng = jax.random.key(c.seed)
     bar = tqdm(total=total, initial=start, desc="train", unit="step", disable=not primary,
@@ -216,7 +222,8 @@ def _train_and_evaluate(config, workdir: str, stop: _Stop, t_start: float) -> di
             freeze.log_table(labels, variables["params"])
             tx, schedule = run.optimizer(phase, labels)
             if state is None:  # the run's start, or the phase its latest checkpoint is of
-                state = parallel.put_replicated(steps.create_state(variables, tx), mesh)
+                state = parallel.put_replicated(
+                    steps.create_state(variables, tx, ema=c.ema_decay is not None), mesh)
                 if start:
                     log.info("resuming from %s/%d", ckpts.directory, start)
                     state = ckpts.restore(start, state)
@@ -258,12 +265,9 @@ def _train_and_evaluate(config, workdir: str, stop: _Stop, t_start: float) -> di
                     t_log += time.time() - t_eval  # images/s counts training time only
                     writer.write(step, last_eval)
                     if primary:  # (tqdm.write prints whether or not the bar is shown)
-                        bar.write(f"step {step}: validation top-1 "
-                                  f"{last_eval['eval/top1']:.4f}, top-5 "
-                                  f"{last_eval['eval/top5']:.4f}, loss "
-                                  f"{last_eval['eval/loss']:.4f}")
+                        bar.write(f"step {step}: validation " + _eval_line(last_eval))
                 if step % c.checkpoint_every == 0 or step == phase.end or evaluated:
-                    ckpts.save(step, state, _best(last_eval) if evaluated else None)
+                    ckpts.save(step, state, _best(last_eval, r.select) if evaluated else None)
                 if stop.now(step, 1 if step == phase.end else c.log_every):
                     ckpts.save(step, state)
                     preempted = True
@@ -287,37 +291,47 @@ def _train_and_evaluate(config, workdir: str, stop: _Stop, t_start: float) -> di
     cache.clear()
     best = ckpts.best_step() or total
     freezes = [p.freeze if isinstance(p.freeze, str) else "custom" for p in plan]
+    # The figures are those of the parameters the run selects on (`config.select_on`).
+    prefix = "eval_ema/" if r.select == "ema" else "eval/"
     summary = {
         "model": c.model, "dataset": r.source.name, "init": c.init, "freeze": freezes[0],
         "recipe": ", then ".join(f"freeze={f} for {p.steps} steps"
                                  for f, p in zip(freezes, plan, strict=True)),
-        "steps": total,
+        "steps": total, "params": r.select,
         # The final checkpoint on the validation split (what the run logged last).
-        "top1": last_eval["eval/top1"], "top5": last_eval["eval/top5"],
+        "top1": last_eval[prefix + "top1"], "top5": last_eval[prefix + "top5"],
         "selection_split": r.validation_split, "test_split": r.test_split,
         "best_step": best,
-        "final": {"step": total, "validation": _scores(last_eval, "eval/")},
+        "final": {"step": total, "validation": _scores(last_eval, prefix)},
         "selected": {"step": best},
         "wall_seconds": None, "workdir": workdir,
     }
+    if r.select == "ema":  # the raw parameters of the final checkpoint, for comparison
+        summary["final"]["raw"] = {"validation": _scores(last_eval, "eval/")}
     if primary:
-        logged = {m["step"]: m for m in metrics.read(workdir) if "eval/top1" in m}
+        logged = {m["step"]: m for m in metrics.read(workdir) if prefix + "top1" in m}
         if best in logged:
-            summary["selected"]["validation"] = _scores(logged[best], "eval/")
+            summary["selected"]["validation"] = _scores(logged[best], prefix)
     if r.test_split:  # once, at the end: the final checkpoint and the one selected on validation
         from tljax.evaluate import evaluate_many
 
-        tested = evaluate_many(workdir, [str(s) for s in dict.fromkeys((total, best))],
-                               r.test_split, c.eval_batch_size)
-        summary["final"]["test"] = _scores(tested[0], "")
-        summary["selected"]["test"] = _scores(tested[-1], "")
+        wanted = [(str(total), r.select), (str(best), r.select)]
+        if r.select == "ema":
+            wanted.append((str(total), "raw"))
+        once = list(dict.fromkeys(wanted))
+        tested = {k: _scores(m, "") for k, m in zip(
+            once, evaluate_many(workdir, once, r.test_split, c.eval_batch_size), strict=True)}
+        summary["final"]["test"] = tested[wanted[0]]
+        summary["selected"]["test"] = tested[wanted[1]]
+        if r.select == "ema":
+            summary["final"]["raw"]["test"] = tested[wanted[2]]
     summary["wall_seconds"] = round(time.time() - t_start, 1)
     if primary:
         if len(plan) > 1:  # each phase's last evaluation (also from before a resume)
             ends = {p.end: p.name for p in plan}
             summary["phases"] = {
-                ends[m["step"]]: {"end_step": m["step"], "top1": m["eval/top1"]}
-                for m in metrics.read(workdir) if m.get("step") in ends and "eval/top1" in m}
+                ends[m["step"]]: {"end_step": m["step"], "top1": m[prefix + "top1"]}
+                for m in metrics.read(workdir) if m.get("step") in ends and prefix + "top1" in m}
         summary["plot"] = metrics.plot(workdir, f"{c.model} on {r.source.name} ({c.init}, "
                                        f"{summary['recipe']})", [p.end for p in plan[:-1]])
         storage.write_text(storage.join(workdir, "summary.json"), json.dumps(summary, indent=2))
@@ -337,6 +351,11 @@ def describe(summary: dict) -> str:
             f"top-1 {final['validation']['top1']:.4f}")
     if "test" in final:
         text += f", test ({summary['test_split']}) top-1 {final['test']['top1']:.4f}"
+    if summary.get("params") == "ema":
+        raw = final["raw"]
+        text += (f" (moving average of the parameters; the parameters themselves: validation "
+                 f"top-1 {raw['validation']['top1']:.4f}"
+                 + (f", test {raw['test']['top1']:.4f}" if "test" in raw else "") + ")")
     if selected["step"] != final["step"]:
         text += f"; selected on validation, step {selected['step']}"
         if "validation" in selected:
@@ -369,24 +388,46 @@ def _check_carry(plan, all_labels, params) -> None:
                 f"{plan[i].optimizer.name}); use 'reset'")
 
 
-def _best(ev: dict) -> dict:
-    return {"top1": ev["eval/top1"], "top5": ev["eval/top5"], "loss": ev["eval/loss"]}
+def _best(ev: dict, select: str) -> dict:
+    """A checkpoint's metrics: `top1` (what the best checkpoint is chosen by), `top5` and
+    `loss` of the selected parameters, and, with a moving average, those of both kinds."""
+    prefix = "eval_ema/" if select == "ema" else "eval/"
+    out = {k: ev[prefix + k] for k in ("top1", "top5", "loss")}
+    if "eval_ema/top1" in ev:
+        out.update({f"{kind}_{k}": ev[f"{p}{k}"] for kind, p in (("raw", "eval/"),
+                                                                 ("ema", "eval_ema/"))
+                    for k in ("top1", "top5", "loss")})
+    return out
 
 
-def run_eval(eval_fn, state, batches, mesh) -> dict:
-    """Mean loss, top-1 and top-5 (and the example count) of `eval_fn` over `batches`."""
+def _eval_line(ev: dict) -> str:
+    text = (f"top-1 {ev['eval/top1']:.4f}, top-5 {ev['eval/top5']:.4f}, loss "
+            f"{ev['eval/loss']:.4f}")
+    if "eval_ema/top1" in ev:
+        text += (f"; moving average: top-1 {ev['eval_ema/top1']:.4f}, top-5 "
+                 f"{ev['eval_ema/top5']:.4f}, loss {ev['eval_ema/loss']:.4f}")
+    return text
+
+
+def run_evals(eval_fn, states: list, batches, mesh) -> list[dict]:
+    """Mean loss, top-1 and top-5 (and the example count) of `eval_fn`
+    (`parallel.shard_map_eval_step`) over `batches` for each of `states` (parameters of one
+    model), reading the batches once."""
     import jax
 
     from tljax import parallel
 
     sums = None
     for b in batches:
-        out = eval_fn(state, parallel.put_batch(b, mesh))
+        out = eval_fn(states, parallel.put_batch(b, mesh))
         sums = out if sums is None else jax.tree.map(lambda a, b: a + b, sums, out)
-    sums = jax.tree.map(float, sums)
-    n = max(sums["count"], 1.0)
-    return {"loss": sums["loss"] / n, "top1": sums["top1"] / n, "top5": sums["top5"] / n,
-            "count": sums["count"]}
+    results = []
+    for s in sums:
+        s = jax.tree.map(float, s)
+        n = max(s["count"], 1.0)
+        results.append({"loss": s["loss"] / n, "top1": s["top1"] / n, "top5": s["top5"] / n,
+                        "count": s["count"]})
+    return results
 
 
 class _timer:

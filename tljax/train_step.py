@@ -10,18 +10,23 @@ loss as constants, so no gradient is computed for them (with the whole backbone 
 BatchNorm in inference mode, the step costs little more than a forward pass). Frozen
 parameters and the statistics of frozen BatchNorm layers are carried over untouched, bit for
 bit.
+
+With `StepConfig.ema_decay` set, the state also holds an exponential moving average of the
+parameters (`TrainState.ema_params`), updated after each step on the trained parameters; the
+frozen ones are carried over, so that they stay equal to the model's.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import flax
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import linen as nn
 from flax import traverse_util
@@ -32,12 +37,14 @@ from tljax.models.layers import TrainMode
 
 @flax.struct.dataclass
 class TrainState:
-    """Everything a step changes: step counter, parameters, BatchNorm statistics, optimizer."""
+    """Everything a step changes: step counter, parameters, BatchNorm statistics, optimizer,
+    and the moving average of the parameters (None when the run keeps none)."""
 
     step: jax.Array
     params: Any
     batch_stats: Any
     opt_state: Any
+    ema_params: Any = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,6 +68,11 @@ class StepConfig:
         model family's own).
       label_smoothing: the training loss's target is `(1 - s) * one_hot + s / classes`
         (evaluation keeps the plain cross-entropy).
+      ema_decay: with a value d, `ema_params` becomes `d_t * ema_params + (1 - d_t) * params`
+        after each step (`ema_decay_at`); None: `ema_params` is left as it is.
+      ema_warmup: `d_t = min(d, (1 + t) / (10 + t))` at step t, so that the average follows
+        the early, fast-moving parameters (TensorFlow's `ExponentialMovingAverage` with
+        `num_updates`); False: `d_t = d` from the first step.
     """
 
     model: nn.Module
@@ -73,6 +85,8 @@ class StepConfig:
     on_features: bool = False
     bn_momentum: float | None = None
     label_smoothing: float = 0.0
+    ema_decay: float | None = None
+    ema_warmup: bool = True
 
     def forward(self, params, batch_stats, batch, train, rng=None):
         """`(logits, new batch_stats)` of the model on `batch`."""
@@ -110,6 +124,15 @@ def cross_entropy(logits: jax.Array, labels: jax.Array, smoothing: float = 0.0) 
         return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
     targets = optax.smooth_labels(jax.nn.one_hot(labels, logits.shape[-1]), smoothing)
     return optax.softmax_cross_entropy(logits, targets)
+
+
+def ema_decay_at(step: jax.Array, decay: float, warmup: bool) -> jax.Array:
+    """The moving average's decay at the update made by step `step` (counted from 0)."""
+    decay = jnp.asarray(decay, jnp.float32)
+    if not warmup:
+        return decay
+    t = step.astype(jnp.float32)
+    return jnp.minimum(decay, (1.0 + t) / (10.0 + t))
 
 
 def _split(tree: Mapping, keep: frozenset[str]) -> tuple[dict, dict]:
@@ -160,8 +183,15 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array], rng: jax.Array
         "loss": loss,
         "accuracy": jnp.mean(jnp.argmax(logits, -1) == batch["label"]),
     }
+    ema_params = state.ema_params
+    if config.ema_decay is not None:
+        ema_trained, ema_frozen = _split(state.ema_params, config.trainable)
+        d = ema_decay_at(state.step, config.ema_decay, config.ema_warmup)
+        ema_trained = jax.tree.map(lambda e, p: d * e + (1.0 - d) * p, ema_trained, new_trained)
+        ema_params = _join(ema_trained, ema_frozen)
     new_state = state.replace(step=state.step + 1, params=params,
-                              batch_stats=_join(stats_old, stats_new), opt_state=opt_state)
+                              batch_stats=_join(stats_old, stats_new), opt_state=opt_state,
+                              ema_params=ema_params)
     return new_state, jax.lax.pmean(metrics, axis)
 
 
@@ -181,13 +211,18 @@ def _stats_paths(batch_stats, frozen_bn, train: bool) -> frozenset[str]:
 
 def carried_paths(state: TrainState, config: StepConfig) -> frozenset[str]:
     """The state's leaves that `train_step` returns as it was given them, as paths
-    ('params/...', 'batch_stats/...'): the frozen parameters and the statistics of frozen
-    BatchNorm layers. `tljax.parallel` passes these into the compiled step without returning
-    them (and checks, when it traces the step, that each one comes back untouched)."""
+    ('params/...', 'batch_stats/...', 'ema_params/...'): the frozen parameters (and their
+    moving averages) and the statistics of frozen BatchNorm layers. `tljax.parallel` passes
+    these into the compiled step without returning them (and checks, when it traces the step,
+    that each one comes back untouched)."""
     params = traverse_util.flatten_dict(state.params, sep="/")
     stats = _stats_paths(state.batch_stats, config.frozen_bn, train=False)
-    return frozenset([f"params/{k}" for k in params if k not in config.trainable]
-                     + [f"batch_stats/{k}" for k in stats])
+    frozen = [k for k in params if k not in config.trainable]
+    ema = ([f"ema_params/{k}" for k in frozen] if config.ema_decay is not None else
+           [f"ema_params/{k}" for k in traverse_util.flatten_dict(state.ema_params or {},
+                                                                    sep="/")])
+    return frozenset([f"params/{k}" for k in frozen] + [f"batch_stats/{k}" for k in stats]
+                     + ema)
 
 
 def eval_step(state: TrainState, batch: Mapping[str, jax.Array], config: StepConfig) -> dict:
@@ -205,12 +240,23 @@ def eval_step(state: TrainState, batch: Mapping[str, jax.Array], config: StepCon
     return jax.lax.psum(sums, config.axis_name)
 
 
-def create_state(variables: Mapping, tx: optax.GradientTransformation) -> TrainState:
-    """A fresh training state (step 0, new optimizer state) from model variables."""
+def eval_steps(states: Sequence[TrainState], batch: Mapping[str, jax.Array],
+               config: StepConfig) -> list[dict]:
+    """`eval_step` of each of `states` (parameters of one model: the run's and their moving
+    average, or several checkpoints) on the same batch, as one program: one launch per batch,
+    since XLA's CPU collectives can deadlock with launches of several programs in flight."""
+    return [eval_step(s, batch, config) for s in states]
+
+
+def create_state(variables: Mapping, tx: optax.GradientTransformation,
+                 ema: bool = False) -> TrainState:
+    """A fresh training state (step 0, new optimizer state) from model variables; with `ema`,
+    its moving average of the parameters starts as a copy of them."""
     params = variables["params"]
     return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                       batch_stats=variables.get("batch_stats", {}),
-                      opt_state=tx.init(params))
+                      opt_state=tx.init(params),
+                      ema_params=jax.tree.map(np.array, params) if ema else None)
 
 
 def optimizer(labels: Mapping, make: Any, learning_rate: Any,
