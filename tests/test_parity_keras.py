@@ -37,6 +37,9 @@ def convert_and_compare(keras_model, name, include_top, size, tmp_path, pooling=
                         fmt="legacy"):
     if fmt == "legacy":
         path = kr.save_legacy_h5(keras_model, str(tmp_path / f"{name}.h5"))
+    elif fmt == "keras":  # Keras 3's own model.save
+        path = str(tmp_path / f"{name}.keras")
+        keras_model.save(path)
     else:
         path = str(tmp_path / f"{name}.weights.h5")
         keras_model.save_weights(path)
@@ -72,6 +75,28 @@ def test_parity_keras3_weights_h5(name, tmp_path):
     kr.randomize_statistics(km, seed=3)
     convert_and_compare(km, name, False, SIZES[models.spec(name).family.name][1], tmp_path,
                         fmt="weights.h5")
+
+
+@pytest.mark.parametrize("name,include_top", [("vgg19", True), ("resnet50", False),
+                                               ("inception_v3", False),
+                                               ("efficientnet_b0", True)])
+def test_parity_keras_archive(name, include_top, tmp_path):
+    """Keras 3 `.keras` archives (`model.save`): their `model.weights.h5`, read as Keras reads
+    it, gives Keras's outputs; a truncated archive is named as such."""
+    size = SIZES[models.spec(name).family.name][0 if include_top else 1]
+    km = kr.build(name, include_top, size, seed=10)
+    kr.randomize_statistics(km, seed=11)
+    rec = convert_and_compare(km, name, include_top, size, tmp_path, fmt="keras")
+    assert rec["source"]["format"] == "keras_archive"
+    whole = (tmp_path / f"{name}.keras").read_bytes()
+    cut = tmp_path / "cut.keras"
+    cut.write_bytes(whole[: len(whole) // 2])
+    from tljax.weights import readers
+
+    with pytest.raises(readers.UnreadableFileError, match="truncated or corrupt"):
+        from tljax.weights import convert
+
+        convert.convert(name, str(cut), str(tmp_path / "never"))
 
 
 def test_parity_max_pooling(tmp_path):

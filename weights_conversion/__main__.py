@@ -27,10 +27,10 @@ def main(argv=None) -> int:
         epilog="Models: " + ", ".join(models.names()),
     )
     parser.add_argument("--model", required=True, help="registered model name, e.g. resnet50")
-    parser.add_argument("--input", required=True, help="the .h5, .weights.h5 or .pth file")
+    parser.add_argument("--input", required=True, help="the .h5, .weights.h5, .keras or .pth file")
     parser.add_argument("--output", required=True, help="directory to create")
     parser.add_argument("--format", default="auto",
-                        choices=["auto", "keras_h5", "keras_weights_h5", "torch"],
+                        choices=["auto", "keras_h5", "keras_weights_h5", "keras_archive", "torch"],
                         help="input format (default: detected from the file's content)")
     parser.add_argument(
         "--imagenet-rescaling", default="auto", choices=["auto", "on", "off"],

@@ -87,18 +87,20 @@ def convert(model: str, input_path: str, output_dir: str, fmt: str = "auto",
         sources = readers.read_torch(input_path)
     elif fmt == "keras_h5":
         sources = readers.read_keras_h5(input_path)
-    elif fmt == "keras_weights_h5":
+    elif fmt in ("keras_weights_h5", "keras_archive"):
         sources = None  # needs the Keras model, built below once include_top is known
     else:
-        raise ValueError(f"unknown format {fmt!r}; expected keras_h5, keras_weights_h5 or torch")
+        raise ValueError(f"unknown format {fmt!r}; expected keras_h5, keras_weights_h5, "
+                         f"keras_archive or torch")
     if fmt != "torch" and spec.keras_layer_name is None:
         raise readers.UnreadableFileError(
             f"{model} has no Keras Applications counterpart; convert a torch state dict"
         )
 
     if sources is None:
-        sources = readers.read_keras_weights_h5(input_path, _keras_model(
-            spec, _weights_h5_has_top(input_path), spec.default_size))
+        with readers.keras_weights_file(input_path, fmt) as path:
+            sources = readers.read_keras_weights_h5(path, _keras_model(
+                spec, _weights_h5_has_top(path), spec.default_size))
     if include_top is None:
         include_top = _head_present(sources, fmt)
     num_classes = _head_classes(sources, fmt) if include_top else 1000

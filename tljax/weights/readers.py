@@ -5,13 +5,18 @@
 - Keras 3 `.weights.h5`: layers are stored under class-based keys (`layers/conv2d_7/vars/0`)
   in the order of the Keras model's `layers`, so the Keras application is built (no weights)
   to recover each key's layer name.
+- Keras 3 `.keras` archives (`model.save(...)`): a zip whose `model.weights.h5` is laid out as
+  a `.weights.h5` file; it is read as Keras's own loading code reads it.
 - torch state dicts (`.pth`/`.pt`), read with `torch.load(weights_only=True)`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
+import tempfile
+import zipfile
 
 import numpy as np
 
@@ -22,8 +27,12 @@ class UnreadableFileError(ValueError):
     """The input file is missing, truncated, or not in a format the converter reads."""
 
 
+KERAS_ARCHIVE_WEIGHTS = "model.weights.h5"  # where a `.keras` archive keeps the weights
+
+
 def detect_format(path: str) -> str:
-    """'keras_h5', 'keras_weights_h5' or 'torch', from the file's content (not its name)."""
+    """'keras_h5', 'keras_weights_h5', 'keras_archive' or 'torch', from the file's content
+    (not its name)."""
     if not os.path.isfile(path):
         raise UnreadableFileError(f"input file {path} does not exist")
     with open(path, "rb") as f:
@@ -39,11 +48,47 @@ def detect_format(path: str) -> str:
             f"{path} is an HDF5 file but holds no Keras weights (no 'layer_names' attribute, no "
             f"'layers' group)"
         )
-    if head.startswith(b"PK\x03\x04") or head[:2] == b"\x80\x02":
+    if head.startswith(b"PK\x03\x04"):  # a zip: a Keras 3 archive or a torch file
+        names = _zip_names(path)
+        return "keras_archive" if KERAS_ARCHIVE_WEIGHTS in names else "torch"
+    if head[:2] == b"\x80\x02":
         return "torch"
     raise UnreadableFileError(
         f"{path}: not a Keras HDF5 file nor a torch state dict (it starts with {head!r})"
     )
+
+
+def _zip_names(path: str) -> list[str]:
+    try:
+        with zipfile.ZipFile(path) as z:
+            return z.namelist()
+    except (zipfile.BadZipFile, OSError) as e:
+        raise UnreadableFileError(
+            f"{path} ({os.path.getsize(path)} bytes) starts as a zip archive (a Keras .keras "
+            f"file or a torch file) but cannot be read as one: it is truncated or corrupt "
+            f"({e}). Save or download it again."
+        ) from None
+
+
+@contextlib.contextmanager
+def keras_weights_file(path: str, fmt: str):
+    """The path of the `.weights.h5` data of `path`: the file itself ('keras_weights_h5'), or
+    a `.keras` archive's `model.weights.h5`, extracted to a temporary directory for the
+    duration ('keras_archive')."""
+    if fmt != "keras_archive":
+        yield path
+        return
+    with tempfile.TemporaryDirectory(prefix="tljax-keras-") as tmp:
+        try:
+            with zipfile.ZipFile(path) as z:
+                extracted = z.extract(KERAS_ARCHIVE_WEIGHTS, tmp)
+        except (zipfile.BadZipFile, OSError, KeyError, EOFError) as e:
+            raise UnreadableFileError(
+                f"{path}: the Keras archive's {KERAS_ARCHIVE_WEIGHTS} cannot be extracted "
+                f"({e.__class__.__name__}: {e}); the file is truncated or corrupt. Save it "
+                f"again with model.save(...)"
+            ) from None
+        yield extracted
 
 
 def _open_h5(path: str):
