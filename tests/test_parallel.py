@@ -327,32 +327,43 @@ def test_process_rows_of_a_mesh(devices):
 @pytest.mark.parametrize("warmup", [True, False])
 def test_moving_average_of_the_parameters_against_a_hand_computation(warmup):
     """`ema_params` after each step is d_t * before + (1 - d_t) * the new parameters, d_t =
-    min(d, (1 + t) / (10 + t)) with warmup (else d); frozen parameters' averages stay equal
-    to them, bit for bit (they are carried over, not averaged)."""
+    min(d, (1 + t) / (10 + t)) with warmup (else d), for the trained parameters and those in
+    `ema_paths` (one frozen here, as after a phase that trained it: its average, started at
+    zero, moves toward its value); the others' averages stay equal to them, bit for bit."""
     import dataclasses
 
     _, variables, _, tx, batches = setup()
     decay = 0.9
-    cfg = dataclasses.replace(config(False), ema_decay=decay, ema_warmup=warmup)
+    base = config(False)
+    refrozen = next(k for k in traverse_util.flatten_dict(variables["params"], sep="/")
+                    if k not in base.trainable and k.endswith("kernel"))
+    cfg = dataclasses.replace(base, ema_decay=decay, ema_warmup=warmup,
+                              ema_paths=base.trainable | {refrozen})
     mesh = parallel.mesh(jax.devices()[:2])
     step = parallel.shard_map_train_step(cfg, mesh)
-    state = parallel.put_replicated(steps.create_state(variables, tx, ema=True), mesh)
+    state = steps.create_state(variables, tx, ema=True)
+    ema0 = traverse_util.flatten_dict(state.ema_params, sep="/")
+    ema0[refrozen] = np.zeros_like(ema0[refrozen])
+    state = parallel.put_replicated(
+        state.replace(ema_params=traverse_util.unflatten_dict(ema0, sep="/")), mesh)
 
     def flat(tree):
         return traverse_util.flatten_dict(jax.tree.map(np.asarray, tree), sep="/")
 
     start = flat(variables["params"])
-    expected = dict(start)
+    expected = dict(ema0)
     for t, b in enumerate(batches):
         state, _ = step(state, parallel.put_batch(b, mesh), jax.random.key(1))
         params, ema = flat(state.params), flat(state.ema_params)
         d = np.float32(min(decay, (1 + t) / (10 + t)) if warmup else decay)
         expected = {k: d * expected[k] + (1 - d) * params[k] for k in params}
         for k in params:
-            if k in cfg.trainable:
+            if k in cfg.averaged:
                 np.testing.assert_allclose(ema[k], expected[k], rtol=1e-5, atol=1e-7,
                                            err_msg=k)
             else:
                 assert np.array_equal(ema[k], params[k]) and np.array_equal(ema[k], start[k]), k
+    assert np.array_equal(params[refrozen], start[refrozen])  # frozen, yet averaged toward
+    assert not np.allclose(ema[refrozen], 0.0) and not np.allclose(ema[refrozen], start[refrozen])
     moved = [k for k in cfg.trainable if not np.allclose(ema[k], params[k])]
     assert moved and "head/kernel" in moved  # an average, not a copy of the parameters

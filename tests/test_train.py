@@ -147,6 +147,11 @@ def test_selection_on_validation_and_the_test_split_once_at_the_end(reference_ru
     assert summary["selected"]["validation"]["top1"] == logged[best]["eval_ema/top1"]
     assert summary["final"]["validation"]["top1"] == logged[STEPS]["eval_ema/top1"]
     assert summary["final"]["raw"]["validation"]["top1"] == logged[STEPS]["eval/top1"]
+    from tljax import train
+
+    line = train.describe(summary)
+    assert "figures of the moving average of the parameters" in line
+    assert f"(parameters: validation top-1 {logged[STEPS]['eval/top1']:.4f}, test" in line
     for which in ("final", "selected"):
         assert 0.0 <= summary[which]["test"]["top1"] <= 1.0
     with open(os.path.join(workdir, "summary.json")) as f:

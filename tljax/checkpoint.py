@@ -1,9 +1,10 @@
 """Training checkpoints (Orbax): the last K and the best by an evaluation metric.
 
 `WORKDIR/checkpoints/<step>/` holds the whole `TrainState` (step, params, BatchNorm statistics,
-optimizer state). Saving is asynchronous (training goes on while the files are written) and
-atomic (a checkpoint is written to a temporary directory and renamed when complete), so a run
-killed at any moment leaves only whole checkpoints; leftovers are cleaned up on the next start.
+optimizer state, and the moving average of the parameters when the run keeps one). Saving is
+asynchronous (training goes on while the files are written) and atomic (a checkpoint is
+written to a temporary directory and renamed when complete), so a run killed at any moment
+leaves only whole checkpoints; leftovers are cleaned up on the next start.
 
 The state is replicated over the devices, so a checkpoint is independent of the device count:
 `restore` lays it out over whatever mesh the restarted run has.
@@ -86,7 +87,14 @@ class Checkpoints:
 
         abstract = jax.tree.map(_abstract, target)
         meta = self._check_shapes(step, abstract)
-        if getattr(abstract, "ema_params", None) is None and "ema_params" not in meta:
+        wanted = getattr(abstract, "ema_params", None) is not None
+        if wanted != bool(meta.get("ema_params")):
+            raise CheckpointError(
+                f"checkpoint {self.directory}/{step} was written "
+                f"{'without' if wanted else 'with'} a moving average of the parameters, this "
+                f"run {'keeps' if wanted else 'keeps no'} one: resume with the config.ema_decay "
+                f"it was written with (WORKDIR/config.json), or start a new workdir")
+        if not wanted and "ema_params" not in meta:
             # Written before TrainState had a moving average: Orbax refuses a target with a
             # field the checkpoint lacks, even an empty one, unless restoring partially.
             args = ocp.args.PyTreeRestore(
@@ -109,7 +117,7 @@ class Checkpoints:
         if not meta.get(key):
             raise CheckpointError(
                 f"checkpoint {self.directory}/{step} holds no moving average of the "
-                f"parameters (the run had no config.ema_decay): evaluate its raw parameters")
+                f"parameters (the run had no config.ema_decay): pass --params raw (params='raw')")
         abstract = {key: abstract["params"], "batch_stats": abstract["batch_stats"]}
         args = ocp.args.PyTreeRestore(
             item=abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract),

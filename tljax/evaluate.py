@@ -57,9 +57,11 @@ def evaluate_many(workdir: str, checkpoints: list[tuple[str, str]], split: str =
                                f"for those the run selected on ({selected})")
         if params == "ema" and record.get("ema_decay") is None:
             raise run.RunError(f"{workdir} kept no moving average of its parameters (its "
-                               f"config.ema_decay is None): evaluate its raw parameters")
+                               f"config.ema_decay is None): pass --params raw, or leave "
+                               f"--params out")
     ckpts = ckpt_lib.Checkpoints(storage.join(workdir, "checkpoints"), asynchronous=False)
-    chosen = [(_step(ckpts, workdir, c), p or selected) for c, p in checkpoints]
+    wanted = [(_step(ckpts, workdir, c), p or selected) for c, p in checkpoints]
+    chosen = list(dict.fromkeys(wanted))  # each checkpoint and kind restored and run once
 
     src = datasets.source(config.dataset, config.data_dir or None, config.download,
                           config.holdout)
@@ -91,10 +93,11 @@ def evaluate_many(workdir: str, checkpoints: list[tuple[str, str]], split: str =
     batches, _ = datasets.eval_batches(recs, local, r.image_size, config.eval_crop,
                                        jax.process_index(), jax.process_count(),
                                        f"{src.name} [{split}]")
-    return [{"step": int(step), "params": params, "split": split, "examples": int(m["count"]),
-             "top1": m["top1"], "top5": m["top5"], "loss": m["loss"]}
-            for (step, params), m in zip(chosen, train.run_evals(eval_fn, states, batches, mesh),
-                                         strict=True)]
+    results = dict(zip(chosen, train.run_evals(eval_fn, states, batches, mesh), strict=True))
+    return [{"step": int(step), "params": params, "split": split,
+             "examples": int(results[step, params]["count"]),
+             **{k: results[step, params][k] for k in ("top1", "top5", "loss")}}
+            for step, params in wanted]
 
 
 def _step(ckpts, workdir: str, checkpoint: str) -> int:
@@ -120,7 +123,8 @@ def main(argv=None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", required=True, help="a training workdir")
     parser.add_argument("--checkpoint", default="best",
-                        help="'best' (by validation top-1; the default), 'latest', or a step "
+                        help="'best' (by the validation top-1 of the parameters the run "
+                        "selects on, config.select_on; the default), 'latest', or a step "
                         "number")
     parser.add_argument("--split", default="", help="split to evaluate (default: the run's "
                         "validation split; 'test' for its test split); TFDS slices such as "

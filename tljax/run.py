@@ -293,6 +293,9 @@ def check_workdir(workdir: str, record: dict) -> dict:
             f"eval split; this one selects on a validation split and tests at the end. Use a "
             f"new --workdir (start from its weights with config.init={workdir}), or evaluate "
             f"it with `python -m tljax.evaluate --workdir {workdir}`")
+    if old.get("ema_decay") is None and new.get("ema_decay") is None:  # no moving average
+        old.pop("ema_warmup", None)
+        new.pop("ema_warmup", None)
     if not old.get("finetune.steps") and not new.get("finetune.steps"):
         old = {k: v for k, v in old.items() if not k.startswith("finetune.")}  # no 2nd phase
         new = {k: v for k, v in new.items() if not k.startswith("finetune.")}

@@ -8,7 +8,7 @@ The config file documents every field (configs/finetune.py); `--config.FIELD=VAL
 one. What the run writes in the workdir:
   config.json      the resolved config;  run.json: versions, git commit, devices, processes
   checkpoints/     Orbax checkpoints: the last `keep_checkpoints` and the best by validation
-                   top-1 (of the moving average of the parameters with config.ema_decay)
+                   top-1 (of the parameters `config.select_on` names: raw or their average)
   metrics.jsonl    one JSON record per log/eval step;  tensorboard/: the same as event files
   curves.png       training and evaluation curves, drawn at the end
 Started again with the same workdir, a run resumes from its latest checkpoint and ends with
@@ -167,7 +167,7 @@ def _train_and_evaluate(config, workdir: str, stop: _Stop, t_start: float) -> di
                 cache["eval"] = feature_cache.compute(feats_of, src)
         return cache
 
-    def step_functions(phase, labels, tx):
+    def step_functions(phase, labels, tx, trained_so_far):
         config = steps.StepConfig(
             model=feature_cache.head_of(model) if phase.cached else model, tx=tx,
             trainable=freeze.trainable(labels),
@@ -175,7 +175,8 @@ def _train_and_evaluate(config, workdir: str, stop: _Stop, t_start: float) -> di
                                               everywhere=phase.bn_inference),
             sync_bn=c.sync_bn, preprocess=None if phase.cached else prep,
             on_features=phase.cached, bn_momentum=c.bn_momentum,
-            label_smoothing=c.label_smoothing, ema_decay=c.ema_decay, ema_warmup=c.ema_warmup)
+            label_smoothing=c.label_smoothing, ema_decay=c.ema_decay, ema_warmup=c.ema_warmup,
+            ema_paths=trained_so_far)
         return (parallel.shard_map_train_step(config, mesh),
                 parallel.shard_map_eval_step(config, mesh))
 
@@ -231,7 +232,8 @@ def _train_and_evaluate(config, workdir: str, stop: _Stop, t_start: float) -> di
                 replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
                 state = state.replace(opt_state=jax.jit(tx.init, out_shardings=replicated)(
                     state.params))
-            train_fn, eval_fn = step_functions(phase, labels, tx)
+            trained_so_far = frozenset().union(*(freeze.trainable(x) for x in all_labels[:i + 1]))
+            train_fn, eval_fn = step_functions(phase, labels, tx, trained_so_far)
             final = (phase, eval_fn)
             if step >= phase.end:  # resumed at this phase's last step: on to the next
                 continue
@@ -306,8 +308,10 @@ def _train_and_evaluate(config, workdir: str, stop: _Stop, t_start: float) -> di
         "selected": {"step": best},
         "wall_seconds": None, "workdir": workdir,
     }
-    if r.select == "ema":  # the raw parameters of the final checkpoint, for comparison
-        summary["final"]["raw"] = {"validation": _scores(last_eval, "eval/")}
+    other = {"ema": "raw", "raw": "ema"}[r.select] if c.ema_decay is not None else None
+    if other:  # the final checkpoint's other parameters, for comparison
+        summary["final"][other] = {"validation": _scores(
+            last_eval, "eval_ema/" if other == "ema" else "eval/")}
     if primary:
         logged = {m["step"]: m for m in metrics.read(workdir) if prefix + "top1" in m}
         if best in logged:
@@ -316,15 +320,15 @@ def _train_and_evaluate(config, workdir: str, stop: _Stop, t_start: float) -> di
         from tljax.evaluate import evaluate_many
 
         wanted = [(str(total), r.select), (str(best), r.select)]
-        if r.select == "ema":
-            wanted.append((str(total), "raw"))
+        if other:
+            wanted.append((str(total), other))
         once = list(dict.fromkeys(wanted))
         tested = {k: _scores(m, "") for k, m in zip(
             once, evaluate_many(workdir, once, r.test_split, c.eval_batch_size), strict=True)}
         summary["final"]["test"] = tested[wanted[0]]
         summary["selected"]["test"] = tested[wanted[1]]
-        if r.select == "ema":
-            summary["final"]["raw"]["test"] = tested[wanted[2]]
+        if other:
+            summary["final"][other]["test"] = tested[wanted[2]]
     summary["wall_seconds"] = round(time.time() - t_start, 1)
     if primary:
         if len(plan) > 1:  # each phase's last evaluation (also from before a resume)
@@ -345,17 +349,21 @@ def _scores(m: dict, prefix: str) -> dict:
 def describe(summary: dict) -> str:
     """The summary line: which number is which split, of which checkpoint."""
     final, selected = summary["final"], summary["selected"]
+    kind = {"ema": "moving average of the parameters", "raw": "parameters"}
+    params = summary.get("params", "raw")
     text = (f"{summary['model']} on {summary['dataset']} ({summary['init']}, "
             f"{summary['recipe']}), {summary['steps']} steps in "
-            f"{summary['wall_seconds'] / 60:.1f} min: validation ({summary['selection_split']}) "
-            f"top-1 {final['validation']['top1']:.4f}")
+            f"{summary['wall_seconds'] / 60:.1f} min"
+            + (f", figures of the {kind[params]}" if "ema" in final or params == "ema" else "")
+            + f": validation ({summary['selection_split']}) top-1 "
+            f"{final['validation']['top1']:.4f}")
     if "test" in final:
         text += f", test ({summary['test_split']}) top-1 {final['test']['top1']:.4f}"
-    if summary.get("params") == "ema":
-        raw = final["raw"]
-        text += (f" (moving average of the parameters; the parameters themselves: validation "
-                 f"top-1 {raw['validation']['top1']:.4f}"
-                 + (f", test {raw['test']['top1']:.4f}" if "test" in raw else "") + ")")
+    other = next((k for k in ("raw", "ema") if k in final), None)
+    if other:
+        o = final[other]
+        text += (f" ({kind[other]}: validation top-1 {o['validation']['top1']:.4f}"
+                 + (f", test {o['test']['top1']:.4f}" if "test" in o else "") + ")")
     if selected["step"] != final["step"]:
         text += f"; selected on validation, step {selected['step']}"
         if "validation" in selected:

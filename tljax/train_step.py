@@ -12,8 +12,9 @@ parameters and the statistics of frozen BatchNorm layers are carried over untouc
 bit.
 
 With `StepConfig.ema_decay` set, the state also holds an exponential moving average of the
-parameters (`TrainState.ema_params`), updated after each step on the trained parameters; the
-frozen ones are carried over, so that they stay equal to the model's.
+parameters (`TrainState.ema_params`), updated after each step on the parameters that train or
+have trained earlier in the run (`StepConfig.ema_paths`); those that never trained are carried
+over, equal to the model's. Evaluating the average uses the run's BatchNorm statistics.
 """
 
 from __future__ import annotations
@@ -73,6 +74,9 @@ class StepConfig:
       ema_warmup: `d_t = min(d, (1 + t) / (10 + t))` at step t, so that the average follows
         the early, fast-moving parameters (TensorFlow's `ExponentialMovingAverage` with
         `num_updates`); False: `d_t = d` from the first step.
+      ema_paths: the parameters averaged (None: `trainable`); a later phase of a run passes
+        every parameter trained so far, so that one it has frozen again keeps averaging
+        toward its value rather than stopping where it was.
     """
 
     model: nn.Module
@@ -87,6 +91,11 @@ class StepConfig:
     label_smoothing: float = 0.0
     ema_decay: float | None = None
     ema_warmup: bool = True
+    ema_paths: frozenset[str] | None = None
+
+    @property
+    def averaged(self) -> frozenset[str]:
+        return self.trainable if self.ema_paths is None else self.ema_paths
 
     def forward(self, params, batch_stats, batch, train, rng=None):
         """`(logits, new batch_stats)` of the model on `batch`."""
@@ -185,10 +194,11 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array], rng: jax.Array
     }
     ema_params = state.ema_params
     if config.ema_decay is not None:
-        ema_trained, ema_frozen = _split(state.ema_params, config.trainable)
+        ema_avg, ema_rest = _split(state.ema_params, config.averaged)
         d = ema_decay_at(state.step, config.ema_decay, config.ema_warmup)
-        ema_trained = jax.tree.map(lambda e, p: d * e + (1.0 - d) * p, ema_trained, new_trained)
-        ema_params = _join(ema_trained, ema_frozen)
+        ema_avg = jax.tree.map(lambda e, p: d * e + (1.0 - d) * p, ema_avg,
+                               _split(params, config.averaged)[0])
+        ema_params = _join(ema_avg, ema_rest)
     new_state = state.replace(step=state.step + 1, params=params,
                               batch_stats=_join(stats_old, stats_new), opt_state=opt_state,
                               ema_params=ema_params)
@@ -211,16 +221,18 @@ def _stats_paths(batch_stats, frozen_bn, train: bool) -> frozenset[str]:
 
 def carried_paths(state: TrainState, config: StepConfig) -> frozenset[str]:
     """The state's leaves that `train_step` returns as it was given them, as paths
-    ('params/...', 'batch_stats/...', 'ema_params/...'): the frozen parameters (and their
-    moving averages) and the statistics of frozen BatchNorm layers. `tljax.parallel` passes
-    these into the compiled step without returning them (and checks, when it traces the step,
-    that each one comes back untouched)."""
+    ('params/...', 'batch_stats/...', 'ema_params/...'): the frozen parameters, the moving
+    averages not updated (`StepConfig.ema_paths`), the statistics of frozen BatchNorm layers.
+    `tljax.parallel` passes these into the compiled step without returning them (and checks,
+    when it traces the step, that each one comes back untouched)."""
     params = traverse_util.flatten_dict(state.params, sep="/")
     stats = _stats_paths(state.batch_stats, config.frozen_bn, train=False)
     frozen = [k for k in params if k not in config.trainable]
-    ema = ([f"ema_params/{k}" for k in frozen] if config.ema_decay is not None else
-           [f"ema_params/{k}" for k in traverse_util.flatten_dict(state.ema_params or {},
-                                                                    sep="/")])
+    if config.ema_decay is not None and state.ema_params is None:
+        raise ValueError("StepConfig.ema_decay is set but the state has no ema_params: build "
+                         "it with create_state(..., ema=True)")
+    ema = [f"ema_params/{k}" for k in traverse_util.flatten_dict(state.ema_params or {}, sep="/")
+           if config.ema_decay is None or k not in config.averaged]
     return frozenset([f"params/{k}" for k in frozen] + [f"batch_stats/{k}" for k in stats]
                      + ema)
 
@@ -256,6 +268,7 @@ def create_state(variables: Mapping, tx: optax.GradientTransformation,
     return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                       batch_stats=variables.get("batch_stats", {}),
                       opt_state=tx.init(params),
+                      # Copies: the compiled step donates both trees' buffers.
                       ema_params=jax.tree.map(np.array, params) if ema else None)
 
 
