@@ -297,7 +297,7 @@ def test_linear_probe_trains_on_cached_features(data_dir, tmp_path):
     assert summary["params"] == "raw" and "raw" not in summary["final"]
     from tljax import evaluate
 
-    with pytest.raises(run.RunError, match="kept no moving average.*raw parameters"):
+    with pytest.raises(run.RunError, match="kept no moving average.*--params raw"):
         evaluate.evaluate(workdir, params="ema")
 
 
