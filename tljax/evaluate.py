@@ -50,7 +50,7 @@ def evaluate_many(workdir: str, checkpoints: list[tuple[str, str]], split: str =
         raise run.RunError(f"{workdir} is not a training workdir: config.json is missing")
     record = json.loads(storage.read_text(path))
     config = ml_collections.ConfigDict(record)
-    selected = record.get("select_on", "raw")
+    selected = record.get("select_on", run.IMPLIED["select_on"])
     for _, params in checkpoints:
         if params not in ("", "raw", "ema"):
             raise run.RunError(f"params={params!r}: 'raw', 'ema' (the moving average), or '' "

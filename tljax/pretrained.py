@@ -120,7 +120,7 @@ def read(init: str, model: str, num_classes: int,
 def _from_training_checkpoint(path: str) -> dict:
     import json
 
-    from tljax import checkpoint, storage
+    from tljax import checkpoint, run, storage
 
     step_dir, select = path, "raw"
     ckpts = storage.join(path, "checkpoints")
@@ -131,7 +131,8 @@ def _from_training_checkpoint(path: str) -> dict:
         step_dir = storage.join(ckpts, str(steps[-1]))
         record = storage.join(path, "config.json")
         if storage.exists(record):  # the parameters the run selected on: raw, or their average
-            select = json.loads(storage.read_text(record)).get("select_on", "raw")
+            select = json.loads(storage.read_text(record)).get("select_on",
+                                                               run.IMPLIED["select_on"])
     if not storage.exists(storage.join(step_dir, "default")):
         raise InitError(
             f"init={path} is neither a converted weights directory (no tljax_weights.json) nor "

@@ -44,6 +44,7 @@ from tljax import run
 log = logging.getLogger("tljax.train")
 
 PREEMPTED_EXIT = 143  # 128 + SIGTERM
+PREFIX = {"raw": "eval/", "ema": "eval_ema/"}  # each kind of parameters' evaluation metrics
 
 
 class _Stop:
@@ -294,7 +295,7 @@ def _train_and_evaluate(config, workdir: str, stop: _Stop, t_start: float) -> di
     best = ckpts.best_step() or total
     freezes = [p.freeze if isinstance(p.freeze, str) else "custom" for p in plan]
     # The figures are those of the parameters the run selects on (`config.select_on`).
-    prefix = "eval_ema/" if r.select == "ema" else "eval/"
+    prefix = PREFIX[r.select]
     summary = {
         "model": c.model, "dataset": r.source.name, "init": c.init, "freeze": freezes[0],
         "recipe": ", then ".join(f"freeze={f} for {p.steps} steps"
@@ -311,7 +312,7 @@ def _train_and_evaluate(config, workdir: str, stop: _Stop, t_start: float) -> di
     other = {"ema": "raw", "raw": "ema"}[r.select] if c.ema_decay is not None else None
     if other:  # the final checkpoint's other parameters, for comparison
         summary["final"][other] = {"validation": _scores(
-            last_eval, "eval_ema/" if other == "ema" else "eval/")}
+            last_eval, PREFIX[other])}
     if primary:
         logged = {m["step"]: m for m in metrics.read(workdir) if prefix + "top1" in m}
         if best in logged:
@@ -399,11 +400,9 @@ def _check_carry(plan, all_labels, params) -> None:
 def _best(ev: dict, select: str) -> dict:
     """A checkpoint's metrics: `top1` (what the best checkpoint is chosen by), `top5` and
     `loss` of the selected parameters, and, with a moving average, those of both kinds."""
-    prefix = "eval_ema/" if select == "ema" else "eval/"
-    out = {k: ev[prefix + k] for k in ("top1", "top5", "loss")}
+    out = {k: ev[PREFIX[select] + k] for k in ("top1", "top5", "loss")}
     if "eval_ema/top1" in ev:
-        out.update({f"{kind}_{k}": ev[f"{p}{k}"] for kind, p in (("raw", "eval/"),
-                                                                 ("ema", "eval_ema/"))
+        out.update({f"{kind}_{k}": ev[p + k] for kind, p in PREFIX.items()
                     for k in ("top1", "top5", "loss")})
     return out
 
