@@ -1,8 +1,8 @@
 """One process of the shared-cache test: `python convert_worker.py PID NPROC PORT`.
 
-With `$TLJAX_CACHE` in a bucket, the processes of a run ask for EfficientNet-Lite0's ImageNet
-weights as the training program does: process 0 converts them into the bucket while the
-others wait, then every process reads them. Prints the number of arrays read.
+The processes of a run ask for EfficientNet-Lite0's ImageNet weights as the training program
+does: process 0 converts them into its cache (`$TLJAX_CACHE`) while the others wait, then sends
+them to every process. Prints the number of arrays each process holds and their sum.
 """
 
 import os
@@ -20,14 +20,18 @@ jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}", num_processe
 
 import logging  # noqa: E402
 
+import numpy as np  # noqa: E402
 from flax import traverse_util  # noqa: E402
 
-from tljax import pretrained, run  # noqa: E402
+from tljax import run  # noqa: E402
+from tljax.models import registry  # noqa: E402
 
 logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
-resolved = types.SimpleNamespace(config=types.SimpleNamespace(model="efficientnet_lite0"),
-                                 num_classes=10)
-run._convert_on_one_host(resolved)
-variables, where = pretrained.read("imagenet", "efficientnet_lite0", 10)
-print(f"process {pid} read {len(traverse_util.flatten_dict(variables))} arrays from {where}")
+config = types.SimpleNamespace(model="efficientnet_lite0", init="imagenet", seed=0,
+                               head_init="random")
+resolved = types.SimpleNamespace(config=config, num_classes=10, image_size=32)
+arrays = traverse_util.flatten_dict(
+    run.initial_variables(resolved, registry.create("efficientnet_lite0", num_classes=10)))
+total = sum(float(np.asarray(a, np.float64).sum()) for a in arrays.values())
+print(f"process {pid} holds {len(arrays)} arrays, sum {total:.6f}")
 jax.distributed.shutdown()

@@ -455,6 +455,50 @@ def test_two_processes_train_together(data_dir, tmp_path):
     assert logged_steps(workdir) == [2, 4, 6]
 
 
+@pytest.mark.slow
+def test_two_processes_read_the_pretrained_weights_once(data_dir, tmp_path):
+    """The default job (`init=imagenet`, EfficientNet-Lite0) as two processes of four CPU
+    devices, each host with its own home and weights cache: process 0 converts the ImageNet
+    weights while process 1 waits, then sends them; only process 0 logs INFO. A second run
+    starts from the first's workdir (`init=WORKDIR`), which process 0 alone reads."""
+
+    def two_hosts(name: str, init: str = "") -> list[str]:
+        port = free_port()
+        procs = []
+        for i in range(2):
+            home = tmp_path / f"host{i}"
+            home.mkdir(exist_ok=True)
+            env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "TLJAX_CACHE")}
+            env.update(XLA_FLAGS="--xla_force_host_platform_device_count=4", HOME=str(home))
+            procs.append(subprocess.Popen(
+                [sys.executable, "-m", "tljax.train",
+                 f"--config={CONFIG}:steps=4,batch_size=16{init}", "--config.eval_every=4",
+                 "--config.log_every=2", "--config.checkpoint_every=4",
+                 f"--config.data_dir={data_dir}", f"--workdir={tmp_path / name}",
+                 "--distributed", f"--coordinator_address=127.0.0.1:{port}",
+                 "--num_processes=2", f"--process_id={i}"], cwd=ROOT, env=env,
+                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+        return finish(procs)
+
+    logs = two_hosts("imagenet")
+    cache = tmp_path / "host0" / ".cache" / "tljax" / "weights" / "efficientnet_lite0"
+    assert (f"ImageNet weights of efficientnet_lite0 converted once, by process 0: {cache}"
+            in logs[0]), logs[0][-3000:]
+    assert "converting" in logs[0]
+    # Process 1's host has a cache of its own; it neither converts nor logs at INFO.
+    assert "converting" not in logs[1] and "converted once" not in logs[1]
+    assert "[1] tljax" not in logs[1] and " INFO " not in logs[1], logs[1][-3000:]
+    assert "[0] tljax.train: JAX " in logs[0] and "8 device(s) in 2 process(es)" in logs[0]
+    assert "pretrained weights sent from process 0 to 2 processes" in logs[0]
+    assert not (tmp_path / "host1" / ".cache" / "tljax" / "weights").exists()
+    assert checkpoints(str(tmp_path / "imagenet"))[-1] == 4
+
+    logs = two_hosts("again", init=f",init={tmp_path / 'imagenet'}")
+    assert f"init: {tmp_path / 'imagenet'}" in logs[0], logs[0][-3000:]
+    assert "pretrained weights sent from process 0 to 2 processes" in logs[0]
+    assert checkpoints(str(tmp_path / "again"))[-1] == 4
+
+
 def test_bn_momentum_override_sets_the_moving_average_rate():
     import jax.numpy as jnp
 

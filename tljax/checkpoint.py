@@ -164,13 +164,23 @@ def steps_in(directory: str) -> list[int]:
     return sorted(ocp.utils.checkpoint_steps(storage.path(directory)))
 
 
+def this_process_only():
+    """Orbax options for a save or restore by this process alone, of plain arrays: converted
+    weights, which process 0 writes while the others wait elsewhere, or the pretrained
+    weights that process 0 reads for every process of a run."""
+    import orbax.checkpoint as ocp
+
+    me = jax.process_index()
+    return ocp.options.MultiprocessingOptions(primary_host=me, active_processes={me})
+
+
 def restore_numpy(step_dir: str) -> dict:
     """The tree in a checkpoint step directory (`.../checkpoints/<step>`) as host numpy arrays,
-    whatever devices it was saved from."""
+    whatever devices it was saved from, read by this process alone."""
     import orbax.checkpoint as ocp
 
     path = storage.join(step_dir, "default")
-    checkpointer = ocp.StandardCheckpointer()
+    checkpointer = ocp.StandardCheckpointer(multiprocessing_options=this_process_only())
     meta = checkpointer.metadata(path).item_metadata
     tree = meta.tree if hasattr(meta, "tree") else meta
     target = jax.tree.map(lambda a: np.empty(a.shape, a.dtype), tree,

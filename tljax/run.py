@@ -478,33 +478,44 @@ def initial_variables(r: Resolved, model) -> dict:
     c = r.config
     if c.init == "scratch":
         log.info("init: random weights (scratch)")
-    if c.init == "imagenet":
-        _convert_on_one_host(r)
-    return pretrained.variables(model, c.model, None if c.init == "scratch" else c.init,
-                                r.image_size, c.seed, r.num_classes,
-                                zero_head=c.head_init == "zeros")
+    weights = None if c.init == "scratch" else c.init
 
+    def read(weights):
+        return pretrained.variables(model, c.model, weights, r.image_size, c.seed,
+                                    r.num_classes, zero_head=c.head_init == "zeros")
 
-def _convert_on_one_host(r: Resolved) -> None:
-    """In a multi-process run, process 0 fetches and converts the ImageNet weights while the
-    others wait, then all read them: from `$TLJAX_CACHE` when it is shared (a bucket), else
-    each host from its own cache, which process 0's host has filled."""
     import jax
 
-    from tljax import pretrained
+    if weights is None or jax.process_count() == 1:
+        return read(weights)
+    return _read_on_process_0(r, read)
 
-    if jax.process_count() == 1:
-        return
+
+def _read_on_process_0(r: Resolved, read) -> dict:
+    """In a multi-process run, process 0 reads the pretrained weights (fetching and converting
+    ImageNet's into its cache first if needed) while the others wait, then sends them to every
+    process: hosts need neither a shared cache nor the weights file."""
+    import jax
     import orbax.checkpoint as ocp
+    from jax.experimental import multihost_utils
 
+    c = r.config
     if jax.process_index() == 0:
-        path = pretrained.imagenet_weights(r.config.model, r.num_classes)
-        log.info("ImageNet weights of %s converted once, by process 0: %s", r.config.model,
-                 path)
-    # A barrier of the coordination service, not a collective (whose setup times out in 30 s
-    # while process 0 downloads and converts).
-    ocp.multihost.sync_global_processes("tljax-imagenet-weights", timeout=3600,
+        variables = read(c.init)
+        if c.init == "imagenet":
+            from tljax import pretrained
+
+            log.info("ImageNet weights of %s converted once, by process 0: %s", c.model,
+                     pretrained.imagenet_weights(c.model, r.num_classes))
+    else:
+        variables = read(None)  # the same tree (shapes and dtypes), filled by the broadcast
+    # A barrier of the coordination service first, not a collective (whose setup times out in
+    # 30 s while process 0 downloads and converts).
+    ocp.multihost.sync_global_processes("tljax-pretrained-weights", timeout=3600,
                                         processes=set(range(jax.process_count())))
+    variables = multihost_utils.broadcast_one_to_all(variables)
+    log.info("pretrained weights sent from process 0 to %d processes", jax.process_count())
+    return variables
 
 
 # --------------------------------------------------------------------------- the run

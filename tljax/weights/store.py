@@ -38,13 +38,15 @@ def save(directory: str | os.PathLike, variables: dict, record: dict[str, Any]) 
     """Write `variables` and `record` to `directory` (which must not hold a checkpoint yet)."""
     import orbax.checkpoint as ocp
 
+    from tljax.checkpoint import this_process_only
+
     directory = storage.absolute(directory)
     if storage.exists(storage.join(directory, VARIABLES)):
         raise WeightsError(f"{directory} already holds a checkpoint; remove it or choose another")
     storage.makedirs(directory)
     tree = {c: variables[c] for c in ("params", "batch_stats") if c in variables}
     tree = _to_numpy(tree)
-    checkpointer = ocp.StandardCheckpointer(multiprocessing_options=_this_process_only())
+    checkpointer = ocp.StandardCheckpointer(multiprocessing_options=this_process_only())
     checkpointer.save(storage.join(directory, VARIABLES), tree)
     checkpointer.wait_until_finished()
     record = {"format": FORMAT, **record}
@@ -52,16 +54,6 @@ def save(directory: str | os.PathLike, variables: dict, record: dict[str, Any]) 
     storage.write_text(storage.join(directory, RECORD),
                        json.dumps(record, indent=2, sort_keys=True) + "\n")
     return directory
-
-
-def _this_process_only():
-    """Orbax options for a save or restore by this process alone: converted weights are plain
-    arrays, which process 0 writes while the others wait elsewhere, and each reads itself."""
-    import jax
-    import orbax.checkpoint as ocp
-
-    me = jax.process_index()
-    return ocp.options.MultiprocessingOptions(primary_host=me, active_processes={me})
 
 
 def _to_numpy(tree):
@@ -95,12 +87,14 @@ def load(directory: str | os.PathLike) -> dict:
     """The variables (`params`, `batch_stats`) of a converted checkpoint, as numpy arrays."""
     import orbax.checkpoint as ocp
 
+    from tljax.checkpoint import this_process_only
+
     record(directory)  # validates the directory
     path = storage.join(directory, VARIABLES)
     if not storage.exists(path):
         raise WeightsError(f"{directory}: the '{VARIABLES}' checkpoint is missing")
     try:
-        return ocp.StandardCheckpointer(multiprocessing_options=_this_process_only()).restore(
+        return ocp.StandardCheckpointer(multiprocessing_options=this_process_only()).restore(
             path)
     except Exception as e:  # orbax raises many types; the user needs the path and the cause
         raise WeightsError(f"{directory}: could not read the checkpoint ({e})") from e
