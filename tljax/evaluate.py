@@ -41,7 +41,7 @@ def evaluate_many(workdir: str, checkpoints: list[tuple[str, str]], split: str =
     import numpy as np
 
     from tljax import checkpoint as ckpt_lib
-    from tljax import datasets, parallel, run, storage, train
+    from tljax import datasets, parallel, run, storage, train, trained
     from tljax import train_step as steps
     from tljax.models import preprocessing, registry
 
@@ -59,8 +59,8 @@ def evaluate_many(workdir: str, checkpoints: list[tuple[str, str]], split: str =
             raise run.RunError(f"{workdir} kept no moving average of its parameters (its "
                                f"config.ema_decay is None): pass --params raw, or leave "
                                f"--params out")
+    wanted = [(trained.choose_step(workdir, c), p or selected) for c, p in checkpoints]
     ckpts = ckpt_lib.Checkpoints(storage.join(workdir, "checkpoints"), asynchronous=False)
-    wanted = [(_step(ckpts, workdir, c), p or selected) for c, p in checkpoints]
     chosen = list(dict.fromkeys(wanted))  # each checkpoint and kind restored and run once
 
     src = datasets.source(config.dataset, config.data_dir or None, config.download,
@@ -100,24 +100,6 @@ def evaluate_many(workdir: str, checkpoints: list[tuple[str, str]], split: str =
             for step, params in wanted]
 
 
-def _step(ckpts, workdir: str, checkpoint: str) -> int:
-    """The step `checkpoint` names: 'best', 'latest' or a number the workdir holds."""
-    from tljax import run
-
-    if checkpoint == "best":
-        step = ckpts.best_step() or ckpts.latest_step()
-    elif checkpoint == "latest":
-        step = ckpts.latest_step()
-    else:
-        step = int(checkpoint)
-        if step not in ckpts.steps():
-            raise run.RunError(f"{workdir} has no checkpoint at step {step}; it has "
-                               f"{ckpts.steps()}")
-    if step is None:
-        raise run.RunError(f"{workdir} has no checkpoint yet")
-    return step
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tljax.evaluate", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -138,14 +120,15 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
-    from tljax import checkpoint, datasets, run
+    from tljax import checkpoint, datasets, run, trained
 
     run.quiet_libraries()
 
     try:
         result = evaluate(args.workdir, args.checkpoint, args.split, args.batch_size,
                           args.params)
-    except (run.RunError, datasets.DataError, checkpoint.CheckpointError) as e:
+    except (run.RunError, datasets.DataError, checkpoint.CheckpointError,
+            trained.LoadError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if args.json:

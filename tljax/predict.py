@@ -1,76 +1,144 @@
-"""Classify images with a converted ImageNet model.
+"""Classify images with a model tljax trained, exported or converted.
 
-    python -m tljax.predict --model efficientnet_lite0 --weights DIR [--top 5] [--json] IMAGE...
+  python -m tljax.predict --weights runs/flowers photos/           # a workdir's selected model
+  python -m tljax.predict --weights exported/flowers --top 3 --json a.jpg b.png
+  python -m tljax.predict --weights runs/flowers --step latest --params raw a.jpg
+  python -m tljax.predict --weights ~/.cache/tljax/weights/resnet50 cat.jpg   # ImageNet
+
+`--weights` is a training workdir (the checkpoint the run selected on validation, unless
+`--step` names another), a directory `python -m tljax.export` wrote, or converted weights
+(`python -m tljax.weights fetch`, `python -m weights_conversion`). The model, its class names
+and its preprocessing come from that directory's record; `--model` only checks it. Images
+are files or folders (searched for .jpg, .jpeg, .png, .bmp, .gif). A trained model's images
+are prepared as its run evaluated them (the central `eval_crop` of the shorter side, resized
+to the input size by the input pipeline's own ops); with converted ImageNet weights, as the
+ImageNet literature does (shorter side to size / 0.875, centre crop). The top classes are
+printed with their softmax probabilities (ImageNet's also with their synsets, as Keras's
+`decode_predictions`).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 import numpy as np
 
-from tljax import imagenet, models, weights, xla_options
+from tljax import imagenet, trained, weights, xla_options
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
+BATCH = 32  # images per call of the model
 
 
-def predict(model: str, weights_dir: str, paths: list[str], top: int = 5) -> list[list[dict]]:
-    """Top-`top` ImageNet classes of each image in `paths`."""
+def image_files(paths: list[str]) -> list[str]:
+    """`paths` with each folder replaced by the images below it (sorted)."""
+    out = []
+    for p in paths:
+        if os.path.isdir(p):
+            found = sorted(os.path.join(folder, name) for folder, _, names in os.walk(p)
+                           for name in names if name.lower().endswith(IMAGE_EXTENSIONS))
+            if not found:
+                raise imagenet.ImageError(f"folder {p} holds no image (files ending in "
+                                          f"{', '.join(IMAGE_EXTENSIONS)})")
+            out += found
+        else:
+            out.append(p)
+    return out
 
-    rec = weights.record(weights_dir)
-    if rec["model"] != model:
-        raise ValueError(
-            f"{weights_dir} holds weights of {rec['model']!r}, not {model!r}; pass "
-            f"--model {rec['model']} or convert weights for {model}"
-        )
-    options = rec["options"]
-    if not options.get("include_top"):
-        raise ValueError(
-            f"{weights_dir} is a notop checkpoint (no classifier): classifying needs the "
-            f"weights with the top; convert the file with the top, or fetch without --notop"
-        )
-    if options.get("num_classes") != 1000:
-        raise ValueError(f"{weights_dir} classifies {options.get('num_classes')} classes, not "
-                         f"the 1000 ImageNet classes whose names tljax knows")
-    size = rec.get("input_size") or models.spec(model).default_size
-    images = np.stack([imagenet.load_image(p, size) for p in paths])
-    module = models.create(model, **options)
-    variables = weights.load(weights_dir)
-    logits = xla_options.jit(module.apply)(variables, models.preprocess(model, images))
-    return imagenet.decode(np.asarray(logits), top)
+
+def load_images(model: trained.Trained, paths: list[str]) -> np.ndarray:
+    """uint8 (N, size, size, 3): each image prepared as `model`'s record says."""
+    size = model.input_size
+    crop = model.record.get("eval_crop")
+    if crop is None:  # converted weights: ImageNet's evaluation crop
+        return np.stack([imagenet.load_image(p, size) for p in paths])
+    import tensorflow as tf
+
+    from tljax.datasets import images
+
+    out = []
+    for p in paths:
+        try:
+            with open(p, "rb") as f:
+                data = f.read()
+            out.append(images.eval_image(tf.constant(data), size, crop).numpy())
+        except FileNotFoundError:
+            raise imagenet.ImageError(f"image {p} does not exist") from None
+        except (tf.errors.InvalidArgumentError, tf.errors.UnknownError) as e:
+            raise imagenet.ImageError(
+                f"image {p} cannot be decoded ({e.message.splitlines()[0]})") from None
+    return np.stack(out)
+
+
+def logits(model: trained.Trained, paths: list[str]) -> np.ndarray:
+    """float32 (N, classes): `model`'s logits of each image."""
+    apply = xla_options.jit(lambda v, x: model.module.apply(v, model.preprocess(x)))
+    out = []
+    for i in range(0, len(paths), BATCH):
+        batch = load_images(model, paths[i:i + BATCH])
+        n = len(batch)
+        if n < BATCH and len(paths) > BATCH:  # one compiled shape for every batch
+            batch = np.concatenate([batch, np.zeros((BATCH - n, *batch.shape[1:]), np.uint8)])
+        out.append(np.asarray(apply(model.variables, batch), np.float32)[:n])
+    return np.concatenate(out)
+
+
+def decode(model: trained.Trained, scores: np.ndarray, top: int = 5) -> list[list[dict]]:
+    """The top `top` classes of each row of `scores` (logits): index, name, probability (and
+    ImageNet's synset and names)."""
+    if model.record.get("imagenet"):
+        return imagenet.decode(scores, top)
+    classes = model.classes
+    probs = np.exp(scores - scores.max(axis=1, keepdims=True))
+    probs /= probs.sum(axis=1, keepdims=True)
+    return [[{"index": int(i), "name": classes[i] if classes else str(int(i)),
+              "probability": float(row[i])} for i in np.argsort(-row)[:top]]
+            for row in probs]
+
+
+def predict(weights_path: str, paths: list[str], top: int = 5, model: str | None = None,
+            checkpoint: str = "best", params: str = "") -> list[list[dict]]:
+    """Top-`top` classes of each image in `paths` (files; see `image_files` for folders)."""
+    m = trained.load(weights_path, checkpoint, params, model)
+    return decode(m, logits(m, paths), top)
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m tljax.predict",
-        description=(
-            "Classify images into the 1000 ImageNet classes with converted weights: each image "
-            "is resized (shorter side to size/0.875) and centre-cropped to the model's input "
-            "size, preprocessed as the model expects, and the top classes are printed with "
-            "their softmax probabilities (as Keras's decode_predictions)."
-        ),
-    )
-    parser.add_argument("--model", required=True, help="registered model name")
+    parser = argparse.ArgumentParser(prog="python -m tljax.predict", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--weights", required=True,
-                        help="a converted checkpoint (python -m weights_conversion, or "
-                             "python -m tljax.weights fetch)")
+                        help="a training workdir, an exported directory, or converted weights")
+    parser.add_argument("--model", default=None,
+                        help="the registered model PATH must hold (default: the one its "
+                             "record names)")
+    parser.add_argument("--step", default="best",
+                        help="of a workdir: 'best' (selected on validation; the default), "
+                             "'latest' or a step number")
+    parser.add_argument("--params", default="", choices=["", "raw", "ema"],
+                        help="of a workdir: 'raw' parameters or 'ema' (their moving "
+                             "average); default: those the run selected on")
     parser.add_argument("--top", type=int, default=5, help="how many classes to show (5)")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    parser.add_argument("images", nargs="+", metavar="IMAGE")
+    parser.add_argument("images", nargs="+", metavar="IMAGE_OR_FOLDER")
     args = parser.parse_args(argv)
     try:
-        results = predict(args.model, args.weights, args.images, args.top)
-    except (ValueError, weights.WeightsError, imagenet.ImageError) as e:
+        paths = image_files(args.images)
+        results = predict(args.weights, paths, args.top, args.model, args.step, args.params)
+    except (ValueError, weights.WeightsError, imagenet.ImageError, trained.LoadError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if args.json:
         print(json.dumps([{"image": p, "predictions": r}
-                          for p, r in zip(args.images, results, strict=True)], indent=2))
-    else:
-        for path, preds in zip(args.images, results, strict=True):
-            print(path)
-            for p in preds:
-                print(f"  {p['probability']:7.2%}  {p['index']:4d}  {p['synset']}  {p['names']}")
+                          for p, r in zip(paths, results, strict=True)], indent=2))
+        return 0
+    for path, preds in zip(paths, results, strict=True):
+        print(path)
+        for p in preds:
+            synset = f"  {p['synset']}" if "synset" in p else ""
+            print(f"  {p['probability']:7.2%}  {p['index']:4d}{synset}  "
+                  f"{p.get('names', p['name'])}")
     return 0
 
 

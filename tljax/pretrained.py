@@ -118,31 +118,17 @@ def read(init: str, model: str, num_classes: int,
 
 
 def _from_training_checkpoint(path: str) -> dict:
-    import json
+    """A workdir's latest checkpoint (the parameters its run selected on), or one step
+    directory's raw parameters."""
+    from tljax import trained
 
-    from tljax import checkpoint, run, storage
-
-    step_dir, select = path, "raw"
-    ckpts = storage.join(path, "checkpoints")
-    if storage.exists(ckpts):  # a workdir: its latest checkpoint
-        steps = checkpoint.steps_in(ckpts)
-        if not steps:
-            raise InitError(f"init={path}: the workdir has no checkpoint yet")
-        step_dir = storage.join(ckpts, str(steps[-1]))
-        record = storage.join(path, "config.json")
-        if storage.exists(record):  # the parameters the run selected on: raw, or their average
-            select = json.loads(storage.read_text(record)).get("select_on",
-                                                               run.IMPLIED["select_on"])
-    if not storage.exists(storage.join(step_dir, "default")):
-        raise InitError(
-            f"init={path} is neither a converted weights directory (no tljax_weights.json) nor "
-            f"a training workdir or checkpoint step directory"
-        )
-    tree = checkpoint.restore_numpy(step_dir)
-    key = "ema_params" if select == "ema" and tree.get("ema_params") else "params"
-    if key == "ema_params":
+    try:
+        variables, what = trained.checkpoint_variables(path, "latest")
+    except trained.LoadError as e:
+        raise InitError(f"init={path}: {e}") from None
+    if what.endswith("(moving average)"):
         log.info("init=%s: the moving average of the parameters (the run selected on it)", path)
-    return {"params": tree[key], "batch_stats": tree.get("batch_stats", {})}
+    return variables
 
 
 def merge(fresh: Mapping, loaded: Mapping, source: str) -> dict:

@@ -7,10 +7,13 @@ freeze=backbone --workdir runs/flowers --config.optimizer.learning_rate=0.05
 The config file documents every field (configs/finetune.py); `--config.FIELD=VALUE` overrides
 one. What the run writes in the workdir:
   config.json      the resolved config;  run.json: versions, git commit, devices, processes
+  model.json       the model, its options, input size, preprocessing and class names
   checkpoints/     Orbax checkpoints: the last `keep_checkpoints` and the best by validation
                    top-1 (of the parameters `config.select_on` names: raw or their average)
   metrics.jsonl    one JSON record per log/eval step;  tensorboard/: the same as event files
   curves.png       training and evaluation curves, drawn at the end
+Use the result with `python -m tljax.predict --weights DIR IMAGE...`, `tljax.models.load(DIR)`,
+or export it for sharing: `python -m tljax.export DIR OUT`.
 Started again with the same workdir, a run resumes from its latest checkpoint and ends with
 exactly the parameters of an uninterrupted run. SIGTERM (preemption) saves a checkpoint and
 exits with status 143; rerun the same command to continue.
@@ -92,7 +95,16 @@ def _train_and_evaluate(config, workdir: str, stop: _Stop, t_start: float) -> di
     import jax
     from tqdm import tqdm
 
-    from tljax import checkpoint, datasets, feature_cache, freeze, metrics, parallel, storage
+    from tljax import (
+        checkpoint,
+        datasets,
+        feature_cache,
+        freeze,
+        metrics,
+        parallel,
+        storage,
+        trained,
+    )
     from tljax import train_step as steps
     from tljax.models import preprocessing, registry
 
@@ -123,6 +135,9 @@ def _train_and_evaluate(config, workdir: str, stop: _Stop, t_start: float) -> di
                            json.dumps(record, indent=2, sort_keys=True))
         storage.write_text(storage.join(workdir, "run.json"),
                            json.dumps(run.run_history(workdir, changed), indent=2))
+        # What the checkpoints are a model of, for predict, export and models.load.
+        storage.write_text(storage.join(workdir, trained.RECORD),
+                           json.dumps(trained.model_record(r), indent=2))
 
     devices = jax.device_count()
     local_batch = parallel.check_batch(c.batch_size, devices) * jax.local_device_count()
