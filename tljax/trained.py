@@ -126,21 +126,24 @@ def choose_step(workdir: str, checkpoint: str | int = "best") -> int:
     run; the latest when none has metrics), 'latest', or a step number it holds."""
     from tljax import checkpoint as ckpt_lib
 
-    ckpts = ckpt_lib.Checkpoints(storage.join(workdir, "checkpoints"), asynchronous=False)
-    try:
-        steps = ckpts.steps()
-        if checkpoint == "best":
-            step = ckpts.best_step() or ckpts.latest_step()
-        elif checkpoint == "latest":
-            step = ckpts.latest_step()
-        else:
-            step = int(checkpoint)
-            if step not in steps:
-                raise LoadError(f"{workdir} has no checkpoint at step {step}; it has {steps}")
-    finally:
-        ckpts.close()
-    if step is None:
+    directory = storage.join(workdir, "checkpoints")
+    steps = ckpt_lib.steps_in(directory) if storage.exists(directory) else []
+    if not steps:
         raise LoadError(f"{workdir} has no checkpoint yet")
+    if checkpoint == "latest":
+        return steps[-1]
+    if checkpoint == "best":  # the metrics the run saved with each checkpoint
+        ckpts = ckpt_lib.Checkpoints(directory, asynchronous=False)
+        try:
+            return ckpts.best_step() or steps[-1]
+        finally:
+            ckpts.close()
+    try:
+        step = int(checkpoint)
+    except ValueError:
+        raise LoadError(f"checkpoint {checkpoint!r}: 'best', 'latest' or a step number") from None
+    if step not in steps:
+        raise LoadError(f"{workdir} has no checkpoint at step {step}; it has {steps}")
     return step
 
 
