@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Create (or reuse) the project's virtual environment in .venv and install tljax with
-# everything it needs: the pinned stack from pyproject.toml (`.[dev]`). Re-running is cheap:
-# the install is skipped while pyproject.toml is unchanged.
+# everything it needs (`.[dev]`), at the exact versions of constraints.txt (the set the tests
+# ran with; pyproject.toml holds the compatible ranges). Re-running is cheap: the install is
+# skipped while pyproject.toml and constraints.txt are unchanged.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON="${PYTHON:-python3}"
@@ -10,13 +11,13 @@ if [ ! -x .venv/bin/python ]; then
   "$PYTHON" -m venv .venv
 fi
 stamp=".venv/.tljax-installed"
-want="$(sha256sum pyproject.toml | cut -d' ' -f1)"
+want="$(cat pyproject.toml constraints.txt | sha256sum | cut -d' ' -f1)"
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
-  echo "setup: installing tljax and its pinned stack into .venv (a few minutes the first time)"
+  echo "setup: installing tljax and its tested stack into .venv (a few minutes the first time)"
   .venv/bin/python -m pip install --quiet --upgrade pip
-  # torch first, pinned, so that nothing pulls a multi-GB accelerator build of it.
-  .venv/bin/python -m pip install --quiet "torch==2.13.0"
-  .venv/bin/python -m pip install --quiet -e ".[dev]"
+  # torch first, on its own, so that nothing pulls a multi-GB accelerator build of it.
+  .venv/bin/python -m pip install --quiet -c constraints.txt torch
+  .venv/bin/python -m pip install --quiet -c constraints.txt -e ".[dev]"
   echo "$want" > "$stamp"
 fi
 # tljax's C++ CPU kernels (tljax/native), built once per machine here rather than by the first

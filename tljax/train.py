@@ -5,7 +5,9 @@ r"""Fine-tune a model: `python -m tljax.train --config CONFIG[:ARGS] --workdir D
 freeze=backbone --workdir runs/flowers --config.optimizer.learning_rate=0.05
 
 The config file documents every field (configs/finetune.py); `--config.FIELD=VALUE` overrides
-one. What the run writes in the workdir:
+one. Without `--config`, or with `--config=finetune:ARGS`, the run takes that config as it
+ships inside the package (`tljax.configs`): what a `pip install tljax` has.
+What the run writes in the workdir:
   config.json      the resolved config;  run.json: versions, git commit, devices, processes
   model.json       the model, its options, input size, preprocessing and class names
   checkpoints/     Orbax checkpoints: the last `keep_checkpoints` and the best by validation
@@ -472,10 +474,12 @@ def main(argv=None) -> int:
     from ml_collections import config_flags
 
     flags_ = flags.FLAGS
+    argv = _packaged_config(list(sys.argv if argv is None else argv))
     config_flags.DEFINE_config_file(
-        "config", None, "config file and its argument: configs/finetune.py:model=resnet50,"
-        "dataset=tf_flowers (see the file for every field); override a field with "
-        "--config.FIELD=VALUE", lock_config=True)
+        "config", _config_path("finetune"), "config file and its argument: "
+        "configs/finetune.py:model=resnet50,dataset=tf_flowers (see the file for every "
+        "field); `finetune:ARGS` names the config that ships with tljax (the default); "
+        "override a field with --config.FIELD=VALUE", lock_config=True)
     flags.DEFINE_string("workdir", None, "directory for checkpoints, metrics and plots; an "
                         "existing one is resumed")
     flags.DEFINE_bool("distributed", False, "call jax.distributed.initialize() first (one "
@@ -484,7 +488,7 @@ def main(argv=None) -> int:
                         "process 0 (not needed on Cloud TPU or under SLURM)")
     flags.DEFINE_integer("num_processes", None, "with --distributed: number of processes")
     flags.DEFINE_integer("process_id", None, "with --distributed: this process's index")
-    flags.mark_flags_as_required(["config", "workdir"])
+    flags.mark_flags_as_required(["workdir"])
 
     flags.DEFINE_bool("log_all_processes", False, "with several processes: every process "
                       "logs at INFO (by default only process 0; the others log warnings)")
@@ -532,6 +536,40 @@ def main(argv=None) -> int:
             return 0  # absl exits with 1 after printing the help
         return e.code if isinstance(e.code, int) else 0
     return 0
+
+
+def _packaged_config(argv: list[str]) -> list[str]:
+    """`argv` with a `--config` value whose file part names a config that ships with tljax
+    (`finetune`, `finetune.py`) and no file here replaced by that config's path."""
+    import os
+
+    out = list(argv)
+    for i, a in enumerate(out):
+        if a == "--config" and i + 1 < len(out):
+            i, a, prefix = i + 1, out[i + 1], ""
+        elif a.startswith("--config="):
+            a, prefix = a[len("--config="):], "--config="
+        else:
+            continue
+        name, sep, rest = a.partition(":")
+        bare = name.removesuffix(".py")
+        if bare and os.sep not in name and not os.path.exists(name) \
+                and os.path.exists(_config_path(bare)):
+            out[i] = prefix + _config_path(bare) + sep + rest
+    return out
+
+
+def _config_path(name: str) -> str:
+    """The file of the config `name` that ships with tljax (`tljax.configs`): in an installed
+    package, or in a checkout that was not installed its top-level `configs/`."""
+    import os
+
+    try:
+        from tljax import configs
+    except ImportError:
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        return os.path.join(root, "configs", f"{name}.py")
+    return configs.path(name)
 
 
 if __name__ == "__main__":
