@@ -2,7 +2,8 @@
 
 The processes of a run ask for EfficientNet-Lite0's ImageNet weights as the training program
 does: process 0 converts them into its cache (`$TLJAX_CACHE`) while the others wait, then sends
-them to every process. Prints the number of arrays each process holds and their sum.
+them to every process. Prints the number of arrays each process holds and the sum of those
+below the (new) head.
 """
 
 import os
@@ -32,6 +33,6 @@ config = types.SimpleNamespace(model="efficientnet_lite0", init="imagenet", seed
 resolved = types.SimpleNamespace(config=config, num_classes=10, image_size=32)
 arrays = traverse_util.flatten_dict(
     run.initial_variables(resolved, registry.create("efficientnet_lite0", num_classes=10)))
-total = sum(float(np.asarray(a, np.float64).sum()) for a in arrays.values())
-print(f"process {pid} holds {len(arrays)} arrays, sum {total:.6f}")
+total = sum(float(np.asarray(a, np.float64).sum()) for k, a in arrays.items() if "head" not in k)
+print(f"process {pid} holds {len(arrays)} arrays, backbone sum {total:.6f}")
 jax.distributed.shutdown()

@@ -482,11 +482,11 @@ def test_two_processes_read_the_pretrained_weights_once(data_dir, tmp_path):
 
     logs = two_hosts("imagenet")
     cache = tmp_path / "host0" / ".cache" / "tljax" / "weights" / "efficientnet_lite0"
-    assert (f"ImageNet weights of efficientnet_lite0 converted once, by process 0: {cache}"
+    assert (f"ImageNet weights of efficientnet_lite0 read by process 0 alone: {cache}"
             in logs[0]), logs[0][-3000:]
     assert "converting" in logs[0]
     # Process 1's host has a cache of its own; it neither converts nor logs at INFO.
-    assert "converting" not in logs[1] and "converted once" not in logs[1]
+    assert "converting" not in logs[1] and "process 0 alone" not in logs[1]
     assert "[1] tljax" not in logs[1] and " INFO " not in logs[1], logs[1][-3000:]
     assert "[0] tljax.train: JAX " in logs[0] and "8 device(s) in 2 process(es)" in logs[0]
     assert "pretrained weights sent from process 0 to 2 processes" in logs[0]

@@ -144,3 +144,36 @@ def test_predict_on_another_models_weights_names_both(run, capsys):
     assert "holds weights of 'test_resnet', not 'resnet50'" in capsys.readouterr().err
     assert main(["--weights", workdir, "--step", "5", str(image)]) == 2
     assert "has no checkpoint at step 5; it has [6, 12]" in capsys.readouterr().err
+
+
+def test_a_workdir_without_model_json_reads_with_class_indices(run, tmp_path, capsys, caplog):
+    """A workdir written before runs recorded model.json: the model from config.json, the
+    classes as indices (said in the log)."""
+    import shutil
+
+    from tljax.predict import main
+
+    workdir, images = run
+    old = str(tmp_path / "old")
+    shutil.copytree(workdir, old)
+    os.remove(os.path.join(old, "model.json"))
+    image = str(images / "validation" / "dog" / "1.png")
+    assert main(["--json", "--weights", old, image]) == 0
+    indices = json.loads(capsys.readouterr().out)[0]["predictions"]
+    assert {p["name"] for p in indices} == {"0", "1", "2"} and "has no model.json" in caplog.text
+    named = predictions(capsys, ["--weights", workdir, image])[0]["predictions"]
+    assert [(CLASSES[p["index"]], p["probability"]) for p in indices] == [
+        (p["name"], p["probability"]) for p in named]  # the same model and checkpoint
+
+
+def test_the_packaged_config_is_named_by_its_name():
+    from tljax import train
+
+    packaged = train._config_path("finetune")
+    assert packaged.endswith(os.path.join("configs", "finetune.py"))
+    assert train._packaged_config(["prog", "--config=finetune:steps=4", "--workdir=w"]) == [
+        "prog", f"--config={packaged}:steps=4", "--workdir=w"]
+    assert train._packaged_config(["prog", "--config", "finetune.py"]) == [
+        "prog", "--config", packaged]
+    mine = os.path.join("configs", "finetune.py")  # a path is left as it is
+    assert train._packaged_config(["prog", f"--config={mine}"]) == ["prog", f"--config={mine}"]

@@ -35,7 +35,9 @@ class Checkpoints:
     """
 
     def __init__(self, directory: str, keep: int = 3, best_metric: str = "top1",
-                 asynchronous: bool = True):
+                 asynchronous: bool = True, read_only: bool = False):
+        """`read_only`: for readers beside a run (evaluate, predict, export), which must
+        neither remove the run's unfinished checkpoints nor wait for other processes."""
         import orbax.checkpoint as ocp
         from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
 
@@ -49,10 +51,12 @@ class Checkpoints:
         self.manager = ocp.CheckpointManager(
             self.directory,
             options=ocp.CheckpointManagerOptions(
-                preservation_policy=policy, cleanup_tmp_directories=True,
+                preservation_policy=policy, cleanup_tmp_directories=not read_only,
                 # best_fn makes the manager write each checkpoint's metrics (best_step).
                 best_fn=lambda m: m[best_metric], best_mode="max",
-                enable_async_checkpointing=asynchronous,
+                enable_async_checkpointing=asynchronous, read_only=read_only,
+                create=not read_only,
+                **({"multiprocessing_options": this_process_only()} if read_only else {}),
             ),
         )
 
@@ -174,24 +178,43 @@ def this_process_only():
     return ocp.options.MultiprocessingOptions(primary_host=me, active_processes={me})
 
 
-def restore_numpy(step_dir: str) -> dict:
+def restore_numpy(step_dir: str, keys: tuple[str, ...] | None = None) -> dict:
     """The tree in a checkpoint step directory (`.../checkpoints/<step>`) as host numpy arrays,
-    whatever devices it was saved from, read by this process alone."""
+    whatever devices it was saved from, read by this process alone; with `keys`, only those
+    top-level entries that the checkpoint holds (`('params', 'batch_stats')`: no optimizer
+    state is read)."""
     import orbax.checkpoint as ocp
 
     path = storage.join(step_dir, "default")
     checkpointer = ocp.StandardCheckpointer(multiprocessing_options=this_process_only())
     meta = checkpointer.metadata(path).item_metadata
     tree = meta.tree if hasattr(meta, "tree") else meta
-    target = jax.tree.map(lambda a: np.empty(a.shape, a.dtype), tree,
-                          is_leaf=lambda a: hasattr(a, "shape") and hasattr(a, "dtype"))
-    return checkpointer.restore(path, target)
+
+    def empty(tree):
+        return jax.tree.map(lambda a: np.empty(a.shape, a.dtype), tree,
+                            is_leaf=lambda a: hasattr(a, "shape") and hasattr(a, "dtype"))
+
+    if keys is None:
+        return checkpointer.restore(path, empty(tree))
+    target = {k: empty(_get(tree, k)) for k in keys if _get_or_none(tree, k)}
+    args = ocp.args.PyTreeRestore(
+        item=target, partial_restore=True,
+        restore_args=jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), target))
+    return ocp.PyTreeCheckpointer(multiprocessing_options=this_process_only()).restore(
+        path, args=args)
 
 
 def _abstract(x):
     if isinstance(x, jax.ShapeDtypeStruct):
         return x
     return jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=getattr(x, "sharding", None))
+
+
+def _get_or_none(tree, name):
+    try:
+        return _get(tree, name)
+    except AttributeError:
+        return None
 
 
 def _get(tree, name):

@@ -60,7 +60,8 @@ def evaluate_many(workdir: str, checkpoints: list[tuple[str, str]], split: str =
                                f"config.ema_decay is None): pass --params raw, or leave "
                                f"--params out")
     wanted = [(trained.choose_step(workdir, c), p or selected) for c, p in checkpoints]
-    ckpts = ckpt_lib.Checkpoints(storage.join(workdir, "checkpoints"), asynchronous=False)
+    ckpts = ckpt_lib.Checkpoints(storage.join(workdir, "checkpoints"), asynchronous=False,
+                                 read_only=True)
     chosen = list(dict.fromkeys(wanted))  # each checkpoint and kind restored and run once
 
     src = datasets.source(config.dataset, config.data_dir or None, config.download,

@@ -21,24 +21,25 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 
 import numpy as np
 
-from tljax import imagenet, trained, weights, xla_options
+from tljax import imagenet, storage, trained, weights, xla_options
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
 BATCH = 32  # images per call of the model
 
 
 def image_files(paths: list[str]) -> list[str]:
-    """`paths` with each folder replaced by the images below it (sorted)."""
+    """`paths` with each folder (local or in a bucket) replaced by the images below it, sorted,
+    as a folder dataset finds them."""
+    from tljax.datasets.sources import IMAGE_EXTENSIONS
+
     out = []
     for p in paths:
-        if os.path.isdir(p):
-            found = sorted(os.path.join(folder, name) for folder, _, names in os.walk(p)
-                           for name in names if name.lower().endswith(IMAGE_EXTENSIONS))
+        if storage.path(p).is_dir():
+            found = sorted(storage.join(p, rel) for rel in storage.files(p)
+                           if rel.lower().endswith(IMAGE_EXTENSIONS))
             if not found:
                 raise imagenet.ImageError(f"folder {p} holds no image (files ending in "
                                           f"{', '.join(IMAGE_EXTENSIONS)})")
@@ -54,15 +55,19 @@ def load_images(model: trained.Trained, paths: list[str]) -> np.ndarray:
     crop = model.record.get("eval_crop")
     if crop is None:  # converted weights: ImageNet's evaluation crop
         return np.stack([imagenet.load_image(p, size) for p in paths])
-    import tensorflow as tf
+    try:
+        import tensorflow as tf
+    except ImportError:
+        raise trained.LoadError(
+            "a trained model's images are prepared with the input pipeline's TensorFlow ops, "
+            "and TensorFlow is not installed: pip install 'tljax[data]'") from None
 
     from tljax.datasets import images
 
     out = []
     for p in paths:
         try:
-            with open(p, "rb") as f:
-                data = f.read()
+            data = storage.read_bytes(p)
             out.append(images.eval_image(tf.constant(data), size, crop).numpy())
         except FileNotFoundError:
             raise imagenet.ImageError(f"image {p} does not exist") from None

@@ -123,10 +123,10 @@ def _from_training_checkpoint(path: str) -> dict:
     from tljax import trained
 
     try:
-        variables, what = trained.checkpoint_variables(path, "latest")
+        variables, _, kind = trained.checkpoint_variables(path, "latest")
     except trained.LoadError as e:
         raise InitError(f"init={path}: {e}") from None
-    if what.endswith("(moving average)"):
+    if kind == "ema":
         log.info("init=%s: the moving average of the parameters (the run selected on it)", path)
     return variables
 

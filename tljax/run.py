@@ -494,25 +494,37 @@ def initial_variables(r: Resolved, model) -> dict:
 def _read_on_process_0(r: Resolved, read) -> dict:
     """In a multi-process run, process 0 reads the pretrained weights (fetching and converting
     ImageNet's into its cache first if needed) while the others wait, then sends them to every
-    process: hosts need neither a shared cache nor the weights file."""
+    process: hosts need neither a shared cache nor the weights file. When process 0 cannot
+    read them, every process stops with an error."""
     import jax
+    import numpy as np
     import orbax.checkpoint as ocp
     from jax.experimental import multihost_utils
 
-    c = r.config
-    if jax.process_index() == 0:
-        variables = read(c.init)
-        if c.init == "imagenet":
-            from tljax import pretrained
+    from tljax import pretrained
 
-            log.info("ImageNet weights of %s converted once, by process 0: %s", c.model,
-                     pretrained.imagenet_weights(c.model, r.num_classes))
+    c = r.config
+    error = None
+    if jax.process_index() == 0:
+        try:
+            variables = read(c.init)
+        except Exception as e:  # the others must hear of it, not wait at the barrier
+            error, variables = e, read(None)
+        else:
+            if c.init == "imagenet":
+                log.info("ImageNet weights of %s read by process 0 alone: %s", c.model,
+                         pretrained.imagenet_weights(c.model, r.num_classes))
     else:
         variables = read(None)  # the same tree (shapes and dtypes), filled by the broadcast
     # A barrier of the coordination service first, not a collective (whose setup times out in
     # 30 s while process 0 downloads and converts).
     ocp.multihost.sync_global_processes("tljax-pretrained-weights", timeout=3600,
                                         processes=set(range(jax.process_count())))
+    if not multihost_utils.broadcast_one_to_all(np.int32(error is None)):
+        if error is not None:
+            raise error
+        raise pretrained.InitError(f"init={c.init}: process 0 could not read the weights; its "
+                                   f"log says why")
     variables = multihost_utils.broadcast_one_to_all(variables)
     log.info("pretrained weights sent from process 0 to %d processes", jax.process_count())
     return variables

@@ -74,8 +74,7 @@ def model_record(r) -> dict:
     if c.dropout_rate is not None:
         options["dropout_rate"] = c.dropout_rate
     classes = list(r.source.class_names)
-    if len(classes) != r.num_classes:  # config.num_classes set past the dataset's
-        classes = None
+    classes += [str(k) for k in range(len(classes), r.num_classes)]  # outputs past the data's
     return {"format": FORMAT, "model": c.model, "options": options,
             "input_size": r.image_size, "eval_crop": c.eval_crop,
             "preprocessing": registry.spec(c.model).numerics.preprocessing,
@@ -118,6 +117,8 @@ def selected_params(workdir: str) -> str:
     """The parameters `workdir`'s run selected on: 'raw', or 'ema' (their moving average)."""
     from tljax import run
 
+    if not is_workdir(workdir):  # checkpoints without their config: as before select_on
+        return run.IMPLIED["select_on"]
     return _config(workdir).get("select_on", run.IMPLIED["select_on"])
 
 
@@ -133,11 +134,12 @@ def choose_step(workdir: str, checkpoint: str | int = "best") -> int:
     if checkpoint == "latest":
         return steps[-1]
     if checkpoint == "best":  # the metrics the run saved with each checkpoint
-        ckpts = ckpt_lib.Checkpoints(directory, asynchronous=False)
+        ckpts = ckpt_lib.Checkpoints(directory, asynchronous=False, read_only=True)
         try:
-            return ckpts.best_step() or steps[-1]
+            best = ckpts.best_step()
         finally:
             ckpts.close()
+        return steps[-1] if best is None else best
     try:
         step = int(checkpoint)
     except ValueError:
@@ -148,17 +150,18 @@ def choose_step(workdir: str, checkpoint: str | int = "best") -> int:
 
 
 def checkpoint_variables(path: str, checkpoint: str | int = "best",
-                         params: str = "") -> tuple[dict, str]:
-    """`(variables, description)` of a training checkpoint, as numpy arrays: `path` is a
+                         params: str = "") -> tuple[dict, str, str]:
+    """`(variables, description, kind)` of a training checkpoint, as numpy arrays: `path` is a
     workdir (its step that `checkpoint` names, with `params`: 'raw', 'ema', or '' for those
     the run selected on) or one checkpoint step directory (`WORKDIR/checkpoints/240`, its raw
-    parameters unless `params='ema'`). No optimizer state is read."""
+    parameters unless `params='ema'`); `kind` is the parameters read, 'raw' or 'ema'. No
+    optimizer state is read."""
     from tljax import checkpoint as ckpt_lib
 
     if params not in ("", "raw", "ema"):
         raise LoadError(f"params={params!r}: 'raw', 'ema' (the moving average), or '' for "
                         f"those the run selected on")
-    if storage.exists(storage.join(path, "checkpoints")):
+    if is_workdir(path) or storage.exists(storage.join(path, "checkpoints")):
         step = choose_step(path, checkpoint)
         params = params or selected_params(path)
         step_dir, what = storage.join(path, "checkpoints", str(step)), f"{path} step {step}"
@@ -167,14 +170,14 @@ def checkpoint_variables(path: str, checkpoint: str | int = "best",
     if not storage.exists(storage.join(step_dir, "default")):
         raise LoadError(f"{path} is neither a training workdir nor one of its checkpoint step "
                         f"directories (no {step_dir}/default)")
-    tree = ckpt_lib.restore_numpy(step_dir)
     key = {"raw": "params", "ema": "ema_params"}[params]
+    tree = ckpt_lib.restore_numpy(step_dir, (key, "batch_stats"))
     if not tree.get(key):
         raise LoadError(f"{what} holds no moving average of the parameters (the run had no "
-                        f"config.ema_decay): ask for the raw parameters (--params raw)")
+                        f"config.ema_decay): ask for the raw ones (params='raw', --params raw)")
     if params == "ema":
         what += " (moving average)"
-    return {"params": tree[key], "batch_stats": tree.get("batch_stats", {})}, what
+    return {"params": tree[key], "batch_stats": tree.get("batch_stats", {})}, what, params
 
 
 def load(path: str, checkpoint: str | int = "best", params: str = "",
@@ -196,8 +199,13 @@ def load(path: str, checkpoint: str | int = "best", params: str = "",
                             f"classifying needs the weights with the top; convert the file "
                             f"with the top, or fetch without --notop")
         _check_model(path, record["model"], model)
+        if checkpoint not in ("best", None) or params:
+            raise LoadError(f"{path} is a weights directory, one set of parameters: a step and "
+                            f"a kind of parameters (--step, --params) apply to training "
+                            f"workdirs")
         variables, origin = weights.load(path), path
-        if record.get("classes") is None and record["options"].get("num_classes") == 1000:
+        converted = "eval_crop" not in record  # not a tljax.export of a run
+        if converted and record["options"].get("num_classes") == 1000:
             from tljax import imagenet
 
             record = {**record, "classes": [n.split(",")[0] for _, n in imagenet.classes()],
@@ -205,7 +213,7 @@ def load(path: str, checkpoint: str | int = "best", params: str = "",
     elif is_workdir(path):
         record = workdir_record(path)
         _check_model(path, record["model"], model)
-        variables, origin = checkpoint_variables(path, checkpoint, params)
+        variables, origin, _ = checkpoint_variables(path, checkpoint, params)
     else:
         raise LoadError(f"{path} holds no model: not a training workdir (config.json), nor "
                         f"an exported or converted weights directory ({weights.store.RECORD})")
@@ -242,7 +250,7 @@ def export(workdir: str, out: str, checkpoint: str | int = "best", params: str =
     if not is_workdir(workdir):
         raise LoadError(f"{workdir} is not a training workdir: config.json is missing")
     record = workdir_record(workdir)
-    variables, origin = checkpoint_variables(workdir, checkpoint, params)
+    variables, origin, _ = checkpoint_variables(workdir, checkpoint, params)
     config = _config(workdir)
     record = {k: v for k, v in record.items() if k != "format"}
     record.update(
