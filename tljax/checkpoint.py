@@ -200,8 +200,10 @@ def restore_numpy(step_dir: str, keys: tuple[str, ...] | None = None) -> dict:
     args = ocp.args.PyTreeRestore(
         item=target, partial_restore=True,
         restore_args=jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), target))
-    return ocp.PyTreeCheckpointer(multiprocessing_options=this_process_only()).restore(
-        path, args=args)
+    one = this_process_only()
+    checkpointer = ocp.Checkpointer(ocp.PyTreeCheckpointHandler(multiprocessing_options=one),
+                                    multiprocessing_options=one)
+    return checkpointer.restore(path, args=args)
 
 
 def _abstract(x):
