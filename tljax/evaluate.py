@@ -102,26 +102,22 @@ def evaluate_many(workdir: str, checkpoints: list[tuple[str, str]], split: str =
 
 
 def main(argv=None) -> int:
+    from tljax import trained
+
     parser = argparse.ArgumentParser(prog="python -m tljax.evaluate", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", required=True, help="a training workdir")
-    parser.add_argument("--checkpoint", default="best",
-                        help="'best' (by the validation top-1 of the parameters the run "
-                        "selects on, config.select_on; the default), 'latest', or a step "
-                        "number")
+    trained.add_arguments(parser, step="--checkpoint")
     parser.add_argument("--split", default="", help="split to evaluate (default: the run's "
                         "validation split; 'test' for its test split); TFDS slices such as "
                         "'train[:10%%]' work")
     parser.add_argument("--batch_size", type=int, default=0, help="global batch (default: "
                         "the run's)")
-    parser.add_argument("--params", default="", choices=["", "raw", "ema"],
-                        help="'raw' parameters, or 'ema' (their moving average, when the run "
-                        "kept one); default: those the run selected on (config.select_on)")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
-    from tljax import checkpoint, datasets, run, trained
+    from tljax import checkpoint, datasets, run
 
     run.quiet_libraries()
 

@@ -15,20 +15,16 @@ from __future__ import annotations
 import argparse
 import sys
 
+from tljax import storage, trained, weights
+
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tljax.export", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("workdir", help="a training workdir")
     parser.add_argument("out", help="the directory to write (it must not hold weights yet)")
-    parser.add_argument("--step", default="best",
-                        help="'best' (selected on validation by the run; the default), "
-                             "'latest', or a step number the workdir holds")
-    parser.add_argument("--params", default="", choices=["", "raw", "ema"],
-                        help="'raw' parameters or 'ema' (their moving average); default: "
-                             "those the run selected on")
+    trained.add_arguments(parser)
     args = parser.parse_args(argv)
-    from tljax import storage, trained, weights
 
     try:
         record = trained.export(args.workdir, args.out, args.step, args.params)

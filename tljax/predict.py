@@ -118,12 +118,7 @@ def main(argv=None) -> int:
     parser.add_argument("--model", default=None,
                         help="the registered model PATH must hold (default: the one its "
                              "record names)")
-    parser.add_argument("--step", default="best",
-                        help="of a workdir: 'best' (selected on validation; the default), "
-                             "'latest' or a step number")
-    parser.add_argument("--params", default="", choices=["", "raw", "ema"],
-                        help="of a workdir: 'raw' parameters or 'ema' (their moving "
-                             "average); default: those the run selected on")
+    trained.add_arguments(parser, of="of a workdir: ")
     parser.add_argument("--top", type=int, default=5, help="how many classes to show (5)")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     parser.add_argument("images", nargs="+", metavar="IMAGE_OR_FOLDER")

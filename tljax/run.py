@@ -458,17 +458,20 @@ def _flat_values(tree):
     return traverse_util.flatten_dict(tree).values()
 
 
+def model_options(config, num_classes: int) -> dict:
+    """The options a run builds its model with, from its config (a ConfigDict, or config.json
+    as a dict), as `model.json` records them (the dtype by name)."""
+    options = {"num_classes": num_classes, "dtype": config.get("dtype", "float32")}
+    if config.get("dropout_rate") is not None:
+        options["dropout_rate"] = config["dropout_rate"]
+    return options
+
+
 def build_model(r: Resolved):
-    import jax.numpy as jnp
+    from tljax import trained
 
-    from tljax.models import registry
-
-    c = r.config
-    options = dict(num_classes=r.num_classes, dtype=jnp.bfloat16 if c.dtype == "bfloat16"
-                   else jnp.float32)
-    if c.dropout_rate is not None:
-        options["dropout_rate"] = c.dropout_rate
-    return registry.create(c.model, **options)
+    return trained.module({"model": r.config.model,
+                           "options": model_options(r.config, r.num_classes)})
 
 
 def initial_variables(r: Resolved, model) -> dict:

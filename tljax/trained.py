@@ -67,18 +67,24 @@ class Trained:
 def model_record(r) -> dict:
     """`WORKDIR/model.json` of a resolved run (`run.Resolved`): what its checkpoints are a model
     of and what their outputs mean."""
-    from tljax.models import registry
+    from tljax import run
 
-    c = r.config
-    options = {"include_top": True, "num_classes": r.num_classes, "dtype": c.dtype}
-    if c.dropout_rate is not None:
-        options["dropout_rate"] = c.dropout_rate
     classes = list(r.source.class_names)
     classes += [str(k) for k in range(len(classes), r.num_classes)]  # outputs past the data's
-    return {"format": FORMAT, "model": c.model, "options": options,
-            "input_size": r.image_size, "eval_crop": c.eval_crop,
-            "preprocessing": registry.spec(c.model).numerics.preprocessing,
-            "classes": classes, "dataset": c.dataset}
+    return _record(run.config_record(r), classes)
+
+
+def _record(config: dict, classes: list[str] | None) -> dict:
+    """The model record of a run's resolved config (config.json) and its class names."""
+    from tljax import run
+    from tljax.models import registry
+
+    return {"format": FORMAT, "model": config["model"],
+            "options": {"include_top": True,
+                        **run.model_options(config, config["num_classes"])},
+            "input_size": config["image_size"], "eval_crop": config.get("eval_crop", 0.875),
+            "preprocessing": registry.spec(config["model"]).numerics.preprocessing,
+            "classes": classes, "dataset": config.get("dataset")}
 
 
 def is_workdir(path: str) -> bool:
@@ -91,19 +97,9 @@ def workdir_record(workdir: str) -> dict:
     path = storage.join(workdir, RECORD)
     if storage.exists(path):
         return json.loads(storage.read_text(path))
-    from tljax.models import registry
-
-    c = _config(workdir)
-    options = {"include_top": True, "num_classes": c["num_classes"],
-               "dtype": c.get("dtype", "float32")}
-    if c.get("dropout_rate") is not None:
-        options["dropout_rate"] = c["dropout_rate"]
     log.warning("%s has no %s (written before runs recorded one): its outputs are class "
                 "indices, without names", workdir, RECORD)
-    return {"format": FORMAT, "model": c["model"], "options": options,
-            "input_size": c["image_size"], "eval_crop": c.get("eval_crop", 0.875),
-            "preprocessing": registry.spec(c["model"]).numerics.preprocessing,
-            "classes": None, "dataset": c.get("dataset")}
+    return _record(_config(workdir), None)
 
 
 def _config(workdir: str) -> dict:
@@ -218,6 +214,17 @@ def load(path: str, checkpoint: str | int = "best", params: str = "",
         raise LoadError(f"{path} holds no model: not a training workdir (config.json), nor "
                         f"an exported or converted weights directory ({weights.store.RECORD})")
     return Trained(module(record), variables, record, origin)
+
+
+def add_arguments(parser, step: str = "--step", of: str = "") -> None:
+    """`--step` (or `step`) and `--params` on `parser`: which checkpoint of a workdir, and
+    which of its parameters (`load`, `checkpoint_variables`); `of` prefixes their help."""
+    parser.add_argument(step, default="best",
+                        help=f"{of}'best' (the checkpoint the run selected on validation; the "
+                             f"default), 'latest', or a step number the workdir holds")
+    parser.add_argument("--params", default="", choices=["", "raw", "ema"],
+                        help=f"{of}'raw' parameters or 'ema' (their moving average); default: "
+                             f"those the run selected on (config.select_on)")
 
 
 def module(record: dict):
